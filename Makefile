@@ -1,0 +1,33 @@
+# stonelab: `make run` and `make test` each do every missing set-up step themselves.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP_SYS := $(VENV)/.system-packages
+STAMP_PY  := $(VENV)/.installed
+
+.PHONY: run test setup bench clean
+
+setup: $(STAMP_SYS) $(STAMP_PY)
+
+$(STAMP_SYS): tools/debian-packages.txt tools/ensure-system-packages
+	tools/ensure-system-packages
+	@mkdir -p $(VENV) && touch $@
+
+$(STAMP_PY): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+# The default suite against the reference implementation on the default kernel, with a report in reports/.
+run: setup
+	$(VENV)/bin/stonelab run --report-dir reports
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+bench: setup
+	$(PY) bench/stone.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .hypothesis

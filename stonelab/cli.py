@@ -1,0 +1,48 @@
+"""`stonelab` — one command, subcommands contributed by the modules listed below.
+
+Each module in COMMAND_MODULES exposes ``register(subparsers)`` which adds its subcommands and sets
+``func=callable(args) -> int`` on them.  User errors are :class:`StonelabError`: one line, exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import signal
+import sys
+
+from stonelab.errors import StonelabError
+
+COMMAND_MODULES = [
+    "reference_impl.stone.cli",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stonelab",
+        description="Conformance lab for atomic, stateless operating systems (AerynOS model).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except StonelabError as err:
+        print(f"stonelab: error: {err}", file=sys.stderr)
+        return err.exit_status
+    except KeyboardInterrupt:
+        print("stonelab: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
