@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+from reference_impl.stone.extract import extract_assets
 from reference_impl.stone.inspect import inspect_dict, inspect_text
 from reference_impl.stone.reader import read_stone
 from reference_impl.stone.repository import write_repository_index
@@ -72,6 +73,6 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    written = read_stone(args.file).extract_assets(Path(args.directory))
+    written = extract_assets(read_stone(args.file), Path(args.directory))
     print(f"{written} bytes extracted to {args.directory}")
     return 0

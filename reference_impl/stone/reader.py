@@ -69,8 +69,9 @@ class StoneFile:
     def meta(self) -> Meta:
         return self.metas[0]
 
-    def error(self, problem: str, payload: PayloadHeader | None = None, offset: int | None = None) -> StoneError:
-        return StoneError(str(self.path), problem, payload=payload.kind_name if payload else None, offset=offset)
+    def error(self, problem: str, payload: PayloadHeader | str = "archive", offset: int | None = None) -> StoneError:
+        name = payload if isinstance(payload, str) else payload.kind_name
+        return StoneError(str(self.path), problem, payload=name, offset=offset)
 
     def iter_content(self) -> Iterator[tuple[IndexEntry, Iterator[bytes]]]:
         """Stream every unique file of the Content payload, in stream order.
@@ -140,19 +141,6 @@ class StoneFile:
                 )
             count -= len(chunk)
 
-    def extract_assets(self, dest: Path) -> int:
-        """Write every unique file to ``dest/<32 hex digest>`` (verified). Returns the number of bytes written."""
-        dest.mkdir(parents=True, exist_ok=True)
-        written = 0
-        for entry, chunks in self.iter_content():
-            part = dest / f"{entry.digest:032x}.part"
-            with open(part, "wb") as out:
-                for chunk in chunks:
-                    out.write(chunk)
-                    written += len(chunk)
-            part.rename(dest / f"{entry.digest:032x}")
-        return written
-
 
 class _ChecksummedReader(io.RawIOBase):
     """Reads at most ``limit`` bytes of ``handle`` and hashes them (XXH3-64) on the way through."""
@@ -216,18 +204,22 @@ def read_stone(path: str | os.PathLike[str], *, limits: Limits | None = None) ->
 def _read_header(path: Path, handle: BinaryIO, size: int, limits: Limits) -> tuple[StoneFile, int]:
     raw = handle.read(HEADER_SIZE)
     if len(raw) < HEADER_SIZE:
-        raise StoneError(str(path), f"truncated archive header ({len(raw)} of {HEADER_SIZE} bytes)", offset=0)
+        raise StoneError(str(path), f"truncated archive header ({len(raw)} of {HEADER_SIZE} bytes)", payload="header",
+                         offset=0)
     magic, num_payloads, integrity, file_type, version = ARCHIVE_HEADER.unpack(raw)
     if magic != MAGIC:
-        raise StoneError(str(path), f"not a .stone file (magic {magic.hex()})", offset=0)
+        raise StoneError(str(path), f"not a .stone file (magic {magic.hex()})", payload="header", offset=0)
     if integrity != INTEGRITY:
-        raise StoneError(str(path), "corrupt archive header (integrity pattern)", offset=6)
+        raise StoneError(str(path), "corrupt archive header (integrity pattern)", payload="header", offset=6)
     if version != FORMAT_VERSION:
-        raise StoneError(str(path), f"unsupported format version {version}", offset=28)
+        raise StoneError(str(path), f"unsupported format version {version}", payload="header", offset=28)
     try:
         ftype = FileType(file_type)
     except ValueError:
-        raise StoneError(str(path), f"unknown file type {file_type}", offset=27) from None
+        raise StoneError(str(path), f"unknown file type {file_type}", payload="header", offset=27) from None
+    if ftype is FileType.DELTA:
+        # Never produced nor installed upstream; accepting it would let a flipped type byte pass unnoticed.
+        raise StoneError(str(path), "delta packages are not supported", payload="header", offset=27)
     return StoneFile(path=path, size=size, file_type=ftype, limits=limits), num_payloads
 
 
@@ -238,7 +230,8 @@ def _read_payloads(stone: StoneFile, handle: BinaryIO, num_payloads: int) -> Non
         raw = handle.read(PAYLOAD_HEADER_SIZE)
         if len(raw) < PAYLOAD_HEADER_SIZE:
             raise stone.error(
-                f"truncated: payload {number + 1} of {num_payloads} header missing ({len(raw)} bytes)", None, offset
+                f"truncated: payload {number + 1} of {num_payloads} header missing ({len(raw)} bytes)", "header",
+                offset
             )
         header = PayloadHeader(*PAYLOAD_HEADER.unpack(raw), offset=offset)
         if header.body_offset + header.stored_size > stone.size:
@@ -252,7 +245,7 @@ def _read_payloads(stone: StoneFile, handle: BinaryIO, num_payloads: int) -> Non
         _read_payload(stone, handle, header)
         offset = header.body_offset + header.stored_size
     if offset != stone.size:
-        raise stone.error(f"{stone.size - offset} bytes of trailing data after the last payload", None, offset)
+        raise stone.error(f"{stone.size - offset} bytes of trailing data after the last payload", "archive", offset)
 
 
 def _read_payload(stone: StoneFile, handle: BinaryIO, header: PayloadHeader) -> None:
@@ -331,13 +324,17 @@ def read_payload_body(stone: StoneFile, header: PayloadHeader) -> bytes:
 
 def _check_consistency(stone: StoneFile) -> None:
     if not stone.metas:
-        raise stone.error("no Meta payload")
-    if stone.file_type in (FileType.BINARY, FileType.DELTA) and len(stone.metas) != 1:
-        raise stone.error(f"a {stone.file_type.label} package carries {len(stone.metas)} Meta payloads")
+        raise stone.error("no Meta payload", "Meta")
+    if stone.file_type is FileType.BINARY and len(stone.metas) != 1:
+        raise stone.error(f"a binary package carries {len(stone.metas)} Meta payloads", "Meta")
     content = stone.content
+    if stone.file_type is not FileType.BINARY:
+        if stone.layout or stone.index or content is not None:
+            raise stone.error(f"a {stone.file_type.label} file carries Layout, Index or Content payloads")
+        return
     if stone.index:
         if content is None:
-            raise stone.error("Index present but the file has no Content payload")
+            raise stone.error("Index present but the file has no Content payload", "Content")
         for entry in stone.index:
             if entry.end > content.plain_size:
                 raise stone.error(
@@ -349,7 +346,14 @@ def _check_consistency(stone: StoneFile) -> None:
         if content.num_records != expected:
             raise stone.error(f"content num_records {content.num_records}, expected {expected}", content,
                               content.offset + 24)
-    digests = {e.digest for e in stone.index}
+    indexed = {e.digest for e in stone.index}
+    used = set()
     for entry in stone.layout:
-        if entry.file_type is LayoutType.REGULAR and entry.digest not in digests:
-            raise stone.error(f"layout file /usr/{entry.target} has no content in the Index ({entry.digest:032x})")
+        if entry.file_type is LayoutType.REGULAR:
+            if entry.digest not in indexed:
+                raise stone.error(
+                    f"layout file /usr/{entry.target} has no content in the Index ({entry.digest:032x})", "Layout")
+            used.add(entry.digest)
+    unused = indexed - used
+    if unused:
+        raise stone.error(f"{len(unused)} Index record(s) no layout file uses (e.g. {min(unused):032x})", "Index")
