@@ -14,6 +14,7 @@ from stonelab.errors import StonelabError
 
 COMMAND_MODULES = [
     "reference_impl.stone.cli",
+    "lab.cli",
 ]
 
 

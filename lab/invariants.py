@@ -1,0 +1,100 @@
+"""Invariants: what an atomic, stateless system promises, judged on an Observation against the lab's oracle.
+
+The oracle is independent of the system under test: the trees the lab expects are computed from the packages'
+declared files, never from what the package manager wrote.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lab.probe import ROOT_LINKS, Observation
+
+# Files the package manager itself writes into /usr, which no package declares.
+SYSTEM_FILES = frozenset({"lib/os-release"})
+
+
+@dataclass(frozen=True)
+class ExpectedTree:
+    label: str  # e.g. "state with hello-1"
+    files: dict[str, list]  # rel path -> ["file", digest] | ["symlink", dest]
+
+
+@dataclass(frozen=True)
+class Violation:
+    invariant: str
+    detail: str
+
+
+def _comparable(tree: dict[str, list]) -> dict[str, tuple]:
+    # modes are the package manager's business (mode & ~0o222); content and link targets are the promise
+    return {k: tuple(v[:2]) for k, v in tree.items() if k not in SYSTEM_FILES}
+
+
+def tree_difference(observed: dict[str, list], expected: dict[str, list], limit: int = 3) -> str:
+    seen, want = _comparable(observed), _comparable(expected)
+    missing = sorted(set(want) - set(seen))
+    extra = sorted(set(seen) - set(want))
+    changed = sorted(k for k in set(seen) & set(want) if seen[k] != want[k])
+    parts = []
+    for label, items in (("missing", missing), ("unexpected", extra), ("different", changed)):
+        if items:
+            shown = ", ".join("/usr/" + i for i in items[:limit])
+            more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+            parts.append(f"{label}: {shown}{more}")
+    return "; ".join(parts) or "identical"
+
+
+def atomic_usr(obs: Observation, acceptable: list[ExpectedTree]) -> tuple[list[Violation], ExpectedTree | None]:
+    """/usr is exactly one of the acceptable trees — never a mixture, never a partial tree."""
+    observed = _comparable(obs.usr)
+    for tree in acceptable:
+        if observed == _comparable(tree.files):
+            return [], tree
+    closest = min(acceptable, key=lambda t: len(set(_comparable(t.files).items()) ^ set(observed.items())))
+    return [Violation("atomic_usr", f"/usr matches none of: {', '.join(t.label for t in acceptable)} "
+                                    f"(closest {closest.label}: {tree_difference(obs.usr, closest.files)})")], None
+
+
+def staging_empty(obs: Observation) -> list[Violation]:
+    if obs.staging:
+        return [Violation("staging_empty", f"/.moss/root/staging holds {', '.join(obs.staging)} "
+                                           "(upstream #576: the next activation fails)")]
+    return []
+
+
+def state_id_matches(obs: Observation) -> list[Violation]:
+    if obs.state_id is None:
+        return [Violation("state_id_matches", "/usr/.stateID is missing")] if obs.db_states else []
+    if not obs.state_id.isdigit():
+        return [Violation("state_id_matches", f"/usr/.stateID holds {obs.state_id!r}, not a state id")]
+    if int(obs.state_id) not in obs.db_states:
+        return [Violation("state_id_matches",
+                          f"/usr/.stateID says {obs.state_id}, which the state database does not know "
+                          f"(it has {obs.db_states or 'no states'})")]
+    if obs.state_id in obs.archived:
+        return [Violation("state_id_matches", f"active state {obs.state_id} is also archived in /.moss/root")]
+    return []
+
+
+def stateless(obs: Observation, baseline: dict[str, list]) -> list[Violation]:
+    """Outside /usr and /.moss only the root links may change, and they must point into /usr."""
+    problems = []
+    for name in ROOT_LINKS:
+        value = obs.outside.get(name)
+        if value is not None and baseline.get(name) != value and not (
+                value[0] == "symlink" and value[1].lstrip("/").startswith("usr/")):
+            problems.append(f"/{name} is {value}, not a link into /usr")
+    changed = sorted(k for k in set(obs.outside) | set(baseline)
+                     if k not in ROOT_LINKS and obs.outside.get(k) != baseline.get(k))
+    if changed:
+        problems.append("written outside /usr: " + ", ".join("/" + c for c in changed[:5]))
+    return [Violation("stateless", p) for p in problems]
+
+
+def store_integrity(obs: Observation) -> list[Violation]:
+    problems = []
+    if obs.bad_assets:
+        problems.append(f"{len(obs.bad_assets)} asset(s) do not hash to their name: {obs.bad_assets[0]}")
+    if obs.partial_assets:
+        problems.append(f"{len(obs.partial_assets)} partial asset(s) left: {obs.partial_assets[0]}")
+    return [Violation("store_integrity", p) for p in problems]

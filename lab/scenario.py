@@ -1,0 +1,217 @@
+"""Scenarios: typed model of `scenarios/*.yaml`, loaded with safe YAML and validated field by field.
+
+A scenario names its packages (generated at run time from a few declared files), then a list of steps that read
+like sentences::
+
+    name: crash-during-swap
+    packages:
+      hello-1: {name: hello, version: "1", files: {bin/hello: "one"}}
+      hello-2: {name: hello, version: "2", files: {bin/hello: "two"}}
+    steps:
+      - install: [hello-1]
+      - crash: {at: swap.after, during: {install: [hello-2]}}
+      - recover
+      - expect_usr: [[hello-1], [hello-2]]     # either the old or the new tree, nothing in between
+    expect_violations: []                      # invariants this scenario is meant to catch failing
+
+Errors name the file and the field: ``scenarios/x.yaml: steps[2]: unknown step 'instal'``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from stonelab.errors import StonelabError
+
+STEP_KINDS = {
+    "install": "packages to install in one transaction",
+    "remove": "package names to remove in one transaction",
+    "activate": "a state id, or 'previous' for the state before the active one",
+    "prune": "number of states to keep",
+    "verify": "run `state verify`; fails the step when it reports problems",
+    "crash": "{at: FAULT_POINT, during: STEP}: the step dies at that point",
+    "recover": "run a verb after a crash (recovery runs on every start)",
+    "corrupt_store": "overwrite one asset of the store with other bytes",
+    "expect_usr": "list of package sets: /usr must match exactly one of them",
+    "expect_fail": "a step that must fail with a non-zero exit and a one-line error",
+}
+INVARIANTS = ("atomic_usr", "staging_empty", "stateless", "store_integrity", "state_id_matches")
+TARGETS = ("host", "vm")
+SWAPS = ("auto", "exchange", "symlink")
+MODES = ("reference", "moss-compat")
+
+
+@dataclass(frozen=True)
+class PackageDecl:
+    key: str
+    name: str
+    version: str
+    release: int = 1
+    files: dict[str, str] = field(default_factory=dict)
+    symlinks: dict[str, str] = field(default_factory=dict)
+    depends: list[str] = field(default_factory=list)
+    provides: list[str] = field(default_factory=list)
+    conflicts: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Step:
+    kind: str
+    arg: object = None
+    index: int = 0
+
+    def describe(self) -> str:
+        if self.arg is None:
+            return self.kind
+        return f"{self.kind} {self.arg}"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    path: Path
+    description: str = ""
+    target: str = "host"
+    swap: str = "auto"
+    mode: str = "reference"
+    packages: dict[str, PackageDecl] = field(default_factory=dict)
+    steps: list[Step] = field(default_factory=list)
+    invariants: tuple[str, ...] = INVARIANTS
+    expect_violations: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+
+
+class ScenarioError(StonelabError):
+    pass
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise ScenarioError(f"{path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ScenarioError(f"{path}: not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+    return parse_scenario(data, path)
+
+
+def parse_scenario(data: object, path: Path) -> Scenario:
+    def fail(where: str, problem: str) -> ScenarioError:
+        return ScenarioError(f"{path}: {where}: {problem}")
+
+    if not isinstance(data, dict):
+        raise fail("top level", "expected a mapping")
+    allowed = {"name", "description", "target", "swap", "mode", "packages", "steps", "invariants",
+               "expect_violations", "tags"}
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise fail("top level", f"unknown field(s) {', '.join(unknown)}")
+    name = data.get("name")
+    if not isinstance(name, str) or not name:
+        raise fail("name", "required, a non-empty string")
+    for key, choices in (("target", TARGETS), ("swap", SWAPS), ("mode", MODES)):
+        if key in data and data[key] not in choices:
+            raise fail(key, f"{data[key]!r} is not one of {', '.join(choices)}")
+    packages = _parse_packages(data.get("packages") or {}, fail)
+    steps_raw = data.get("steps")
+    if not isinstance(steps_raw, list) or not steps_raw:
+        raise fail("steps", "required, a non-empty list")
+    steps = [_parse_step(raw, i, packages, fail) for i, raw in enumerate(steps_raw)]
+    invariants = tuple(data.get("invariants") or INVARIANTS)
+    expected = tuple(data.get("expect_violations") or ())
+    for label, names in (("invariants", invariants), ("expect_violations", expected)):
+        bad = [n for n in names if n not in INVARIANTS]
+        if bad:
+            raise fail(label, f"unknown invariant(s) {', '.join(map(str, bad))}; known: {', '.join(INVARIANTS)}")
+    return Scenario(
+        name=name, path=path, description=str(data.get("description") or ""), target=data.get("target", "host"),
+        swap=data.get("swap", "auto"), mode=data.get("mode", "reference"), packages=packages, steps=steps,
+        invariants=invariants, expect_violations=expected, tags=tuple(data.get("tags") or ()),
+    )
+
+
+def _parse_packages(raw: object, fail) -> dict[str, PackageDecl]:
+    if not isinstance(raw, dict):
+        raise fail("packages", "expected a mapping of key: package")
+    packages = {}
+    fields = {"name", "version", "release", "files", "symlinks", "depends", "provides", "conflicts"}
+    for key, spec in raw.items():
+        where = f"packages.{key}"
+        if not isinstance(spec, dict):
+            raise fail(where, "expected a mapping")
+        unknown = sorted(set(spec) - fields)
+        if unknown:
+            raise fail(where, f"unknown field(s) {', '.join(unknown)}")
+        if not spec.get("name") or spec.get("version") is None:
+            raise fail(where, "needs name and version")
+        for mapping in ("files", "symlinks"):
+            value = spec.get(mapping) or {}
+            if not isinstance(value, dict):
+                raise fail(f"{where}.{mapping}", "expected a mapping of path: content")
+            for rel in value:
+                if str(rel).startswith("/") or ".." in str(rel).split("/"):
+                    raise fail(f"{where}.{mapping}", f"path {rel!r} must be relative to /usr and stay inside it")
+        packages[str(key)] = PackageDecl(
+            key=str(key), name=str(spec["name"]), version=str(spec["version"]), release=int(spec.get("release", 1)),
+            files={str(k): str(v) for k, v in (spec.get("files") or {}).items()},
+            symlinks={str(k): str(v) for k, v in (spec.get("symlinks") or {}).items()},
+            depends=list(spec.get("depends") or []), provides=list(spec.get("provides") or []),
+            conflicts=list(spec.get("conflicts") or []),
+        )
+    return packages
+
+
+def _parse_step(raw: object, index: int, packages: dict[str, PackageDecl], fail) -> Step:
+    where = f"steps[{index}]"
+    if isinstance(raw, str):
+        kind, arg = raw, None
+    elif isinstance(raw, dict) and len(raw) == 1:
+        kind, arg = next(iter(raw.items()))
+    else:
+        raise fail(where, "a step is a name or a one-key mapping")
+    if kind not in STEP_KINDS:
+        raise fail(where, f"unknown step {kind!r}; known: {', '.join(STEP_KINDS)}")
+    if kind == "install":
+        _check_keys(arg, packages, f"{where}.install", fail)
+    elif kind == "crash":
+        if not isinstance(arg, dict) or set(arg) != {"at", "during"}:
+            raise fail(where, "crash needs {at: FAULT_POINT, during: STEP}")
+        inner = _parse_step(arg["during"], index, packages, fail)
+        if inner.kind not in ("install", "remove", "activate", "prune"):
+            raise fail(where, f"can only crash during a transaction, not {inner.kind!r}")
+        arg = {"at": str(arg["at"]), "during": inner}
+    elif kind == "expect_fail":
+        arg = _parse_step(arg, index, packages, fail)
+    elif kind == "expect_usr":
+        if not isinstance(arg, list) or not all(isinstance(s, list) for s in arg):
+            raise fail(where, "expect_usr takes a list of package-key lists")
+        for option in arg:
+            _check_keys(option, packages, f"{where}.expect_usr", fail)
+    elif kind in ("remove",) and not (isinstance(arg, list) and arg):
+        raise fail(where, "remove takes a list of package names")
+    elif kind == "activate" and not (arg == "previous" or isinstance(arg, int)):
+        raise fail(where, "activate takes a state id or 'previous'")
+    elif kind == "prune" and not isinstance(arg, int):
+        raise fail(where, "prune takes the number of states to keep")
+    return Step(kind, arg, index)
+
+
+def _check_keys(arg: object, packages: dict[str, PackageDecl], where: str, fail) -> None:
+    if not isinstance(arg, list) or not arg and where.endswith("install"):
+        raise fail(where, "expected a list of package keys")
+    missing = [k for k in arg if k not in packages]
+    if missing:
+        raise fail(where, f"undeclared package(s) {', '.join(map(str, missing))}")
+
+
+def load_suite(directory: str | Path) -> list[Scenario]:
+    directory = Path(directory)
+    files = sorted(directory.glob("*.yaml"))
+    if not files:
+        raise ScenarioError(f"{directory}: no scenario files (*.yaml)")
+    return [load_scenario(f) for f in files]
