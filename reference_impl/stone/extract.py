@@ -21,7 +21,7 @@ from reference_impl.stone.reader import StoneFile
 
 @dataclass(frozen=True)
 class ExtractOptions:
-    writers: int = 1
+    writers: int = 2
     inline_limit: int = 4 * 2**20
     batch_bytes: int = 2 * 2**20
     batch_files: int = 64
@@ -30,26 +30,29 @@ class ExtractOptions:
     mode: int = 0o644
 
 
-def flat_path(dest: Path) -> Callable[[int], Path]:
+def flat_path(dest: Path) -> Callable[[int], str]:
     """``dest/<32 hex>``: easy to read, but every create contends for one directory lock."""
-    return lambda digest: dest / f"{digest:032x}"
+    base = os.fspath(dest)
+    return lambda digest: f"{base}/{digest:032x}"
 
 
-def fanout_path(dest: Path) -> Callable[[int], Path]:
+def fanout_path(dest: Path) -> Callable[[int], str]:
     """``dest/<h[0:2]>/<h[2:4]>/<32 hex>``: creates in different directories proceed in parallel."""
-    def path_for(digest: int) -> Path:
+    base = os.fspath(dest)
+
+    def path_for(digest: int) -> str:
         name = f"{digest:032x}"
-        return dest / name[:2] / name[2:4] / name
+        return f"{base}/{name[:2]}/{name[2:4]}/{name}"
     return path_for
 
 
-def _write_file(final: Path, chunks: Iterable[bytes], options: ExtractOptions) -> None:
-    part = final.with_name(final.name + ".part")
+def _write_file(final: str, chunks: Iterable[bytes], options: ExtractOptions) -> None:
+    part = final + ".part"
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
     try:
         fd = os.open(part, flags, options.mode)
     except FileNotFoundError:
-        part.parent.mkdir(parents=True, exist_ok=True)
+        os.makedirs(os.path.dirname(part), exist_ok=True)
         fd = os.open(part, flags, options.mode)
     try:
         for chunk in chunks:
@@ -80,7 +83,7 @@ class _Budget:
             self._cond.notify_all()
 
 
-def extract(stone: StoneFile, path_for: Callable[[int], Path], *, options: ExtractOptions | None = None,
+def extract(stone: StoneFile, path_for: Callable[[int], str | os.PathLike[str]], *, options: ExtractOptions | None = None,
             wanted: Callable[[IndexEntry], bool] | None = None) -> int:
     """Extract every unique file (or those ``wanted`` says) to ``path_for(digest)``. Returns bytes written.
 
@@ -91,7 +94,7 @@ def extract(stone: StoneFile, path_for: Callable[[int], Path], *, options: Extra
     budget = _Budget(options.max_in_flight)
     written = 0
     pending: list[Future] = []
-    batch: list[tuple[Path, list[bytes]]] = []
+    batch: list[tuple[str, list[bytes]]] = []
     batch_bytes = 0
 
     def submit() -> None:
@@ -107,7 +110,7 @@ def extract(stone: StoneFile, path_for: Callable[[int], Path], *, options: Extra
             for entry, chunks in stone.iter_content():
                 if wanted is not None and not wanted(entry):
                     continue
-                final = path_for(entry.digest)
+                final = os.fspath(path_for(entry.digest))
                 if entry.size > options.inline_limit:
                     _write_file(final, chunks, options)
                 else:
@@ -126,7 +129,7 @@ def extract(stone: StoneFile, path_for: Callable[[int], Path], *, options: Extra
     return written
 
 
-def _write_batch(batch: list[tuple[Path, list[bytes]]], options: ExtractOptions) -> None:
+def _write_batch(batch: list[tuple[str, list[bytes]]], options: ExtractOptions) -> None:
     for final, chunks in batch:
         _write_file(final, chunks, options)
 
