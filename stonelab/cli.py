@@ -6,6 +6,7 @@ Each module in COMMAND_MODULES exposes ``register(subparsers)`` which adds its s
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import signal
 import sys
@@ -14,6 +15,7 @@ from stonelab.errors import StonelabError
 
 COMMAND_MODULES = [
     "reference_impl.stone.cli",
+    "reference_impl.cli",
     "lab.cli",
 ]
 
@@ -38,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     except StonelabError as err:
         print(f"stonelab: error: {err}", file=sys.stderr)
         return err.exit_status
+    except OSError as err:  # an I/O failure (real or injected): one line, not a traceback
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"stonelab: error: {where}{err.strerror or err} ({errno.errorcode.get(err.errno, err.errno)})",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("stonelab: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT

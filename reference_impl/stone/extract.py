@@ -22,7 +22,7 @@ from reference_impl.stone.reader import StoneFile
 @dataclass(frozen=True)
 class ExtractOptions:
     writers: int = 2
-    inline_limit: int = 4 * 2**20
+    inline_limit: int = 16 * 2**20
     batch_bytes: int = 2 * 2**20
     batch_files: int = 64
     max_in_flight: int = 64 * 2**20

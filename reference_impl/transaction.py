@@ -1,0 +1,251 @@
+"""One filesystem transaction: stage a tree, record the state, swap /usr, archive the old tree, sync boot.
+
+Two modes share the sequence.  ``reference`` makes each step durable before the next depends on it (one syncfs
+after staging, an intent record fsync'd before the swap, directory fsyncs after each rename) and, on every
+start, :func:`recover` completes or rolls back whatever a crash interrupted.  ``moss-compat`` is upstream's exact
+order with no syncs, no intent record and no recovery — the baseline the lab compares against.  Every window
+and its recovery outcome is tabulated in docs/TRANSACTIONS.md.
+"""
+from __future__ import annotations
+
+import ctypes
+import enum
+import json
+import os
+import shutil
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+from reference_impl.blit import BlitOptions, BlitReport, BlitStrategy, blit
+from reference_impl.db import Databases, State
+from reference_impl.faults import fault_point
+from reference_impl.installation import STATE_ID_FILE, Installation, fsync_dir, read_state_id
+from reference_impl.stone import LayoutEntry
+from reference_impl.swap import (SwapStrategy, renameat2_exchange, switch_symlink, symlink_state,
+                                 update_root_links)
+from stonelab.errors import StonelabError
+
+OS_RELEASE = """NAME="AerynOS"
+ID=aerynos
+PRETTY_NAME="AerynOS (stonelab reference)"
+HOME_URL="https://aerynos.com"
+"""
+
+BootHook = Callable[[Installation, int], None]
+
+
+class Mode(enum.Enum):
+    REFERENCE = "reference"
+    MOSS_COMPAT = "moss-compat"
+
+
+@dataclass(frozen=True)
+class Settings:
+    mode: Mode = Mode.REFERENCE
+    swap: SwapStrategy = SwapStrategy.EXCHANGE  # resolved (never AUTO here)
+    blit: BlitStrategy = BlitStrategy.AUTO
+    environ: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
+
+    @property
+    def durable(self) -> bool:
+        return self.mode is Mode.REFERENCE
+
+
+@dataclass
+class Intent:
+    """Written (and fsync'd) before /usr is switched; removed when everything after it is done."""
+
+    op: str  # "commit" | "activate" | "repair"
+    phase: str  # "staging": nothing switched yet, roll back | "switching": staged tree durable, roll forward
+    new: int | None
+    old: int | None
+    strategy: str
+    boot: bool = False
+
+    @classmethod
+    def read(cls, path: Path) -> Intent | None:
+        try:
+            data = json.loads(path.read_text())
+            return cls(**data)
+        except FileNotFoundError:
+            return None
+        except (ValueError, TypeError) as err:
+            raise StonelabError(f"{path}: unreadable intent record ({err}); inspect and remove it") from None
+
+    def write(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w") as handle:
+            json.dump(asdict(self), handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.rename(tmp, path)
+        fsync_dir(path.parent)
+
+
+def syncfs(path: Path) -> None:
+    """Flush the whole filesystem holding ``path`` (assets, staged tree, directories) in one call."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"syncfs({path}): {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+def remove_tree(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        # trees are staged read-only (mode & ~0o222) but directories stay writable, so rmtree works
+        shutil.rmtree(path)
+
+
+@dataclass
+class Transaction:
+    inst: Installation
+    dbs: Databases
+    settings: Settings
+    boot_hook: BootHook | None = None
+    log: TextIO = sys.stderr
+
+    def fault(self, point: str) -> None:
+        fault_point(point, self.settings.environ)
+
+    def say(self, message: str) -> None:
+        print(f"stonelab: {message}", file=self.log)
+
+    # -- a new state -------------------------------------------------------------------------------------------
+    def commit(self, entries: Iterable[LayoutEntry], selections, *, summary: str,
+               run_triggers: Callable[[Path], None] | None = None) -> tuple[State, BlitReport]:
+        inst = self.inst
+        old = self.active_state()
+        remove_tree(inst.staging)  # moss: the next install wipes staging; reference: recovery already did
+        if self.settings.durable:
+            Intent("commit", "staging", None, old, self.settings.swap.value).write(inst.intent)
+        inst.staging_usr.mkdir(parents=True)
+        self.fault("blit.begin")
+        report = blit(entries, inst.assets, inst.staging_usr,
+                      BlitOptions(strategy=self.settings.blit, fsync=False,
+                                  on_halfway=lambda: self.fault("blit.mid")))
+        self.fault("blit.end")
+        state = self.dbs.state.add(selections, summary=summary)
+        self.fault("state.recorded")
+        try:
+            (inst.staging_usr / STATE_ID_FILE).write_text(str(state.id))
+            os_release = inst.staging_usr / "lib" / "os-release"
+            if not os_release.exists():
+                os_release.parent.mkdir(parents=True, exist_ok=True)
+                os_release.write_text(OS_RELEASE)
+            if run_triggers is not None:
+                run_triggers(inst.staging_usr)
+        except BaseException:
+            if self.settings.durable:  # roll back: the state never existed
+                remove_tree(inst.staging)
+                self.dbs.state.remove([state.id])
+                inst.intent.unlink(missing_ok=True)
+            raise
+        self.switch(Intent("commit", "switching", state.id, old, self.settings.swap.value,
+                           self.boot_hook is not None))
+        return state, report
+
+    # -- back to an archived state -----------------------------------------------------------------------------
+    def activate(self, state_id: int) -> None:
+        inst = self.inst
+        old = self.active_state()
+        if old == state_id:
+            raise StonelabError(f"state {state_id} is already active")
+        if not inst.archived(state_id).is_dir():
+            raise StonelabError(f"{inst.archived(state_id)}: state {state_id} has no tree on disk")
+        intent = Intent("activate", "switching", state_id, old, self.settings.swap.value, self.boot_hook is not None)
+        if self.settings.swap is SwapStrategy.SYMLINK:
+            self.switch(intent)
+            return
+        if inst.staging.exists() and any(inst.staging.iterdir()):
+            # upstream #576; the reference's recovery has emptied staging before we get here
+            raise StonelabError(f"{inst.staging}: staging is not empty; cannot activate state {state_id}")
+        remove_tree(inst.staging)
+        if self.settings.durable:
+            intent.write(inst.intent)
+        os.rename(inst.trees / str(state_id), inst.staging)
+        if self.settings.durable:
+            fsync_dir(inst.trees)
+        self.switch(intent, intent_written=True)
+
+    # -- the shared tail: swap, archive, boot, done --------------------------------------------------------------
+    def switch(self, intent: Intent, *, intent_written: bool = False) -> None:
+        inst, durable = self.inst, self.settings.durable
+        if durable:
+            syncfs(inst.root if inst.root.is_dir() else inst.moss)
+            if not intent_written:
+                intent.write(inst.intent)
+        self.fault("swap.before")
+        if self.settings.swap is SwapStrategy.EXCHANGE:
+            self._exchange()
+        else:
+            self._point_symlink(intent.new)
+        self.fault("swap.after")
+        if self.settings.swap is SwapStrategy.EXCHANGE:
+            self._archive_staged(intent.old)
+        update_root_links(inst, durable=durable)
+        self.fault("archive.after")
+        self.fault("boot.before")
+        if self.boot_hook is not None:
+            self.boot_hook(inst, intent.new)
+        if durable:
+            inst.intent.unlink(missing_ok=True)
+            fsync_dir(inst.moss)
+        self.fault("commit.after")
+
+    def _exchange(self) -> None:
+        inst = self.inst
+        if not inst.usr.exists() and not inst.usr.is_symlink():
+            inst.usr.mkdir()
+        renameat2_exchange(inst.staging_usr, inst.usr)
+        if self.settings.durable:
+            fsync_dir(inst.root)
+            fsync_dir(inst.staging)
+
+    def _point_symlink(self, state_id: int) -> None:
+        inst, durable = self.inst, self.settings.durable
+        target = inst.archived(state_id)
+        if inst.staging_usr.is_dir() and read_state_id(inst.staging_usr) == state_id:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(inst.staging_usr, target)
+            if durable:
+                fsync_dir(target.parent)
+            remove_tree(inst.staging)
+        if inst.usr.is_dir() and not inst.usr.is_symlink():
+            if any(inst.usr.iterdir()):
+                raise StonelabError(f"{inst.usr}: a real, non-empty directory; cannot manage it with symlinks")
+            inst.usr.rmdir()
+        switch_symlink(inst, state_id, durable=durable)
+
+    def _archive_staged(self, old: int | None) -> None:
+        """After the exchange staging holds the previous /usr: archive it (or drop an unmanaged empty one)."""
+        inst, durable = self.inst, self.settings.durable
+        if old is not None:
+            dest = inst.archived(old)
+            if dest.exists():
+                remove_tree(dest)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(inst.staging_usr, dest)
+            if durable:
+                fsync_dir(dest.parent)
+        elif inst.staging_usr.is_dir() and any(inst.staging_usr.iterdir()):
+            keep = inst.trees / "unmanaged-usr"  # a /usr no state owned: set aside, never deleted
+            remove_tree(keep)
+            os.rename(inst.staging_usr, keep)
+            self.say(f"the unmanaged previous /usr was kept at {keep}")
+        remove_tree(inst.staging)
+        if durable:
+            fsync_dir(inst.trees)
+
+    def active_state(self) -> int | None:
+        if self.inst.usr.is_symlink():
+            return symlink_state(self.inst)
+        return self.inst.active_state()

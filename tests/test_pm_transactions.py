@@ -1,0 +1,196 @@
+"""The reference package manager end to end on temporary roots: install, remove, rollback, prune, verify, repair,
+for both swap strategies, and the stateless policy."""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from tests.pm import make_package, state_id, stonelab, usr_tree
+
+STRATEGIES = ["exchange", "symlink"]
+
+
+@pytest.fixture
+def pkgs(tmp_path: Path) -> dict[str, Path]:
+    out = tmp_path / "pkgs"
+    return {
+        "hello1": make_package(out, "hello", {"bin/hello": "#!/bin/sh\necho 1\n", "share/hello/a": "a"},
+                               modes={"bin/hello": 0o755}, symlinks={"bin/hi": "hello"}),
+        "hello2": make_package(out, "hello", {"bin/hello": "#!/bin/sh\necho 2\n", "share/hello/b": "b"},
+                               version="2.0", modes={"bin/hello": 0o755}, symlinks={"bin/hi": "hello"}),
+        "libfoo": make_package(out, "libfoo", {"lib/libfoo.so.1": "foo", "share/empty": ""},
+                               provides=["soname(libfoo.so.1(x86_64))"]),
+        "app": make_package(out, "app", {"bin/app": "app"}, depends=["soname(libfoo.so.1(x86_64))"]),
+    }
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "hostname").write_text("lab\n")
+    return root
+
+
+def pm(root: Path, strategy: str, *args: str, mode: str = "reference", **kw):
+    verb, rest = (args[:2], args[2:]) if args[0] == "state" else (args[:1], args[1:])
+    return stonelab(*verb, "-D", str(root), "--swap", strategy, "--mode", mode, *rest, **kw)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_install_upgrade_rollback_prune(root: Path, pkgs, strategy: str):
+    pm(root, strategy, "install", str(pkgs["hello1"]), check=True)
+    v1 = usr_tree(root)
+    assert v1["bin/hello"][0] == "file" and v1["bin/hello"][2] == "0555"  # mode & ~0o222
+    assert v1["bin/hi"] == ["symlink", "hello"]
+    assert (root / "usr").is_symlink() == (strategy == "symlink")
+    assert state_id(root) == 1
+    assert (root / "bin").is_symlink() and os.readlink(root / "bin") == "usr/bin"
+
+    pm(root, strategy, "install", str(pkgs["hello2"]), check=True)
+    v2 = usr_tree(root)
+    assert "share/hello/b" in v2 and "share/hello/a" not in v2
+    assert state_id(root) == 2
+    assert (root / ".moss/root/1/usr/bin/hello").read_text().endswith("echo 1\n")
+    assert not (root / ".moss/root/staging").exists()
+
+    pm(root, strategy, "state", "activate", "1", check=True)
+    assert state_id(root) == 1 and usr_tree(root) == v1
+    pm(root, strategy, "state", "activate", "2", check=True)
+    assert usr_tree(root) == v2
+
+    listing = json.loads(pm(root, strategy, "state", "list", "--json", check=True).stdout)
+    assert [(s["id"], s["active"], s["tree"]) for s in listing] == [(1, False, True), (2, True, True)]
+
+    pm(root, strategy, "state", "prune", "--keep", "1", check=True)
+    assert not (root / ".moss/root/1").exists()
+    with sqlite3.connect(root / ".moss/db/state") as conn:
+        assert [r[0] for r in conn.execute("SELECT id FROM state")] == [2]
+    with sqlite3.connect(root / ".moss/db/install") as conn:
+        assert [r[0] for r in conn.execute("SELECT version_identifier FROM meta")] == ["2.0"]
+    assets = [p for p in (root / ".moss/assets/v2").rglob("*") if p.is_file()]
+    hello1_only = "#!/bin/sh\necho 1\n"
+    assert all(p.read_text() != hello1_only for p in assets), "prune left an orphaned asset"
+    assert usr_tree(root) == v2
+    assert (root / "etc/hostname").read_text() == "lab\n"
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_dependencies_remove_and_verify(root: Path, pkgs, strategy: str):
+    missing = pm(root, strategy, "install", str(pkgs["app"]))
+    assert missing.returncode == 2 and "soname(libfoo.so.1(x86_64))" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1
+    pm(root, strategy, "install", str(pkgs["app"]), str(pkgs["libfoo"]), check=True)
+    tree = usr_tree(root)
+    assert {"bin/app", "lib/libfoo.so.1", "share/empty"} <= set(tree)
+    refused = pm(root, strategy, "remove", "libfoo")
+    assert refused.returncode == 2 and "app" in refused.stderr
+    pm(root, strategy, "remove", "app", check=True)
+    assert "bin/app" not in usr_tree(root) and "lib/libfoo.so.1" in usr_tree(root)
+    verified = pm(root, strategy, "state", "verify", "--json", check=True)
+    assert json.loads(verified.stdout) == {"problems": [], "ok": True}
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_verify_finds_and_repairs_damage(root: Path, pkgs, strategy: str):
+    pm(root, strategy, "install", str(pkgs["hello1"]), check=True)
+    pm(root, strategy, "install", str(pkgs["hello2"]), check=True)
+    usr = (root / "usr").resolve()
+    (usr / "bin/hello").unlink()
+    (usr / "bin/hello").write_text("tampered")
+    (usr / "share/stray").write_text("nobody owns me")
+    archived = root / ".moss/root/1/usr/share/hello/a"
+    archived.unlink()
+    found = pm(root, strategy, "state", "verify", "--json")
+    assert found.returncode == 1
+    kinds = {(p["state"], p["kind"], p["path"]) for p in json.loads(found.stdout)["problems"]}
+    assert (2, "wrong-content", "/usr/bin/hello") in kinds
+    assert (2, "unowned", "/usr/share/stray") in kinds
+    assert (1, "missing", "/usr/share/hello/a") in kinds
+    pm(root, strategy, "state", "verify", "--repair", check=True)
+    assert pm(root, strategy, "state", "verify").returncode == 0
+    assert (root / "usr/bin/hello").read_text().endswith("echo 2\n")
+    assert not (root / "usr/share/stray").exists()
+    assert archived.read_text() == "a"
+
+
+def test_verify_repairs_a_corrupt_asset_and_reports_392(root: Path, pkgs, tmp_path: Path):
+    pkg = pkgs["libfoo"]
+    pm(root, "exchange", "install", str(pkg), check=True)
+    asset = next(p for p in (root / ".moss/assets/v2").rglob("*") if p.is_file() and p.read_bytes() == b"foo")
+    os.chmod(asset, 0o644)
+    asset.write_text("bar")
+    found = pm(root, "exchange", "state", "verify")
+    assert found.returncode == 1 and "asset" in found.stdout
+    pm(root, "exchange", "state", "verify", "--repair", check=True)
+    assert asset.read_bytes() == b"foo"
+    asset.write_text("bar")
+    pkg.unlink()  # upstream #392: without the package file there is nothing to repair from
+    gone = pm(root, "exchange", "state", "verify", "--repair")
+    assert gone.returncode == 1 and "#392" in gone.stdout
+
+
+def test_empty_files_get_fresh_inodes(root: Path, tmp_path: Path):
+    files = {f"share/empty/{i}": "" for i in range(50)}
+    pkg = make_package(tmp_path / "p", "empties", files)
+    pm(root, "exchange", "install", str(pkg), check=True)
+    inodes = {os.stat(root / "usr" / rel).st_ino for rel in files}
+    assert len(inodes) == len(files)  # upstream #372: one shared inode runs into EMLINK
+
+
+def test_conflicting_fixture_packages(root: Path):
+    from tests.conftest import shared_file
+    stones = shared_file("fixtures", "aerynos", "stones")
+    pineapple = next(stones.glob("pineapple*.stone"))
+    pizza = next(stones.glob("italian-pizza*.stone"))
+    result = pm(root, "exchange", "install", str(pineapple), str(pizza))
+    assert result.returncode == 2 and "conflict" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (root / "usr").exists()
+
+
+def test_moss_compat_refuses_symlink_and_leaves_no_intent(root: Path, pkgs):
+    refused = pm(root, "symlink", "install", str(pkgs["hello1"]), mode="moss-compat")
+    assert refused.returncode == 2 and "RENAME_EXCHANGE" in refused.stderr
+    pm(root, "exchange", "install", str(pkgs["hello1"]), mode="moss-compat", check=True)
+    assert state_id(root) == 1 and not (root / ".moss/intent.json").exists()
+
+
+def test_stateless_transaction_never_touches_etc_or_var(root: Path, pkgs):
+    (root / "var/lib").mkdir(parents=True)
+    (root / "var/lib/data").write_text("keep")
+    before = {p: p.stat().st_mtime_ns for p in [root / "etc/hostname", root / "var/lib/data"]}
+    pm(root, "exchange", "install", str(pkgs["hello1"]), check=True)
+    pm(root, "exchange", "install", str(pkgs["hello2"]), check=True)
+    pm(root, "exchange", "state", "activate", "1", check=True)
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    assert sorted(p.name for p in (root / "etc").iterdir()) == ["hostname"]
+
+
+def test_bad_input_is_one_line(root: Path, tmp_path: Path, pkgs):
+    corrupt = tmp_path / "corrupt.stone"
+    data = bytearray(pkgs["hello1"].read_bytes())
+    data[-10] ^= 0xFF
+    corrupt.write_bytes(data)
+    cases = [
+        ("install", str(corrupt)),
+        ("install", str(tmp_path / "missing.stone")),
+        ("install", "nosuchname"),
+        ("state", "activate", "42"),
+        ("state", "remove", "7"),
+    ]
+    pm(root, "exchange", "install", str(pkgs["hello1"]), check=True)
+    for case in cases:
+        result = pm(root, "exchange", *case)
+        assert result.returncode == 2, (case, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("stonelab: error: "), (case, result.stderr)
+    bad_fault = stonelab("state", "list", "-D", str(root), fault="nowhere:crash")
+    assert bad_fault.returncode == 2 and "blit.begin" in bad_fault.stderr
+    active = pm(root, "exchange", "state", "remove", "1")
+    assert active.returncode == 2 and "active" in active.stderr
+    assert not any(p.name.endswith(".part") for p in (root / ".moss").rglob("*"))
