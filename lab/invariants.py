@@ -71,6 +71,12 @@ def state_id_matches(obs: Observation) -> list[Violation]:
         return [Violation("state_id_matches",
                           f"/usr/.stateID says {obs.state_id}, which the state database does not know "
                           f"(it has {obs.db_states or 'no states'})")]
+    if obs.usr_is_symlink is not None:
+        # symlink strategy: /usr must point at the active state's tree, which lives in /.moss/root/<id>/usr
+        if obs.usr_is_symlink.rstrip("/").split("/")[-2:] != [obs.state_id, "usr"]:
+            return [Violation("state_id_matches",
+                              f"/usr points to {obs.usr_is_symlink} but its .stateID says {obs.state_id}")]
+        return []
     if obs.state_id in obs.archived:
         return [Violation("state_id_matches", f"active state {obs.state_id} is also archived in /.moss/root")]
     return []

@@ -58,6 +58,10 @@ def test_symlinked_usr_is_followed(tmp_path):
     obs = observe(root)
     assert obs.usr_is_symlink == ".moss/root/3/usr" and obs.state_id == "3"
     assert inv.atomic_usr(obs, [expected_tree([B])])[0] == []
+    obs.db_states = [3]
+    assert inv.state_id_matches(obs) == []
+    obs.usr_is_symlink = ".moss/root/2/usr"
+    assert "points to" in inv.state_id_matches(obs)[0].detail
 
 
 def test_staging_and_state_id(tmp_path):
