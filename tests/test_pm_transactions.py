@@ -194,3 +194,25 @@ def test_bad_input_is_one_line(root: Path, tmp_path: Path, pkgs):
     active = pm(root, "exchange", "state", "remove", "1")
     assert active.returncode == 2 and "active" in active.stderr
     assert not any(p.name.endswith(".part") for p in (root / ".moss").rglob("*"))
+
+
+def test_install_by_name_from_a_repository_and_sync(root: Path, tmp_path: Path):
+    from reference_impl.stone import write_repository_index
+    repo = tmp_path / "repo"
+    make_package(repo, "libfoo", {"lib/libfoo.so.1": "foo"}, provides=["soname(libfoo.so.1(x86_64))"])
+    make_package(repo, "app", {"bin/app": "app 1"}, depends=["soname(libfoo.so.1(x86_64))"])
+    write_repository_index(repo)
+    pm(root, "exchange", "install", "--repo", str(repo), "app", check=True)
+    assert (root / "usr/lib/libfoo.so.1").read_text() == "foo"  # pulled in as a dependency
+    shown = json.loads(pm(root, "exchange", "state", "show", "--json", check=True).stdout)
+    assert sorted(d["name"] for d in shown["package_details"]) == ["app", "libfoo"]
+    with sqlite3.connect(root / ".moss/db/state") as conn:
+        explicit = dict(conn.execute("SELECT package_id, explicit FROM state_selections"))
+    assert sorted(explicit.values()) == [0, 1]  # app explicit, libfoo pulled in
+    assert pm(root, "exchange", "sync", "--repo", str(repo), check=True).stdout.strip() == "everything is up to date"
+    make_package(repo, "app", {"bin/app": "app 2"}, release=2)
+    write_repository_index(repo)
+    pm(root, "exchange", "sync", "--repo", str(repo), check=True)
+    assert (root / "usr/bin/app").read_text() == "app 2" and state_id(root) == 2
+    unknown = pm(root, "exchange", "install", "--repo", str(repo), "nosuch")
+    assert unknown.returncode == 2 and "nosuch" in unknown.stderr
