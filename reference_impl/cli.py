@@ -10,9 +10,8 @@ from pathlib import Path
 from reference_impl.blit import BlitStrategy
 from reference_impl.client import Client, ClientOptions, Outcome
 from reference_impl.faults import FAULT_DESCRIPTIONS, FAULT_POINTS, configured_fault
-from reference_impl.installation import Installation
 from reference_impl.swap import SwapStrategy
-from reference_impl.transaction import BootHook, Mode
+from reference_impl.transaction import Mode
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -73,18 +72,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def client_for(args: argparse.Namespace) -> Client:
     configured_fault()  # a malformed STONELAB_FAULT is a one-line error before anything happens
     options = ClientOptions(root=args.directory, mode=Mode(args.mode), swap=SwapStrategy(args.swap),
-                            blit=BlitStrategy(args.blit), triggers=not args.no_triggers)
-    return Client(options, boot_hook=boot_hook(args))
-
-
-def boot_hook(args: argparse.Namespace) -> BootHook | None:
-    if not args.esp:
-        return None
-
-    def sync(inst: Installation, state_id: int) -> None:
-        from reference_impl.boot import sync_boot
-        sync_boot(inst.root, esp=args.esp, root_device=args.root_device)
-    return sync
+                            blit=BlitStrategy(args.blit), triggers=not args.no_triggers, esp=args.esp,
+                            root_device=args.root_device)
+    return Client(options)
 
 
 def _print_outcome(client: Client, outcome: Outcome, started: float) -> None:

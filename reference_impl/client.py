@@ -19,7 +19,7 @@ from reference_impl.resolve import Candidate, removal, resolve
 from reference_impl.stone import LayoutEntry, LayoutType, StoneError, read_stone
 from reference_impl.store import Store
 from reference_impl.swap import SwapChoice, SwapStrategy, choose_strategy
-from reference_impl.transaction import BootHook, Mode, Settings, Transaction, remove_tree
+from reference_impl.transaction import BootConfig, Mode, Settings, Transaction, remove_tree
 from stonelab.errors import StonelabError
 
 
@@ -30,6 +30,8 @@ class ClientOptions:
     swap: SwapStrategy = SwapStrategy.AUTO
     blit: BlitStrategy = BlitStrategy.AUTO
     triggers: bool = True
+    esp: str | None = None
+    root_device: str | None = None
     environ: dict[str, str] = field(default_factory=lambda: dict(os.environ))
 
 
@@ -43,11 +45,12 @@ class Outcome:
 
 
 class Client:
-    def __init__(self, options: ClientOptions, *, boot_hook: BootHook | None = None, log: TextIO = sys.stderr):
+    def __init__(self, options: ClientOptions, *, log: TextIO = sys.stderr):
         self.options = options
         self.inst = Installation(options.root.resolve())
         self.log = log
-        self.boot_hook = boot_hook
+        self.boot = (BootConfig(options.esp, options.root_device, options.mode is Mode.MOSS_COMPAT)
+                     if options.esp else None)
         self._lock_fd: int | None = None
         self.swap: SwapChoice | None = None
 
@@ -84,7 +87,7 @@ class Client:
 
     def transaction(self, strategy: SwapStrategy) -> Transaction:
         settings = Settings(self.options.mode, strategy, self.options.blit, self.options.environ)
-        return Transaction(self.inst, self.dbs, settings, self.boot_hook, self.log)
+        return Transaction(self.inst, self.dbs, settings, self.boot, self.log)
 
     def _swap_transaction(self) -> Transaction:
         requested = self.options.swap

@@ -13,6 +13,7 @@ import os
 from reference_impl.installation import fsync_dir, read_state_id
 from reference_impl.swap import SwapStrategy, renameat2_exchange, switch_symlink, update_root_links
 from reference_impl.transaction import Intent, Transaction, remove_tree
+from stonelab.errors import StonelabError
 
 
 def recover(tx: Transaction) -> list[str]:
@@ -78,9 +79,13 @@ def _complete(tx: Transaction, intent: Intent) -> list[str]:
             tx._archive_staged(intent.old)
             notes.append(f"archived the previous tree of state {intent.old}")
     update_root_links(inst, durable=True)
-    if intent.boot and tx.boot_hook is not None and tx.active_state() == intent.new:
-        tx.boot_hook(inst, intent.new)
-        notes.append(f"synchronised boot entries for state {intent.new}")
+    boot = intent.boot_config()
+    if boot is not None and tx.active_state() == intent.new:
+        try:
+            boot(inst, intent.new)
+            notes.append(f"synchronised boot entries for state {intent.new}")
+        except StonelabError as err:
+            notes.append(f"boot entries for state {intent.new} could not be written: {err}")
     inst.intent.unlink(missing_ok=True)
     fsync_dir(inst.moss)
     return notes

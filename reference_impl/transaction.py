@@ -34,7 +34,24 @@ PRETTY_NAME="AerynOS (stonelab reference)"
 HOME_URL="https://aerynos.com"
 """
 
-BootHook = Callable[[Installation, int], None]
+
+
+@dataclass(frozen=True)
+class BootConfig:
+    """Where boot entries go; recorded in the intent record so recovery can finish a boot sync."""
+
+    esp: str
+    root_device: str | None = None
+    compat: bool = False
+
+    def __call__(self, inst: Installation, state_id: int) -> None:
+        from reference_impl.boot import EspMissingError, sync_boot
+        try:
+            sync_boot(inst.root, esp=self.esp, root_device=self.root_device, target=state_id)
+        except EspMissingError:
+            if not self.compat:
+                raise
+            # upstream: no ESP found → boot sync reports success having written nothing
 
 
 class Mode(enum.Enum):
@@ -63,7 +80,11 @@ class Intent:
     new: int | None
     old: int | None
     strategy: str
-    boot: bool = False
+    esp: str | None = None
+    root_device: str | None = None
+
+    def boot_config(self) -> BootConfig | None:
+        return BootConfig(self.esp, self.root_device) if self.esp else None
 
     @classmethod
     def read(cls, path: Path) -> Intent | None:
@@ -110,7 +131,7 @@ class Transaction:
     inst: Installation
     dbs: Databases
     settings: Settings
-    boot_hook: BootHook | None = None
+    boot: BootConfig | None = None
     log: TextIO = sys.stderr
 
     def fault(self, point: str) -> None:
@@ -149,8 +170,7 @@ class Transaction:
                 self.dbs.state.remove([state.id])
                 inst.intent.unlink(missing_ok=True)
             raise
-        self.switch(Intent("commit", "switching", state.id, old, self.settings.swap.value,
-                           self.boot_hook is not None))
+        self.switch(self.intent("commit", state.id, old))
         return state, report
 
     # -- back to an archived state -----------------------------------------------------------------------------
@@ -161,7 +181,7 @@ class Transaction:
             raise StonelabError(f"state {state_id} is already active")
         if not inst.archived(state_id).is_dir():
             raise StonelabError(f"{inst.archived(state_id)}: state {state_id} has no tree on disk")
-        intent = Intent("activate", "switching", state_id, old, self.settings.swap.value, self.boot_hook is not None)
+        intent = self.intent("activate", state_id, old)
         if self.settings.swap is SwapStrategy.SYMLINK:
             self.switch(intent)
             return
@@ -175,6 +195,11 @@ class Transaction:
         if self.settings.durable:
             fsync_dir(inst.trees)
         self.switch(intent, intent_written=True)
+
+    def intent(self, op: str, new: int, old: int | None) -> Intent:
+        boot = self.boot
+        return Intent(op, "switching", new, old, self.settings.swap.value,
+                      boot.esp if boot else None, boot.root_device if boot else None)
 
     # -- the shared tail: swap, archive, boot, done --------------------------------------------------------------
     def switch(self, intent: Intent, *, intent_written: bool = False) -> None:
@@ -194,11 +219,18 @@ class Transaction:
         update_root_links(inst, durable=durable)
         self.fault("archive.after")
         self.fault("boot.before")
-        if self.boot_hook is not None:
-            self.boot_hook(inst, intent.new)
+        boot_error = None
+        if self.boot is not None:
+            try:
+                self.boot(inst, intent.new)
+            except StonelabError as err:  # /usr is switched for good; the ESP problem is reported, not undone
+                boot_error = err
         if durable:
             inst.intent.unlink(missing_ok=True)
             fsync_dir(inst.moss)
+        if boot_error is not None:
+            raise StonelabError(f"state {intent.new} is active, but its boot entries were not written: "
+                                f"{boot_error}")
         self.fault("commit.after")
 
     def _exchange(self) -> None:
