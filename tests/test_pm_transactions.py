@@ -216,3 +216,36 @@ def test_install_by_name_from_a_repository_and_sync(root: Path, tmp_path: Path):
     assert (root / "usr/bin/app").read_text() == "app 2" and state_id(root) == 2
     unknown = pm(root, "exchange", "install", "--repo", str(repo), "nosuch")
     assert unknown.returncode == 2 and "nosuch" in unknown.stderr
+
+
+def test_auto_swap_falls_back_to_symlink_without_rename_exchange(root: Path, pkgs, monkeypatch, capsys):
+    """Linux accepts RENAME_EXCHANGE on every writable filesystem this host has (ext2 is served by the ext4
+    driver); Asterinas returns EINVAL on ext2. The syscall is made to answer as Asterinas does."""
+    import errno
+
+    from reference_impl import swap
+    from stonelab.cli import main
+
+    def asterinas_ext2(a, b):
+        raise OSError(errno.EINVAL, "Invalid argument")
+    monkeypatch.setattr(swap, "renameat2_exchange", asterinas_ext2)
+    import reference_impl.transaction as transaction
+    monkeypatch.setattr(transaction, "renameat2_exchange", asterinas_ext2)
+    works, reason = swap.exchange_supported(root / ".probe")
+    assert not works and "Invalid argument" in reason
+
+    def run(*args: str) -> int:
+        verb, rest = (args[:2], args[2:]) if args[0] == "state" else (args[:1], args[1:])
+        return main([*verb, "-D", str(root), *rest])
+    assert run("install", str(pkgs["hello1"])) == 0
+    assert (root / "usr").is_symlink() and os.readlink(root / "usr") == ".moss/root/1/usr"
+    assert run("install", str(pkgs["hello2"])) == 0
+    assert run("state", "activate", "1") == 0
+    assert state_id(root) == 1 and "share/hello/a" in usr_tree(root)
+    capsys.readouterr()
+    assert run("install", "--swap", "exchange", str(pkgs["hello2"])) == 2
+    assert "symlink strategy" in capsys.readouterr().err
+    fresh = root.parent / "fresh"
+    fresh.mkdir()
+    assert main(["install", "-D", str(fresh), "--mode", "moss-compat", str(pkgs["hello1"])]) == 1
+    assert "EINVAL" in capsys.readouterr().err  # upstream simply fails on such a kernel
