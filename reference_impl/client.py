@@ -271,10 +271,22 @@ def repository_candidates(repo: Path) -> list[Candidate]:
     return result
 
 
-def merged_layout(dbs: Databases, package_ids: list[str]) -> list[LayoutEntry]:
-    """One entry per path over the selected packages; two packages shipping different files there conflict."""
+def inside_usr(target: str) -> bool:
+    parts = target.split("/")
+    return bool(target) and not target.startswith("/") and "\0" not in target and ".." not in parts
+
+
+def merged_layout(dbs: Databases, package_ids: list[str], *, skip_outside: bool = False) -> list[LayoutEntry]:
+    """One entry per path over the selected packages; two packages shipping different files there conflict.
+
+    A path outside /usr (only possible in a database written by something else) is refused, or skipped for
+    `state verify`, which reports it."""
     chosen: dict[str, tuple[str, LayoutEntry]] = {}
     for package_id, entry in dbs.layout.entries(sorted(package_ids)):
+        if not inside_usr(entry.target):
+            if skip_outside:
+                continue
+            raise StonelabError(f"{dbs.layout.path}: package {package_id} owns {entry.target!r}, outside /usr")
         previous = chosen.get(entry.target)
         if previous is None:
             chosen[entry.target] = (package_id, entry)

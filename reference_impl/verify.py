@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from reference_impl.blit import BlitOptions, blit
-from reference_impl.client import Client, merged_layout, read_package
+from reference_impl.client import Client, inside_usr, merged_layout, read_package
 from reference_impl.installation import STATE_ID_FILE
 from reference_impl.stone import LayoutEntry, LayoutType
 from reference_impl.store import hash_file
@@ -44,8 +44,9 @@ def verify(client: Client, *, repair: bool = False) -> list[Problem]:
     problems = _verify_store(client, repair)
     for state in client.dbs.state.all():
         tree = _tree_of(client, state.id)
-        entries = merged_layout(client.dbs, [s.package_id for s in client.dbs.state.selections(state.id)])
-        found = _verify_tree(tree, entries, state.id)
+        package_ids = [s.package_id for s in client.dbs.state.selections(state.id)]
+        entries = merged_layout(client.dbs, package_ids, skip_outside=True)
+        found = _outside_usr(client, package_ids, state.id) + _verify_tree(tree, entries, state.id)
         if found and repair and tree.is_dir() and not any(p.kind == "asset" and not p.repaired for p in problems):
             _reblit(client, state.id, tree, entries)
             for problem in found:
@@ -81,6 +82,11 @@ def _verify_store(client: Client, repair: bool) -> list[Problem]:
     return problems
 
 
+def _outside_usr(client: Client, package_ids: list[str], state_id: int) -> list[Problem]:
+    return [Problem("outside-usr", entry.target, f"package {package_id} owns a path outside /usr", state_id)
+            for package_id, entry in client.dbs.layout.entries(package_ids) if not inside_usr(entry.target)]
+
+
 def _verify_tree(tree: Path, entries: list[LayoutEntry], state_id: int) -> list[Problem]:
     if not tree.is_dir():
         return [Problem("missing-tree", str(tree), "the state's tree is not on disk", state_id)]
@@ -88,9 +94,6 @@ def _verify_tree(tree: Path, entries: list[LayoutEntry], state_id: int) -> list[
     expected = {e.target: e for e in entries}
     hashed: dict[tuple[int, int], int | None] = {}
     for target, entry in expected.items():
-        if target.startswith("/") or ".." in target.split("/"):
-            problems.append(Problem("outside-usr", target, "a package owns a path outside /usr", state_id))
-            continue
         path = tree / target
         try:
             st = path.lstat()

@@ -249,3 +249,20 @@ def test_auto_swap_falls_back_to_symlink_without_rename_exchange(root: Path, pkg
     fresh.mkdir()
     assert main(["install", "-D", str(fresh), "--mode", "moss-compat", str(pkgs["hello1"])]) == 1
     assert "EINVAL" in capsys.readouterr().err  # upstream simply fails on such a kernel
+
+
+def test_verify_reports_a_package_owning_a_path_outside_usr(root: Path, pkgs):
+    """The reader refuses such layouts; a database written by something else is still checked."""
+    pm(root, "exchange", "install", str(pkgs["libfoo"]), check=True)
+    with sqlite3.connect(root / ".moss/db/layout") as conn:
+        conn.execute("UPDATE layout SET entry_value2 = '../etc/shadow' WHERE entry_value2 = 'lib/libfoo.so.1'")
+    found = pm(root, "exchange", "state", "verify", "--json")
+    problems = json.loads(found.stdout)["problems"]
+    assert found.returncode == 1
+    assert {"kind": "outside-usr", "path": "../etc/shadow"}.items() <= next(
+        p for p in problems if p["kind"] == "outside-usr").items()
+    repaired = pm(root, "exchange", "state", "verify", "--repair")
+    assert repaired.returncode == 1 and not (root / "etc/shadow").exists()
+    refused = pm(root, "exchange", "install", str(pkgs["hello1"]))
+    assert refused.returncode == 2 and "outside /usr" in refused.stderr
+    assert not (root / "etc/shadow").exists()
