@@ -1,0 +1,69 @@
+"""Build the static probe (probe.c) and run it: on this machine's kernel for given directories, or — in a guest —
+on a kernel given as a path (see vm/)."""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from stonelab.errors import StonelabError
+
+SOURCE = Path(__file__).resolve().parent / "probe.c"
+
+
+def cache_dir() -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "stonelab" / "probe"
+
+
+def build_probe(cache: Path | None = None) -> Path:
+    """``probe.c`` compiled static (cached by source hash), so it runs on any x86-64 kernel from an initramfs."""
+    source = SOURCE.read_bytes()
+    cache = cache or cache_dir()
+    binary = cache / f"probe-{hashlib.sha256(source).hexdigest()[:16]}"
+    if binary.is_file():
+        return binary
+    compiler = shutil.which("gcc") or shutil.which("cc")
+    if compiler is None:
+        raise StonelabError("no C compiler to build the kernel probe (Debian package gcc)")
+    cache.mkdir(parents=True, exist_ok=True)
+    part = binary.with_suffix(f".part{os.getpid()}")
+    proc = subprocess.run([compiler, "-static", "-O2", "-o", str(part), str(SOURCE)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        part.unlink(missing_ok=True)
+        last = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        raise StonelabError(f"{SOURCE}: cannot build the static probe ({last}; static libc: Debian libc6-dev)")
+    os.rename(part, binary)
+    return binary
+
+
+def filesystem_of(directory: Path) -> str:
+    """The filesystem type of a directory, as /proc/self/mountinfo names it (longest matching mount point)."""
+    target = os.path.realpath(directory)
+    best, fstype = "", "unknown"
+    with open("/proc/self/mountinfo") as handle:
+        for line in handle:
+            fields = line.split()
+            mount_point = fields[4].replace("\\040", " ")
+            sep = fields.index("-")
+            if (target == mount_point or target.startswith(mount_point.rstrip("/") + "/")) and \
+                    len(mount_point) >= len(best):
+                best, fstype = mount_point, fields[sep + 1]
+    return fstype
+
+
+def probe_here(directories: list[Path], binary: Path | None = None) -> str:
+    """Run the probe on this machine's kernel in each directory (labelled with its filesystem type)."""
+    binary = binary or build_probe()
+    output = []
+    for directory in directories:
+        if not directory.is_dir():
+            raise StonelabError(f"{directory}: not a directory to probe")
+        label = filesystem_of(directory)
+        proc = subprocess.run([str(binary), label, str(directory)], capture_output=True, text=True, timeout=120)
+        output.append(proc.stdout)
+        for leftover in directory.glob("stonelab-probe.*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+    return "".join(output)
