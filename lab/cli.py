@@ -19,6 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="scenario files (default: every scenario in scenarios/)")
     run.add_argument("--report-dir", type=Path, default=Path("reports"), metavar="DIR")
     run.add_argument("--tag", action="append", default=[], help="only scenarios with this tag (repeatable)")
+    run.add_argument("--target", choices=["host", "vm"], help="where scenarios not pinned to a target run (default host)")
+    run.add_argument("--kernel", help="guest kernel for the vm target (default: the newest /boot/vmlinuz-*)")
+    run.add_argument("--accel", choices=["auto", "kvm", "tcg"], default="auto", help="vm target accelerator")
     run.set_defaults(func=cmd_run)
 
     scenario = sub.add_parser("scenario", help="work with scenario files")
@@ -35,9 +38,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         scenarios = [s for s in scenarios if set(args.tag) & set(s.tags)]
     console = Console()
     results = []
+    vm_factory = None
+    if args.target == "vm" or any(s.target == "vm" for s in scenarios):  # one accelerator probe per run
+        from lab.vm_target import vm_target_factory
+        vm_factory = vm_target_factory(args.kernel, args.accel)
     for scenario in scenarios:
         with console.status(f"running {scenario.name}"):
-            results.append(run_scenario(scenario))
+            results.append(run_scenario(scenario, target=args.target, vm_factory=vm_factory))
         last = results[-1]
         console.print(f"{last.verdict:5} {scenario.name} ({last.seconds:.1f}s) {last.reason}")
     report = RunReport(results)

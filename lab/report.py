@@ -90,7 +90,7 @@ def write_html(report: RunReport, path: Path) -> Path:
             f"<td>{s.seconds:.2f}s</td></tr>" for s in r.steps)
         rows.append(
             f"<details class='{r.verdict}'><summary><b>{esc(r.name)}</b> — {esc(r.verdict)} — {esc(r.reason)}"
-            f"</summary><p>{esc(r.description)}</p><p>target {esc(r.target)}, mode {esc(r.mode)}, swap "
+            f"</summary><p>{esc(r.description)}</p><p>target {esc(r.target)} ({esc(r.environment)}), mode {esc(r.mode)}, swap "
             f"{esc(r.swap)}; crashes: {esc(r.crash_semantics)}</p><p>expected violations: "
             f"{esc(', '.join(r.expected_violations) or 'none')}; observed: "
             f"{esc(', '.join(r.observed_violations) or 'none')}</p>"

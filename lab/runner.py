@@ -6,8 +6,10 @@ stops catching that flaw, and a reference-mode scenario fails the day the refere
 """
 from __future__ import annotations
 
+import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from lab.invariants import ExpectedTree, Violation
 from lab.packages import build_packages, expected_tree
 from lab.scenario import PackageDecl, Scenario, Step
 from lab.target import CommandResult, HostTarget
+from stonelab.errors import StonelabError
 
 
 @dataclass
@@ -39,6 +42,7 @@ class ScenarioResult:
     mode: str
     swap: str
     crash_semantics: str
+    environment: str = ""
     steps: list[StepResult] = field(default_factory=list)
     expected_violations: list[str] = field(default_factory=list)
     verdict: str = "pass"  # pass | fail | error
@@ -216,26 +220,48 @@ class Runner:
             self.model.states[int(obs.state_id)] = dict(self.model.installed)
 
 
-def run_scenario(scenario: Scenario, *, workdir: Path | None = None) -> ScenarioResult:
+TargetFactory = Callable[[Path], "HostTarget"]
+
+
+def run_scenario(scenario: Scenario, *, workdir: Path | None = None, target: str | None = None,
+                 vm_factory: TargetFactory | None = None) -> ScenarioResult:
+    """Run one scenario: where it is pinned (``target: host|vm`` in its file), else on ``target`` (default host)."""
     started = time.monotonic()
-    result = ScenarioResult(scenario.name, str(scenario.path), scenario.description, scenario.target,
-                            scenario.mode, scenario.swap, HostTarget.crash_semantics,
-                            expected_violations=sorted(scenario.expect_violations))
-    if scenario.target != "host":
-        result.verdict, result.reason = "error", "the vm target is not wired into the runner yet (see vm/)"
+    kind = scenario.target if scenario.target != "any" else (target or "host")
+    result = ScenarioResult(scenario.name, str(scenario.path), scenario.description, kind,
+                            scenario.mode, scenario.swap, "", expected_violations=sorted(scenario.expected_for(kind)))
+    if kind == "vm" and vm_factory is None:
+        from lab.vm_target import vm_target_factory
+        vm_factory = vm_target_factory()
+    if kind == "vm":
+        workdir = workdir or run_cache_dir()  # must be visible in the guest, which mounts tmpfs over /tmp
+    try:
+        with tempfile.TemporaryDirectory(prefix="stonelab-run-", dir=workdir) as tmp:
+            packages = build_packages(scenario.packages, Path(tmp) / "packages")
+            make = vm_factory if kind == "vm" else (lambda path: HostTarget(path))
+            with make(Path(tmp) / "target") as sut:
+                result.crash_semantics = sut.crash_semantics
+                result.environment = sut.describe()
+                runner = Runner(scenario, sut, packages)
+                for step in scenario.steps:
+                    step_result = runner.run_step(step)
+                    result.steps.append(step_result)
+                    if step_result.status == "failed":
+                        break
+    except StonelabError as err:
+        result.verdict, result.reason = "error", str(err)
+        result.seconds = time.monotonic() - started
         return result
-    with tempfile.TemporaryDirectory(prefix="stonelab-run-", dir=workdir) as tmp:
-        packages = build_packages(scenario.packages, Path(tmp) / "packages")
-        with HostTarget(Path(tmp) / "target") as target:
-            runner = Runner(scenario, target, packages)
-            for step in scenario.steps:
-                step_result = runner.run_step(step)
-                result.steps.append(step_result)
-                if step_result.status == "failed":
-                    break
     result.seconds = time.monotonic() - started
     _judge(result)
     return result
+
+
+def run_cache_dir() -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    path = base / "stonelab" / "runs"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def _judge(result: ScenarioResult) -> None:

@@ -38,7 +38,7 @@ STEP_KINDS = {
     "expect_fail": "a step that must fail with a non-zero exit and a one-line error",
 }
 INVARIANTS = ("atomic_usr", "staging_empty", "stateless", "store_integrity", "state_id_matches")
-TARGETS = ("host", "vm")
+TARGETS = ("any", "host", "vm")  # any: wherever the run puts it (`stonelab run --target`, default host)
 SWAPS = ("auto", "exchange", "symlink")
 MODES = ("reference", "moss-compat")
 
@@ -73,14 +73,18 @@ class Scenario:
     name: str
     path: Path
     description: str = ""
-    target: str = "host"
+    target: str = "any"
     swap: str = "auto"
     mode: str = "reference"
     packages: dict[str, PackageDecl] = field(default_factory=dict)
     steps: list[Step] = field(default_factory=list)
     invariants: tuple[str, ...] = INVARIANTS
-    expect_violations: tuple[str, ...] = ()
+    # invariants the scenario is written to catch failing, per target ("*": any target)
+    expect_violations: dict[str, tuple[str, ...]] = field(default_factory=dict)
     tags: tuple[str, ...] = ()
+
+    def expected_for(self, target: str) -> tuple[str, ...]:
+        return self.expect_violations.get(target, self.expect_violations.get("*", ()))
 
 
 class ScenarioError(StonelabError):
@@ -123,16 +127,33 @@ def parse_scenario(data: object, path: Path) -> Scenario:
         raise fail("steps", "required, a non-empty list")
     steps = [_parse_step(raw, i, packages, fail) for i, raw in enumerate(steps_raw)]
     invariants = tuple(data.get("invariants") or INVARIANTS)
-    expected = tuple(data.get("expect_violations") or ())
-    for label, names in (("invariants", invariants), ("expect_violations", expected)):
+    expected = _parse_expected(data.get("expect_violations"), fail)
+    for label, names in (("invariants", invariants), *(("expect_violations", v) for v in expected.values())):
         bad = [n for n in names if n not in INVARIANTS]
         if bad:
             raise fail(label, f"unknown invariant(s) {', '.join(map(str, bad))}; known: {', '.join(INVARIANTS)}")
     return Scenario(
-        name=name, path=path, description=str(data.get("description") or ""), target=data.get("target", "host"),
+        name=name, path=path, description=str(data.get("description") or ""), target=data.get("target", "any"),
         swap=data.get("swap", "auto"), mode=data.get("mode", "reference"), packages=packages, steps=steps,
         invariants=invariants, expect_violations=expected, tags=tuple(data.get("tags") or ()),
     )
+
+
+def _parse_expected(raw: object, fail) -> dict[str, tuple[str, ...]]:
+    """A list (any target) or a mapping target → list: a process kill and a power cut break different things."""
+    if raw is None:
+        return {}
+    if isinstance(raw, list):
+        return {"*": tuple(raw)}
+    if isinstance(raw, dict):
+        unknown = [k for k in raw if k not in TARGETS]
+        if unknown:
+            raise fail("expect_violations", f"unknown target(s) {', '.join(map(str, unknown))}; "
+                                            f"known: {', '.join(TARGETS)}")
+        if not all(isinstance(v, list) for v in raw.values()):
+            raise fail("expect_violations", "each target needs a list of invariants")
+        return {k: tuple(v) for k, v in raw.items()}
+    raise fail("expect_violations", "a list of invariants, or a mapping target: list")
 
 
 def _parse_packages(raw: object, fail) -> dict[str, PackageDecl]:

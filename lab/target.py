@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from lab.faults import corrupt_largest_asset
 from lab.probe import Observation, observe
 
 COMMAND_TIMEOUT = 300
@@ -67,6 +68,9 @@ class HostTarget:
         crashed = bool(fault) and proc.returncode == -signal.SIGKILL
         return CommandResult(argv, proc.returncode, proc.stdout, proc.stderr, time.monotonic() - started, crashed)
 
+    def describe(self) -> str:
+        return f"host process on kernel {os.uname().release}, root {self.root}"
+
     def path_for_package(self, path: Path) -> str:
         return str(path)
 
@@ -74,16 +78,7 @@ class HostTarget:
         return observe(self.root)
 
     def corrupt_asset(self) -> str:
-        assets = sorted(p for p in (self.root / ".moss" / "assets").rglob("*") if p.is_file())
-        if not assets:
-            raise RuntimeError("the store has no assets to corrupt")
-        victim = max(assets, key=lambda p: p.stat().st_size)
-        victim.chmod(0o644)
-        with open(victim, "r+b") as handle:
-            first = handle.read(1)
-            handle.seek(0)
-            handle.write(bytes([(first[0] if first else 0) ^ 0xFF]) if first else b"!")
-        return str(victim.relative_to(self.root))
+        return corrupt_largest_asset(self.root)
 
     def close(self) -> None:
         if self._own_workdir:
