@@ -38,7 +38,7 @@ def test_good_scenario_parses(tmp_path):
     assert [s.kind for s in scenario.steps] == ["install", "crash", "recover", "expect_usr"]
     crash = scenario.steps[1]
     assert crash.arg["at"] == "swap.before" and crash.arg["during"].kind == "install"
-    assert scenario.expect_violations == ("staging_empty",)
+    assert scenario.expected_for("host") == ("staging_empty",) == scenario.expected_for("vm")
 
 
 @pytest.mark.parametrize("text, problem", [
@@ -48,7 +48,9 @@ def test_good_scenario_parses(tmp_path):
     ("name: x\n", "steps: required"),
     ("name: x\nsteps: [instal]\n", "steps[0]: unknown step 'instal'"),
     ("name: x\nsteps:\n  - install: [ghost]\n", "steps[0].install: undeclared package(s) ghost"),
-    ("name: x\ntarget: cloud\nsteps: [recover]\n", "target: 'cloud' is not one of host, vm"),
+    ("name: x\ntarget: cloud\nsteps: [recover]\n", "target: 'cloud' is not one of any, host, vm"),
+    ("name: x\nsteps: [recover]\nexpect_violations: {cloud: [atomic_usr]}\n", "unknown target(s) cloud"),
+    ("name: x\nsteps: [recover]\nexpect_violations: {vm: atomic_usr}\n", "each target needs a list"),
     ("name: x\ncolour: red\nsteps: [recover]\n", "unknown field(s) colour"),
     ("name: x\nsteps: [recover]\nexpect_violations: [vibes]\n", "unknown invariant(s) vibes"),
     ("name: x\npackages: {p: {name: p, version: 1, files: {/etc/passwd: x}}}\nsteps: [recover]\n",
@@ -68,3 +70,12 @@ def test_broken_scenarios(tmp_path, text, problem):
                             capture_output=True, text=True)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert problem in result.stderr
+
+
+def test_expected_violations_per_target(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("name: x\nsteps: [recover]\nexpect_violations: {vm: [atomic_usr, store_integrity]}\n")
+    scenario = load_scenario(path)
+    assert scenario.expected_for("vm") == ("atomic_usr", "store_integrity")
+    assert scenario.expected_for("host") == ()
+    assert scenario.target == "any"
