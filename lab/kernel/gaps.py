@@ -92,9 +92,11 @@ IMPACTS: dict[str, Impact] = {
     "prlimit64:RLIMIT_NOFILE": Impact("wide trees may hit EMFILE (#841)", "the blit uses directory fds sparingly",
                                       "benign"),
     "unshare:CLONE_NEWNS": Impact("transaction triggers cannot be sandboxed", "`--no-triggers`", "degraded"),
-    "unshare:CLONE_NEWPID": Impact("upstream moss's trigger container cannot start (it also needs NEWNET, "
-                                   "NEWUSER): triggers fail", "the reference sandboxes with CLONE_NEWNS only",
-                                   "degraded"),
+    "unshare:CLONE_NEWNS|CLONE_NEWUTS|CLONE_NEWIPC|CLONE_NEWPID|CLONE_NEWNET": Impact(
+        "the full trigger sandbox (PID and network namespaces too) cannot be made; upstream moss's container "
+        "(which also needs user namespaces) cannot start, so its triggers fail",
+        "the reference falls back to mount+UTS+IPC namespaces: /etc stays read-only and the host root out of "
+        "reach, but triggers share the PID and network namespaces", "degraded"),
     "mount:MS_PRIVATE|MS_REC": Impact("trigger mounts would leak into the host namespace", "none", "degraded"),
     "mount:MS_BIND": Impact("triggers cannot see the staged /usr", "`--no-triggers`", "degraded"),
     "mount:MS_BIND|MS_RDONLY|MS_REMOUNT": Impact("/etc cannot be made read-only for triggers",

@@ -168,12 +168,27 @@ class Phase:
     argv: list[str]
 
 
-def _package(out: Path, name: str, version: str, files: dict[str, str], executable: tuple[str, ...] = ()) -> Path:
+BUSYBOX = Path("/bin/busybox")
+TRIGGER = """\
+name: trace-trigger
+description: a transaction trigger, so the sandbox's namespace and mount calls are traced
+handlers:
+    touch:
+        run: /usr/bin/busybox
+        args: ["touch", "/usr/share/tool/triggered"]
+paths:
+    "/usr/share/tool/*":
+        handlers: [touch]
+"""
+
+
+def _package(out: Path, name: str, version: str, files: dict[str, str | bytes],
+             executable: tuple[str, ...] = ()) -> Path:
     tree = out / f"tree-{name}-{version}"
     for rel, content in files.items():
         path = tree / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(content)
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
         os.chmod(path, 0o755 if rel in executable else 0o644)
     os.symlink(Path(next(iter(files))).name, tree / "bin" / f"{name}-link")
     spec = PackageSpec(name=name, version=version, release=int(version), summary="trace workload", license=["MPL-2.0"])
@@ -184,8 +199,10 @@ def workload(workdir: Path) -> list[Phase]:
     """The phases traced: every verb of a transaction's life, for both swap strategies."""
     pkgs = workdir / "packages"
     v1 = _package(pkgs, "tool", "1", {"bin/tool": "one", "share/tool/empty": "", "share/tool/a": "a"}, ("bin/tool",))
-    v2 = _package(pkgs, "tool", "2", {"bin/tool": "two", "share/tool/b": "b", "lib/libtool.so.2": "elf"},
-                  ("bin/tool",))
+    v2_files: dict[str, str | bytes] = {"bin/tool": "two", "share/tool/b": "b", "lib/libtool.so.2": "elf"}
+    if BUSYBOX.is_file() and os.geteuid() == 0:  # the trigger sandbox needs root (mount namespaces)
+        v2_files |= {"bin/busybox": BUSYBOX.read_bytes(), "share/moss/triggers/tx.d/trace.yaml": TRIGGER}
+    v2 = _package(pkgs, "tool", "2", v2_files, ("bin/tool", "bin/busybox"))
     phases = []
     for strategy in ("exchange", "symlink"):
         root = workdir / f"root-{strategy}"
