@@ -19,15 +19,18 @@ $(STAMP_PY): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-# The default suite against the reference implementation on the default kernel, with a report in reports/.
+# The default suite against the reference implementation on the default kernel (in QEMU guests: KVM where it
+# really works, else TCG), with a report in reports/.
 run: setup
-	$(VENV)/bin/stonelab run --report-dir reports
+	$(VENV)/bin/stonelab run --target vm --tag default --report-dir reports
 
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 bench: setup
 	$(PY) bench/stone.py
+	$(PY) bench/blit.py
+	$(PY) bench/boot.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .hypothesis

@@ -1,0 +1,171 @@
+"""Where a filesystem lives (image/device, byte offset, GPT partition) and the ``root=`` it yields.
+
+``root=`` follows blsforme: a filesystem in a GPT partition → ``root=PARTUUID=<partition guid>``; btrfs →
+``root=UUID=<fsid> rootfsflags=subvol=<subvol>``; LUKS → ``rd.luks.uuid=<uuid>``; otherwise
+``root=UUID=<fs uuid>``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from reference_impl.boot.gpt import GptDisk, Partition, has_gpt, read_gpt
+from reference_impl.boot.superblock import FsInfo, probe
+from stonelab.errors import StonelabError
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A filesystem location: ``path`` (image or block device), byte ``offset``, ``size`` (0 = to the end)."""
+    path: str
+    offset: int = 0
+    size: int = 0
+    partition: Partition | None = None
+
+    def describe(self) -> str:
+        if self.partition is not None:
+            return f"{self.path} partition {self.partition.number}"
+        return self.path
+
+
+def root_argument(fs: FsInfo | None, partition: Partition | None, subvol: str | None = None) -> str | None:
+    if fs is None:
+        return None
+    if fs.type == "crypto_LUKS":
+        return f"rd.luks.uuid={fs.uuid}"
+    if fs.type == "btrfs":
+        return f"root=UUID={fs.uuid} rootfsflags=subvol={subvol or '/'}"
+    if partition is not None:
+        return f"root=PARTUUID={partition.part_guid}"
+    return f"root=UUID={fs.uuid}"
+
+
+def parse_volume_spec(spec: str) -> Volume:
+    """``IMG_OR_DEV`` or ``IMG_OR_DEV:PARTNUM`` (partition number in the image's GPT)."""
+    path, number = spec, None
+    if not os.path.exists(spec) and ":" in spec:
+        path, _, tail = spec.rpartition(":")
+        if not tail.isdigit():
+            raise StonelabError(f"{spec}: not a file, and {tail!r} is not a partition number")
+        number = int(tail)
+    if not os.path.exists(path):
+        raise StonelabError(f"{path}: no such disk image or device")
+    if number is None:
+        return Volume(path)
+    part = read_gpt(path).partition(number)
+    return Volume(path, part.offset, part.size, part)
+
+
+def probe_volume(volume: Volume) -> FsInfo | None:
+    try:
+        return probe(volume.path, volume.offset)
+    except OSError as err:
+        raise StonelabError(f"{volume.describe()}: cannot read: {err.strerror or err}") from err
+
+
+@dataclass(frozen=True)
+class PartitionReport:
+    partition: Partition
+    fs: FsInfo | None
+    root: str | None
+
+
+def probe_disk(disk: GptDisk) -> list[PartitionReport]:
+    reports = []
+    for part in disk.partitions:
+        fs = probe_volume(Volume(disk.path, part.offset, part.size, part))
+        reports.append(PartitionReport(part, fs, root_argument(fs, part)))
+    return reports
+
+
+# -- a running system: /proc/self/mountinfo + sysfs ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Mount:
+    mount_point: str
+    root: str            # the subtree of the filesystem mounted there
+    major_minor: str
+    fstype: str
+    source: str
+    super_options: str
+
+
+def _unescape(field: str) -> str:
+    return field.encode().decode("unicode_escape") if "\\" in field else field
+
+
+def read_mountinfo(path: Path = Path("/proc/self/mountinfo")) -> list[Mount]:
+    mounts = []
+    for line in path.read_text().splitlines():
+        left, _, right = line.partition(" - ")
+        fields, tail = left.split(), right.split()
+        if len(fields) < 5 or len(tail) < 3:
+            continue
+        mounts.append(Mount(_unescape(fields[4]), _unescape(fields[3]), fields[2], tail[0], tail[1], tail[2]))
+    return mounts
+
+
+def mount_of(target: Path, mounts: list[Mount]) -> Mount | None:
+    """The mount holding ``target`` (longest mount-point prefix; later mounts shadow earlier ones)."""
+    target_s = str(Path(os.path.realpath(target)))
+    best: Mount | None = None
+    for mount in mounts:
+        mp = mount.mount_point
+        if target_s == mp or target_s.startswith(mp.rstrip("/") + "/"):
+            if best is None or len(mp) >= len(best.mount_point):
+                best = mount
+    return best
+
+
+def volume_of_mount(mount: Mount, sysfs: Path = Path("/sys")) -> Volume:
+    """The block device (and GPT partition) behind a mounted filesystem, from sysfs."""
+    dev = sysfs / "dev" / "block" / mount.major_minor
+    if not dev.exists():
+        raise StonelabError(f"{mount.mount_point}: filesystem {mount.fstype} on {mount.source} is not on a "
+                            f"block device (pass --root-device)")
+    name = os.path.basename(os.path.realpath(dev))
+    node = f"/dev/{name}"
+    part_file = dev / "partition"
+    if not part_file.exists():
+        return Volume(node)
+    number = int(part_file.read_text().strip())
+    parent = os.path.basename(os.path.dirname(os.path.realpath(dev)))
+    disk_node = f"/dev/{parent}"
+    if has_gpt(disk_node):
+        part = read_gpt(disk_node).partition(number)
+        return Volume(node, 0, part.size, part)
+    return Volume(node)
+
+
+def subvol_of(mount: Mount) -> str | None:
+    for option in mount.super_options.split(","):
+        if option.startswith("subvol="):
+            return option[len("subvol="):]
+    return None
+
+
+def root_argument_for_path(root: Path, mountinfo: Path = Path("/proc/self/mountinfo"),
+                           sysfs: Path = Path("/sys")) -> str:
+    mount = mount_of(root, read_mountinfo(mountinfo))
+    if mount is None:
+        raise StonelabError(f"{root}: no mount found in {mountinfo} (pass --root-device)")
+    volume = volume_of_mount(mount, sysfs)
+    try:
+        fs = probe_volume(volume)
+    except StonelabError as err:
+        raise StonelabError(f"{err} (pass --root-device DEV_OR_IMG[:PARTNUM])") from err
+    arg = root_argument(fs, volume.partition, subvol_of(mount))
+    if arg is None:
+        raise StonelabError(f"{volume.describe()}: no known filesystem superblock, cannot derive root= "
+                            f"(pass --root-device)")
+    return arg
+
+
+def root_argument_for_spec(spec: str, subvol: str | None = None) -> str:
+    volume = parse_volume_spec(spec)
+    fs = probe_volume(volume)
+    arg = root_argument(fs, volume.partition, subvol)
+    if arg is None:
+        raise StonelabError(f"{volume.describe()}: no known filesystem superblock, cannot derive root=")
+    return arg

@@ -1,0 +1,118 @@
+"""Type 1 boot entries (Boot Loader Specification) for states, and the files they need on the ESP.
+
+Pure planning: from states to the ESP paths to write.  The entry format is blsforme's, minus the blank line
+after ``linux`` (blsforme #71 — it breaks GRUB's BLS parser).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import xxhash
+
+from reference_impl.boot.states import BootState, Kernel
+
+ENTRIES_DIR = "loader/entries"
+LOADER_CONF = "loader/loader.conf"
+FSTX_OPTION = "moss.fstx="
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str          # file name in loader/entries
+    state_id: int
+    kernel_version: str
+    text: str
+
+    @property
+    def path(self) -> str:
+        return f"{ENTRIES_DIR}/{self.name}"
+
+
+@dataclass(frozen=True)
+class BootPlan:
+    files: dict[str, Path]      # ESP path -> source file (bootloader binaries, kernels, initrds)
+    entries: list[Entry]        # newest state first
+    loader_conf: str
+    default_entry: str | None
+
+
+def entry_name(state: BootState, kernel: Kernel) -> str:
+    return f"{state.os_id}-{kernel.version}-{state.id}.conf"
+
+
+def entry_text(state: BootState, kernel: Kernel, kernel_dir: str, root_arg: str) -> str:
+    lines = [f"title {state.pretty_name} ({kernel.version})", f"linux /{kernel_dir}/vmlinuz"]
+    lines += [f"initrd /{kernel_dir}/{initrd.name}" for initrd in kernel.initrds]
+    options = [root_arg, "rw", *state.cmdline, f"{FSTX_OPTION}{state.id}"]
+    lines.append("options " + " ".join(o for o in options if o))
+    return "\n".join(lines) + "\n"
+
+
+def _content_key(kernel: Kernel) -> str:
+    digest = xxhash.xxh3_64()
+    for path in (kernel.vmlinuz, *kernel.initrds):
+        digest.update(path.name.encode() + b"\0")
+        with open(path, "rb") as src:
+            while chunk := src.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def plan_boot(states: list[BootState], root_arg: str, bootloader: Path | None,
+              target: int | None = None) -> BootPlan:
+    """Entries for every kernel of every state (newest state first) and the files they reference.
+
+    Kernels live in ``EFI/<os-id>/<kver>/``; when two states ship different files under the same kernel version
+    the older one gets ``<kver>-<content hash>`` so that neither entry boots the other's kernel.
+    """
+    files: dict[str, Path] = {}
+    entries: list[Entry] = []
+    dirs: dict[tuple[str, str], str] = {}           # (os_id, content key) -> ESP dir
+    taken: set[str] = set()
+    for state in sorted(states, key=lambda s: s.id, reverse=True):
+        for kernel in state.kernels:
+            key = (state.os_id, _content_key(kernel))
+            kernel_dir = dirs.get(key)
+            if kernel_dir is None:
+                kernel_dir = f"EFI/{state.os_id}/{kernel.version}"
+                if kernel_dir in taken:
+                    kernel_dir = f"{kernel_dir}-{key[1][:8]}"
+                dirs[key] = kernel_dir
+                taken.add(kernel_dir)
+                files[f"{kernel_dir}/vmlinuz"] = kernel.vmlinuz
+                for initrd in kernel.initrds:
+                    files[f"{kernel_dir}/{initrd.name}"] = initrd
+            entries.append(Entry(entry_name(state, kernel), state.id, kernel.version,
+                                 entry_text(state, kernel, kernel_dir, root_arg)))
+    if bootloader is not None:
+        files["EFI/BOOT/BOOTX64.EFI"] = bootloader
+        files["EFI/systemd/systemd-bootx64.efi"] = bootloader
+    default = next((e.name for e in entries if e.state_id == target), entries[0].name if entries else None)
+    # An exact default (not blsforme's "<os-id>*" glob, which picks the highest kernel version rather than the
+    # state just activated — moss #586).
+    loader_conf = f"default {default}\ntimeout 3\n" if default else "timeout 3\n"
+    return BootPlan(files, entries, loader_conf, default)
+
+
+def parse_entry(text: str) -> dict[str, list[str]]:
+    fields: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        key, _, value = line.strip().partition(" ")
+        if key and not key.startswith("#"):
+            fields.setdefault(key, []).append(value.strip())
+    return fields
+
+
+def entry_fstx(text: str) -> int | None:
+    for options in parse_entry(text).get("options", []):
+        for word in options.split():
+            if word.startswith(FSTX_OPTION) and word[len(FSTX_OPTION):].isdigit():
+                return int(word[len(FSTX_OPTION):])
+    return None
+
+
+def entry_files(text: str) -> list[str]:
+    """ESP paths an entry references (linux, initrd, efi), relative, as written."""
+    fields = parse_entry(text)
+    return [value.lstrip("/") for key in ("linux", "initrd", "efi") for value in fields.get(key, [])]

@@ -1,0 +1,148 @@
+"""The guest agent: started by the lab's init inside the guest, it serves the host over a virtio-serial port.
+
+Requests and answers are JSON lines (see ``vm.protocol``). It uses the standard library only (and xxhash when
+hashing a tree, as moss does), so that it starts fast from the host root shared over 9p.
+Run it locally over stdin/stdout with ``python -m vm.agent --stdio`` (the protocol tests do).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from vm.protocol import OPS, ChannelClosed, LineChannel, ProtocolError, b64, unb64
+
+
+def _run(request: dict[str, Any]) -> dict[str, Any]:
+    command = request["command"]
+    started = time.monotonic()
+    env = dict(os.environ, **request.get("env", {}))
+    shell = isinstance(command, str)
+    try:
+        proc = subprocess.run(command, shell=shell, capture_output=True, timeout=request.get("timeout"),
+                              cwd=request.get("cwd") or None, env=env, stdin=subprocess.DEVNULL,
+                              executable="/bin/sh" if shell else None)
+    except subprocess.TimeoutExpired as err:
+        return {"exit_code": -9, "stdout": _text(err.stdout), "stderr": _text(err.stderr), "timed_out": True,
+                "seconds": time.monotonic() - started}
+    except OSError as err:
+        return {"exit_code": 127, "stdout": "", "stderr": f"{command}: {err.strerror}", "seconds": 0.0}
+    return {"exit_code": proc.returncode, "stdout": _text(proc.stdout), "stderr": _text(proc.stderr),
+            "seconds": time.monotonic() - started}
+
+
+def _text(data: bytes | None) -> str:
+    return (data or b"").decode("utf-8", "replace")
+
+
+def _read_file(request: dict[str, Any]) -> dict[str, Any]:
+    return {"data": b64(Path(request["path"]).read_bytes())}
+
+
+def _write_file(request: dict[str, Any]) -> dict[str, Any]:
+    path = Path(request["path"])
+    data = unb64(request["data"])
+    with open(path, "wb") as out:
+        out.write(data)
+        if request.get("fsync"):
+            out.flush()
+            os.fsync(out.fileno())
+    if "mode" in request:
+        os.chmod(path, int(request["mode"]))
+    return {"size": len(data)}
+
+
+def hash_tree(root: str) -> dict[str, str]:
+    """Every entry below ``root`` by relative path: files as ``file:<xxh3-128>:<mode>``, symlinks as
+    ``link:<target>``, directories as ``dir:<mode>``. Paths are not followed through symlinks."""
+    import xxhash
+
+    entries: dict[str, str] = {}
+    base = Path(root)
+    for directory, dirnames, filenames in os.walk(base):
+        dirnames.sort()
+        for name in sorted(dirnames + filenames):
+            path = Path(directory, name)
+            rel = str(path.relative_to(base))
+            st = path.lstat()
+            mode = format(stat.S_IMODE(st.st_mode), "o")
+            if stat.S_ISLNK(st.st_mode):
+                entries[rel] = f"link:{os.readlink(path)}"
+            elif stat.S_ISDIR(st.st_mode):
+                entries[rel] = f"dir:{mode}"
+            elif stat.S_ISREG(st.st_mode):
+                digest = xxhash.xxh3_128()
+                with open(path, "rb") as handle:
+                    for chunk in iter(lambda: handle.read(1 << 20), b""):
+                        digest.update(chunk)
+                entries[rel] = f"file:{digest.hexdigest()}:{mode}"
+            else:
+                entries[rel] = f"other:{stat.S_IFMT(st.st_mode)}:{mode}"
+    return entries
+
+
+def handle(request: dict[str, Any]) -> dict[str, Any]:
+    op = request.get("op")
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r} (valid: {', '.join(OPS)})")
+    if op == "ping":
+        return {"pong": True, "pid": os.getpid()}
+    if op == "run":
+        return _run(request)
+    if op == "read_file":
+        return _read_file(request)
+    if op == "write_file":
+        return _write_file(request)
+    if op == "hash_tree":
+        return {"entries": hash_tree(request["path"])}
+    os.sync()
+    return {"shutdown": True}
+
+
+def serve(channel: LineChannel) -> str:
+    """Answer requests until a shutdown request ("shutdown") or the end of the stream ("closed")."""
+    uptime = None
+    try:
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError):
+        pass
+    channel.send({"event": "ready", "pid": os.getpid(), "uptime": uptime})
+    while True:
+        try:
+            request = channel.receive(None)
+        except ChannelClosed:
+            return "closed"
+        except ProtocolError as err:
+            channel.send({"id": None, "ok": False, "error": str(err)})
+            continue
+        ident = request.get("id")
+        try:
+            channel.send({"id": ident, "ok": True, "result": handle(request)})
+        except Exception as err:  # noqa: BLE001 - every failure goes back to the host as one line
+            channel.send({"id": ident, "ok": False, "error": f"{type(err).__name__}: {err}"})
+        if request.get("op") == "shutdown":
+            return "shutdown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vm.agent")
+    parser.add_argument("--port", help="virtio-serial port device (in the guest)")
+    parser.add_argument("--stdio", action="store_true", help="serve over stdin/stdout (tests)")
+    args = parser.parse_args(argv)
+    if args.stdio:
+        serve(LineChannel(sys.stdin.fileno(), sys.stdout.fileno()))
+        return 0
+    fd = os.open(args.port, os.O_RDWR | os.O_NOCTTY)
+    # A virtio-serial port reads end-of-file while the host side is not connected: wait for it to come back.
+    while serve(LineChannel(fd, fd)) == "closed":
+        time.sleep(0.2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+#!/bin/sh
+# The lab's guest init (PID 1 in the initramfs). Modes from the kernel command line:
+#   stonelab.mode=agent (default) | shell | initramfs-shell | poweroff ; stonelab.python=PATH ;
+#   stonelab.project=DIR.  initramfs-shell: busybox only, no 9p (such a guest can be migrated/saved: QEMU
+#   refuses to migrate a guest with a mounted 9p export).
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+echo "STONELAB-INIT uptime=$(cut -d' ' -f1 /proc/uptime)"
+arg() { for w in $(cat /proc/cmdline); do case "$w" in "$1="*) echo "${w#*=}"; return;; esac; done; echo "$2"; }
+die() { echo "STONELAB-INIT-FAILED $*"; sync; poweroff -f; }
+MODE=$(arg stonelab.mode agent)
+[ "$MODE" = poweroff ] && { echo STONELAB-POWEROFF; poweroff -f; }
+for m in /mod/*.ko; do [ -e "$m" ] && { insmod "$m" || echo "stonelab-init: insmod $m failed"; }; done
+if [ "$MODE" = initramfs-shell ]; then
+  echo "STONELAB-INITRAMFS-SHELL"
+  while true; do setsid cttyhack sh; done
+fi
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose host /host || die "9p host root"
+mount -t proc proc /host/proc || die "proc in /host"
+mount -t sysfs sys /host/sys
+mount -t devtmpfs dev /host/dev
+mkdir -p /dev/pts /dev/shm /dev/virtio-ports
+mount -t devpts devpts /host/dev/pts
+for d in dev/shm tmp run var/tmp mnt; do mount -t tmpfs -o mode=1777 tmpfs /host/$d || die "tmpfs /$d"; done
+ports() {
+  for p in /sys/class/virtio-ports/*; do
+    [ -e "$p/name" ] || continue; n=$(cat "$p/name"); [ -n "$n" ] && ln -sf "../${p##*/}" "/dev/virtio-ports/$n"
+  done
+}
+i=0; while [ $i -lt 100 ]; do ports; [ -e /dev/virtio-ports/org.stonelab.agent ] && break; usleep 50000; i=$((i+1)); done
+ports
+echo "STONELAB-USERLAND uptime=$(cut -d' ' -f1 /proc/uptime)"
+ENVV="PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/tmp LANG=C.UTF-8 TERM=linux PYTHONDONTWRITEBYTECODE=1"
+PROJ=$(arg stonelab.project /)
+if [ "$MODE" = shell ]; then
+  echo "STONELAB-SHELL (exit the shell to power off)"
+  setsid cttyhack chroot /host /usr/bin/env -i $ENVV PYTHONPATH=$PROJ sh -c "cd $PROJ; exec /bin/bash || exec /bin/sh"
+else
+  PY=$(arg stonelab.python /usr/bin/python3)
+  chroot /host /usr/bin/env -i $ENVV PYTHONPATH=$PROJ "$PY" -m vm.agent --port /dev/virtio-ports/org.stonelab.agent \
+    || echo "STONELAB-AGENT-EXITED status=$?"
+fi
+sync
+echo STONELAB-POWEROFF
+poweroff -f
