@@ -23,7 +23,6 @@ import ctypes
 import json
 import os
 import resource
-import shutil
 import subprocess
 import sys
 import tempfile

@@ -10,7 +10,6 @@ honour ``moss.fstx=<id>`` and prints ``STONELAB-BOOTED state=<id>`` from ``/usr/
 from __future__ import annotations
 
 import io
-import os
 import re
 import shutil
 import subprocess

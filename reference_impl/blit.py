@@ -17,7 +17,6 @@ Hard links by default (reflinks when the filesystem clones, copies after ``EXDEV
 """
 from __future__ import annotations
 
-import ctypes
 import enum
 import errno
 import fcntl
@@ -32,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from reference_impl.stone import EMPTY_DIGEST, LayoutEntry, LayoutType
+from reference_impl.fsutil import syncfs_fd
 from reference_impl.store import ASSET_MODE, asset_path
 from stonelab.errors import StonelabError
 
@@ -192,7 +192,7 @@ class _Blitter:
                 pool.shutdown(wait=True, cancel_futures=True)
         self._finish_directories(created, directories)
         if self.options.fsync:
-            _syncfs(self.dest_fd, self.dest)
+            syncfs_fd(self.dest_fd, self.dest)
         return report
 
     def _halfway(self) -> None:
@@ -377,7 +377,7 @@ class _Blitter:
         # The content must be durable before the name appears: a variant is trusted by every later state.
         store_fd = os.open(self.store, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            _syncfs(store_fd, self.store)
+            syncfs_fd(store_fd, self.store)
         finally:
             os.close(store_fd)
         for _asset, variant, *_rest in todo:
@@ -404,23 +404,7 @@ class _Blitter:
             self._write_variant_part(*todo[i])
 
     def _write_variant_part(self, asset: str, variant: str, mode: int, uid: int, gid: int, target: str) -> None:
-        try:
-            src = os.open(asset, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise StonelabError(f"{asset}: missing asset for /usr/{target}") from None
-        try:
-            dst = os.open(variant + ".part", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-                          0o600)
-            try:
-                try:
-                    fcntl.ioctl(dst, FICLONE, src)
-                except OSError:
-                    _copy_fd(src, dst)
-                _own(dst, mode, uid, gid, self.euid, self.egid)
-            finally:
-                os.close(dst)
-        finally:
-            os.close(src)
+        self._write(asset, target, mode, uid, gid, reflink=True, part=variant + ".part")
 
     # -- files and symlinks ----------------------------------------------------------------------------------
     def _place_chunk(self, items: list[LayoutEntry], start: int, stop: int) -> None:
@@ -491,13 +475,18 @@ class _Blitter:
         finally:
             os.close(fd)
 
-    def _write(self, source: str, target: str, mode: int, uid: int, gid: int, *, reflink: bool) -> str:
+    def _write(self, source: str, target: str, mode: int, uid: int, gid: int, *, reflink: bool,
+               part: str | None = None) -> str:
+        """Clone or copy an asset into a new file: ``target`` under ``dest``, or ``part`` (a variant being made)."""
         try:
             src = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             raise StonelabError(f"{source}: missing asset for /usr/{target}") from None
         try:
-            dst = os.open(target, _NEW_FILE, 0o600, dir_fd=self.dest_fd)
+            if part is None:
+                dst = os.open(target, _NEW_FILE, 0o600, dir_fd=self.dest_fd)
+            else:
+                dst = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             try:
                 how = "copied"
                 if reflink:
@@ -563,10 +552,3 @@ def _current_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
-
-
-def _syncfs(fd: int, name: str) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.syncfs(fd) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"syncfs({name}): {os.strerror(err)}")

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 
-from reference_impl.installation import fsync_dir, read_state_id
+from reference_impl.fsutil import fsync_dir
+from reference_impl.installation import read_state_id
 from reference_impl.swap import SwapStrategy, renameat2_exchange, switch_symlink, update_root_links
 from reference_impl.transaction import Intent, Transaction, remove_tree
 from stonelab.errors import StonelabError

@@ -16,7 +16,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from reference_impl.installation import ROOT_LINKS, Installation, fsync_dir
+from reference_impl.fsutil import fsync_dir
+from reference_impl.installation import ROOT_LINKS, Installation
 from stonelab.errors import StonelabError
 
 AT_FDCWD = -100

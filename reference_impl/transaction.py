@@ -8,7 +8,6 @@ and its recovery outcome is tabulated in docs/TRANSACTIONS.md.
 """
 from __future__ import annotations
 
-import ctypes
 import enum
 import json
 import os
@@ -22,7 +21,8 @@ from typing import TextIO
 from reference_impl.blit import BlitOptions, BlitReport, BlitStrategy, blit
 from reference_impl.db import Databases, State
 from reference_impl.faults import fault_point
-from reference_impl.installation import STATE_ID_FILE, Installation, fsync_dir, read_state_id
+from reference_impl.fsutil import fsync_dir, syncfs
+from reference_impl.installation import STATE_ID_FILE, Installation, read_state_id
 from reference_impl.stone import LayoutEntry
 from reference_impl.swap import (SwapStrategy, renameat2_exchange, switch_symlink, symlink_state,
                                  update_root_links)
@@ -104,18 +104,6 @@ class Intent:
             os.fsync(handle.fileno())
         os.rename(tmp, path)
         fsync_dir(path.parent)
-
-
-def syncfs(path: Path) -> None:
-    """Flush the whole filesystem holding ``path`` (assets, staged tree, directories) in one call."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        if libc.syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"syncfs({path}): {os.strerror(err)}")
-    finally:
-        os.close(fd)
 
 
 def remove_tree(path: Path) -> None:

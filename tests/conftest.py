@@ -20,3 +20,29 @@ def shared_file(*parts: str) -> Path:
 @pytest.fixture
 def fixtures_dir() -> Path:
     return shared_file("fixtures", "aerynos")
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    """A target root for the package manager, with state in /etc that no transaction may touch."""
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "hostname").write_text("lab\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    """The default guest kernel, or a clean skip naming the Debian package."""
+    from vm.errors import MissingHostTool
+    from vm.host import default_kernel
+    try:
+        return default_kernel()
+    except MissingHostTool as err:
+        pytest.skip(str(err))
+
+
+@pytest.fixture(scope="module")
+def accel(kernel):
+    from vm.accel import AccelSelector
+    return AccelSelector().choose(kernel)

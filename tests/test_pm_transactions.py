@@ -28,14 +28,6 @@ def pkgs(tmp_path: Path) -> dict[str, Path]:
     }
 
 
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    root = tmp_path / "root"
-    (root / "etc").mkdir(parents=True)
-    (root / "etc" / "hostname").write_text("lab\n")
-    return root
-
-
 def pm(root: Path, strategy: str, *args: str, mode: str = "reference", **kw):
     verb, rest = (args[:2], args[2:]) if args[0] == "state" else (args[:1], args[1:])
     return stonelab(*verb, "-D", str(root), "--swap", strategy, "--mode", mode, *rest, **kw)

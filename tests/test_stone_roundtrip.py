@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 
 from reference_impl.stone import (
     Dependency, DependencyKind, FileType, LayoutType, PackageSpec, build_package, read_stone,
-    write_repository_index,
 )
 from reference_impl.stone import codec
 from reference_impl.stone.model import EMPTY_DIGEST, IndexEntry, LayoutEntry, Meta

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from tests.pm import make_package, state_id, stonelab
 from tests.test_triggers import BUSYBOX, needs_busybox, needs_sandbox
 
@@ -32,14 +30,6 @@ def trigger_package(out: Path, name: str, script: str, version: str = "1.0") -> 
         f"share/{name}/second.conf": "2",
     }
     return make_package(out, name, files, version=version, modes={"bin/busybox": 0o755})
-
-
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    root = tmp_path / "root"
-    (root / "etc").mkdir(parents=True)
-    (root / "etc" / "hostname").write_text("lab\n")
-    return root
 
 
 def install(root: Path, *args: str, **kw):

@@ -12,29 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from vm.accel import AccelChoice, AccelSelector
+from vm.accel import AccelChoice
 from vm.disk import DiskLayout, build_disk, uefi_esp_tree
 from vm.errors import MissingHostTool
-from vm.host import OVMF_VARS, default_kernel, ovmf_files, systemd_boot
+from vm.host import OVMF_VARS, ovmf_files, systemd_boot
 from vm.initramfs import build_initramfs
 from vm.machine import PROJECT_DIR, Machine, agent_config, foreign_config, uefi_config
 from vm.qemu import DiskSpec, MachineConfig, agent_append, debug_exit_outcome
 
 pytestmark = pytest.mark.vm
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def kernel():
-    try:
-        return default_kernel()
-    except MissingHostTool as err:
-        pytest.skip(str(err))
-
-
-@pytest.fixture(scope="module")
-def accel(kernel):
-    return AccelSelector().choose(kernel)
 
 
 def test_uefi_chain_boots_the_disk_entry(kernel, accel, tmp_path):

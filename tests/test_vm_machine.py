@@ -10,11 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from vm.accel import AccelSelector
 from vm.agent import hash_tree
 from vm.disk import DiskLayout, build_disk
-from vm.errors import CommandFailed, GuestTimeout, MissingHostTool, VmError
-from vm.host import default_kernel
+from vm.errors import CommandFailed, GuestTimeout, VmError
 from vm.machine import Machine, agent_config
 from vm.qemu import DiskSpec
 
@@ -36,19 +34,6 @@ def qemu_children() -> list[int]:
         if fields.get("PPid", "").strip() == str(os.getpid()) and fields.get("Name", "").startswith("qemu-system"):
             found.append(int(entry.name))
     return found
-
-
-@pytest.fixture(scope="module")
-def kernel():
-    try:
-        return default_kernel()
-    except MissingHostTool as err:
-        pytest.skip(str(err))
-
-
-@pytest.fixture(scope="module")
-def accel(kernel):
-    return AccelSelector().choose(kernel)
 
 
 @pytest.fixture(scope="module")

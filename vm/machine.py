@@ -231,13 +231,17 @@ class Machine:
     def _wait_for_path(self, path: Path, timeout: float = 15.0) -> None:
         deadline = time.monotonic() + timeout
         while not path.exists():
-            if not self.running:
-                time.sleep(0.2)  # let the console thread collect QEMU's last words
-                raise VmError(f"{self.qemu} exited at start-up ({self._child.exitstatus}): "
-                              + " | ".join(self.console.tail(10)))
-            if time.monotonic() > deadline:
-                raise VmError(f"{path}: QEMU did not open its socket within {timeout:g}s")
+            self._still_starting(path, deadline, timeout)
             time.sleep(0.02)
+
+    def _still_starting(self, path: Path, deadline: float, timeout: float) -> None:
+        """Raise when QEMU died at start-up or did not open ``path`` in time."""
+        if not self.running:
+            time.sleep(0.2)  # let the console thread collect QEMU's last words
+            raise VmError(f"{self.qemu} exited at start-up ({self._child.exitstatus}): "
+                          + " | ".join(self.console.tail(10)))
+        if time.monotonic() > deadline:
+            raise VmError(f"{path}: QEMU did not open its socket within {timeout:g}s")
 
     def _connect(self, name: str, timeout: float = 15.0) -> socket.socket:
         path = self.workdir / name
@@ -250,12 +254,7 @@ class Machine:
                 return sock
             except OSError:
                 sock.close()
-                if not self.running:
-                    time.sleep(0.2)  # let the console thread collect QEMU's last words
-                    raise VmError(f"{self.qemu} exited at start-up ({self._child.exitstatus}): "
-                                  + " | ".join(self.console.tail(10)))
-                if time.monotonic() > deadline:
-                    raise VmError(f"{path}: QEMU did not open its socket within {timeout:g}s")
+                self._still_starting(path, deadline, timeout)
                 time.sleep(0.02)
 
     def _on_fault(self, point: str) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Protocol
 
 from reference_impl.boot.device import mount_of, read_mountinfo
+from reference_impl.fsutil import fsync_dir
 from reference_impl.boot.superblock import probe_bytes
 from stonelab.errors import StonelabError
 
@@ -134,7 +135,7 @@ class DirectoryEsp:
             finally:
                 os.close(fd)
             os.replace(tmp, dest)
-            self._sync_dir(dest.parent)
+            fsync_dir(dest.parent)
         except OSError as err:
             tmp.unlink(missing_ok=True)
             if err.errno == errno.ENOSPC:
@@ -142,19 +143,11 @@ class DirectoryEsp:
                                    f"{self.free_bytes()} free)") from err
             raise
 
-    @staticmethod
-    def _sync_dir(directory: Path) -> None:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
     def remove(self, path: str) -> None:
         target = self.root / path
         target.unlink(missing_ok=True)
         if target.parent.exists():
-            self._sync_dir(target.parent)
+            fsync_dir(target.parent)
 
     def remove_empty_dirs(self, path: str) -> None:
         current = self.root / path
