@@ -23,7 +23,15 @@ mount -t sysfs sys /host/sys
 mount -t devtmpfs dev /host/dev
 mkdir -p /dev/pts /dev/shm /dev/virtio-ports
 mount -t devpts devpts /host/dev/pts
+mkdir -p /9p && mount -o bind /host /9p || die "bind the 9p root"   # the host's view, before tmpfs hides parts
 for d in dev/shm tmp run var/tmp mnt; do mount -t tmpfs -o mode=1777 tmpfs /host/$d || die "tmpfs /$d"; done
+# the project and its interpreter must stay visible even when they live below a directory tmpfs now covers
+PROJ=$(arg stonelab.project /); PY=$(arg stonelab.python /usr/bin/python3)
+for keep in "$PROJ" "${PY%/bin/*}"; do
+  case "$keep" in /dev/shm/*|/tmp/*|/run/*|/var/tmp/*|/mnt/*)
+    mkdir -p "/host$keep" && mount -o bind "/9p$keep" "/host$keep" || die "bind $keep";;
+  esac
+done
 ports() {
   for p in /sys/class/virtio-ports/*; do
     [ -e "$p/name" ] || continue; n=$(cat "$p/name"); [ -n "$n" ] && ln -sf "../${p##*/}" "/dev/virtio-ports/$n"
@@ -33,12 +41,10 @@ i=0; while [ $i -lt 100 ]; do ports; [ -e /dev/virtio-ports/org.stonelab.agent ]
 ports
 echo "STONELAB-USERLAND uptime=$(cut -d' ' -f1 /proc/uptime)"
 ENVV="PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/tmp LANG=C.UTF-8 TERM=linux PYTHONDONTWRITEBYTECODE=1"
-PROJ=$(arg stonelab.project /)
 if [ "$MODE" = shell ]; then
   echo "STONELAB-SHELL (exit the shell to power off)"
   setsid cttyhack chroot /host /usr/bin/env -i $ENVV PYTHONPATH=$PROJ sh -c "cd $PROJ; exec /bin/bash || exec /bin/sh"
 else
-  PY=$(arg stonelab.python /usr/bin/python3)
   chroot /host /usr/bin/env -i $ENVV PYTHONPATH=$PROJ "$PY" -m vm.agent --port /dev/virtio-ports/org.stonelab.agent \
     || echo "STONELAB-AGENT-EXITED status=$?"
 fi
