@@ -21,9 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 
 from stonelab.errors import StonelabError
+from stonelab.yamlfile import read_yaml
 
 STEP_KINDS = {
     "install": "packages to install in one transaction",
@@ -93,15 +93,7 @@ class ScenarioError(StonelabError):
 
 def load_scenario(path: str | Path) -> Scenario:
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as err:
-        raise ScenarioError(f"{path}: {err.strerror}") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark else ""
-        raise ScenarioError(f"{path}: not valid YAML{where}: {getattr(err, 'problem', err)}") from None
-    return parse_scenario(data, path)
+    return parse_scenario(read_yaml(path, error=ScenarioError, kind="not valid YAML"), path)
 
 
 def parse_scenario(data: object, path: Path) -> Scenario:

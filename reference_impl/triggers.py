@@ -64,9 +64,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 
 from stonelab.errors import StonelabError
+from stonelab.yamlfile import read_yaml
 
 TX_DIR = Path("share/moss/triggers/tx.d")
 ROOT_LINKS = (("bin", "usr/bin"), ("sbin", "usr/sbin"), ("lib", "usr/lib"), ("lib64", "usr/lib"),
@@ -213,15 +213,7 @@ def _parse_handler(name: str, data) -> Handler:
 
 def parse_trigger(path: Path) -> Trigger:
     """Read one trigger file; any problem is a one-line TriggerError naming the file."""
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as err:
-        raise TriggerError(f"{path}: cannot read trigger file: {err}") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise TriggerError(f"{path}: malformed trigger YAML{where}: {problem}") from None
+    data = read_yaml(path, error=TriggerError, kind="malformed trigger YAML")
     try:
         return _trigger_from(data, path)
     except ValueError as err:

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import BinaryIO
 
 import xxhash
-import yaml
 import zstandard
 
 from reference_impl.stone import codec
@@ -28,6 +27,7 @@ from reference_impl.stone.model import (
 )
 from reference_impl.stone.reader import ARCHIVE_HEADER, PAYLOAD_HEADER
 from stonelab.errors import StonelabError
+from stonelab.yamlfile import read_yaml
 
 CHUNK = 1 << 20
 DEFAULT_LEVEL = 18  # upstream's level
@@ -79,12 +79,7 @@ SPEC_FIELDS = {"name", "version", "release", "build_release", "architecture", "s
 def load_spec(path: str | os.PathLike[str]) -> PackageSpec:
     """Read a package metadata file (YAML). Errors name the file and the problem."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as err:
-        raise StonelabError(f"{path}: {err.strerror}") from None
-    except yaml.YAMLError as err:
-        raise StonelabError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    data = read_yaml(path, kind="not valid YAML")
     if not isinstance(data, dict):
         raise StonelabError(f"{path}: expected a mapping of package fields")
     unknown = set(data) - SPEC_FIELDS
