@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import io
 import re
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from reference_impl.stone import PackageSpec, build_package
+from reference_impl.stone import PackageSpec, build_package_from_files
 from stonelab.errors import StonelabError
 from vm.cpio import CpioWriter
 from vm.disk import DiskLayout, build_disk
@@ -70,25 +69,18 @@ def system_initrd(kernel: Kernel) -> bytes:
 
 def kernel_package(out: Path, kernel: Kernel, initrd: bytes) -> Path:
     """``linux``: ``usr/lib/kernel/<kver>/vmlinuz`` and ``10-stonelab.initrd``, as AerynOS kernels ship."""
-    tree = out / "tree-linux"
-    kdir = tree / "lib" / "kernel" / kernel.release
-    kdir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(kernel.image, kdir / "vmlinuz")
-    (kdir / "10-stonelab.initrd").write_bytes(initrd)
-    snippets = tree / "lib" / "kernel" / "cmdline.d"
-    snippets.mkdir(parents=True, exist_ok=True)
-    (snippets / "00-console.cmdline").write_text("console=ttyS0 panic=-1\n")
+    kdir = f"lib/kernel/{kernel.release}"
+    files = {f"{kdir}/vmlinuz": kernel.image.read_bytes(), f"{kdir}/10-stonelab.initrd": initrd,
+             "lib/kernel/cmdline.d/00-console.cmdline": "console=ttyS0 panic=-1\n"}
     spec = PackageSpec(name="linux", version=kernel.release.split("-")[0] or "1", release=1,
                        summary="the lab guest's kernel", license=["GPL-2.0-only"])
-    return build_package(tree, spec, out / "linux.stone", level=3)
+    return build_package_from_files(files, spec, out / "linux.stone", level=3)
 
 
 def app_package(out: Path, version: int) -> Path:
-    tree = out / f"tree-hello-{version}"
-    (tree / "share" / "hello").mkdir(parents=True, exist_ok=True)
-    (tree / "share" / "hello" / "VERSION").write_text(f"{version}\n")
     spec = PackageSpec(name="hello", version=str(version), release=version, summary="hello", license=["MPL-2.0"])
-    return build_package(tree, spec, out / f"hello-{version}.stone", level=3)
+    return build_package_from_files({"share/hello/VERSION": f"{version}\n"}, spec, out / f"hello-{version}.stone",
+                                    level=3)
 
 
 @dataclass

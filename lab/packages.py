@@ -1,14 +1,13 @@
 """Packages a scenario declares: built as real `.stone` files, and the /usr tree each set of them must give."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import xxhash
 
 from lab.invariants import ExpectedTree
 from lab.scenario import PackageDecl
-from reference_impl.stone import PackageSpec, build_package
+from reference_impl.stone import PackageSpec, build_package_from_files
 
 
 def build_packages(decls: dict[str, PackageDecl], out_dir: Path) -> dict[str, Path]:
@@ -16,21 +15,11 @@ def build_packages(decls: dict[str, PackageDecl], out_dir: Path) -> dict[str, Pa
     out_dir.mkdir(parents=True, exist_ok=True)
     built = {}
     for key, decl in decls.items():
-        tree = out_dir / f".tree-{key}"
-        for rel, content in decl.files.items():
-            path = tree / rel
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(content)
-        for rel, dest in decl.symlinks.items():
-            path = tree / rel
-            path.parent.mkdir(parents=True, exist_ok=True)
-            os.symlink(dest, path)
-        tree.mkdir(parents=True, exist_ok=True)
         spec = PackageSpec(name=decl.name, version=decl.version, release=decl.release, summary=f"{key} (lab)",
                            license=["MPL-2.0"], depends=decl.depends, provides=decl.provides,
                            conflicts=decl.conflicts)
         out = out_dir / f"{decl.name}-{decl.version}-{decl.release}-1-x86_64.stone"
-        built[key] = build_package(tree, spec, out, level=3)
+        built[key] = build_package_from_files(decl.files, spec, out, symlinks=decl.symlinks, level=3)
     return built
 
 

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from lab.probe import walk
-from reference_impl.stone import PackageSpec, build_package
+from reference_impl.stone import PackageSpec, build_package_from_files
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -16,21 +16,11 @@ def make_package(out_dir: Path, name: str, files: dict[str, str | bytes], *, ver
                  symlinks: dict[str, str] | None = None, modes: dict[str, int] | None = None,
                  depends: list[str] | None = None, provides: list[str] | None = None,
                  conflicts: list[str] | None = None, owners: dict[str, tuple[int, int]] | None = None) -> Path:
-    tree = out_dir / f".tree-{name}-{version}-{release}"
-    tree.mkdir(parents=True)
-    for rel, content in files.items():
-        path = tree / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(content if isinstance(content, bytes) else content.encode())
-        os.chmod(path, (modes or {}).get(rel, 0o644))
-    for rel, dest in (symlinks or {}).items():
-        path = tree / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        os.symlink(dest, path)
     spec = PackageSpec(name=name, version=version, release=release, summary=f"{name} for tests", license=["MPL-2.0"],
                        depends=depends or [], provides=provides or [], conflicts=conflicts or [],
                        owners=owners or {}, modes=modes or {})
-    return build_package(tree, spec, out_dir / f"{name}-{version}-{release}-1-x86_64.stone", level=3)
+    return build_package_from_files(files, spec, out_dir / f"{name}-{version}-{release}-1-x86_64.stone",
+                                    symlinks=symlinks, level=3)
 
 
 def stonelab(*args: str, fault: str | None = None, check: bool = False) -> subprocess.CompletedProcess:

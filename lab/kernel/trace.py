@@ -17,7 +17,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from reference_impl.stone import PackageSpec, build_package
+from reference_impl.stone import PackageSpec, build_package_from_files
 from stonelab.errors import StonelabError
 
 # Calls whose outcome decides whether a transaction or a boot sync can work; everything else the interpreter
@@ -183,15 +183,10 @@ paths:
 
 def _package(out: Path, name: str, version: str, files: dict[str, str | bytes],
              executable: tuple[str, ...] = ()) -> Path:
-    tree = out / f"tree-{name}-{version}"
-    for rel, content in files.items():
-        path = tree / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(content if isinstance(content, bytes) else content.encode())
-        os.chmod(path, 0o755 if rel in executable else 0o644)
-    os.symlink(Path(next(iter(files))).name, tree / "bin" / f"{name}-link")
-    spec = PackageSpec(name=name, version=version, release=int(version), summary="trace workload", license=["MPL-2.0"])
-    return build_package(tree, spec, out / f"{name}-{version}.stone", level=3)
+    spec = PackageSpec(name=name, version=version, release=int(version), summary="trace workload",
+                       license=["MPL-2.0"], modes={rel: 0o755 for rel in executable if rel in files})
+    return build_package_from_files(files, spec, out / f"{name}-{version}.stone",
+                                    symlinks={f"bin/{name}-link": Path(next(iter(files))).name}, level=3)
 
 
 def workload(workdir: Path) -> list[Phase]:

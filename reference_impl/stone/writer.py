@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterable
+import tempfile
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -243,3 +244,23 @@ def _write_content(handle: BinaryIO, order: Iterable[tuple[int, tuple[int, Path]
                                      Compression.ZSTD))
     handle.seek(end)
 
+
+
+def build_package_from_files(files: Mapping[str, str | bytes], spec: PackageSpec, out: str | os.PathLike[str], *,
+                             symlinks: Mapping[str, str] | None = None, level: int = DEFAULT_LEVEL) -> Path:
+    """A package from in-memory content (paths relative to /usr). Files are 0644 unless ``spec.modes`` says
+    otherwise, whatever the umask; the tree is built beside ``out`` and removed."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".tree-", dir=out.parent) as tmp:
+        tree = Path(tmp)
+        for rel, content in files.items():
+            path = tree / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(content if isinstance(content, bytes) else content.encode())
+            os.chmod(path, 0o644)
+        for rel, dest in (symlinks or {}).items():
+            path = tree / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(dest, path)
+        return build_package(tree, spec, out, level=level)
