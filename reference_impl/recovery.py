@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 from reference_impl.fsutil import fsync_dir
-from reference_impl.installation import read_state_id
+from reference_impl.installation import ROOT_LINKS, read_state_id
 from reference_impl.swap import SwapStrategy, renameat2_exchange, switch_symlink, update_root_links
 from reference_impl.transaction import Intent, Transaction, remove_tree
 from stonelab.errors import StonelabError
@@ -22,7 +22,7 @@ def recover(tx: Transaction) -> list[str]:
     notes: list[str] = []
     if not inst.moss.is_dir():
         return notes
-    for leftover in ("usr.next", *(f"{n}.next" for n in ("bin", "sbin", "lib", "lib64", "lib32"))):
+    for leftover in ("usr.next", *(f"{name}.next" for name in ROOT_LINKS)):
         path = inst.root / leftover
         if path.is_symlink():
             path.unlink()

@@ -64,13 +64,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-
+from reference_impl.installation import ROOT_LINKS
 from stonelab.errors import StonelabError
 from stonelab.yamlfile import read_yaml
 
 TX_DIR = Path("share/moss/triggers/tx.d")
-ROOT_LINKS = (("bin", "usr/bin"), ("sbin", "usr/sbin"), ("lib", "usr/lib"), ("lib64", "usr/lib"),
-              ("lib32", "usr/lib32"))
 SKELETON_DIRS = ("usr", "etc", "proc", "dev", "tmp", "old_root")
 SANDBOX_ENV = {"PATH": "/usr/bin:/usr/sbin:/bin:/sbin", "HOME": "/", "LANG": "C.UTF-8"}
 DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
@@ -437,7 +435,7 @@ def _build_skeleton(isolation: Path) -> None:
         isolation.mkdir(parents=True)
         for name in SKELETON_DIRS:
             (isolation / name).mkdir()
-        for link, target in ROOT_LINKS:
+        for link, target in ROOT_LINKS.items():
             os.symlink(target, isolation / link)
     except OSError as err:
         raise TriggerError(f"{isolation}: cannot build the trigger sandbox: {err.strerror}") from None
