@@ -21,7 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 from stonelab.errors import StonelabError
 from stonelab.yamlfile import read_yaml
 

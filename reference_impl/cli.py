@@ -12,6 +12,7 @@ from reference_impl.client import Client, ClientOptions, Outcome
 from reference_impl.faults import FAULT_DESCRIPTIONS, FAULT_POINTS, configured_fault
 from reference_impl.swap import SwapStrategy
 from reference_impl.transaction import Mode
+from stonelab.errors import StonelabError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -144,7 +145,6 @@ def cmd_state_show(args: argparse.Namespace) -> int:
         rows = {r["id"]: r for r in _state_rows(client)}
         state_id = args.id if args.id is not None else client.active_state()
         if state_id not in rows:
-            from stonelab.errors import StonelabError
             raise StonelabError(f"state {state_id} does not exist")
         row = rows[state_id]
         metas = {pid: client.dbs.install.get(pid) for pid in row["packages"]}

@@ -71,9 +71,8 @@ class Client:
                 fcntl.flock(fd, fcntl.LOCK_EX)
             self.dbs = Databases.open(self.inst.db_dir)
             self.store = Store(self.inst.assets, fsync=self.durable)
-            self.notes: list[str] = []
             if self.durable:
-                self.notes = recover(self.transaction(self._strategy_for_recovery()))
+                recover(self.transaction(self._strategy_for_recovery()))  # reports what it did on the log
             yield self
         finally:
             os.close(fd)

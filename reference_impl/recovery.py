@@ -39,9 +39,11 @@ def recover(tx: Transaction) -> list[str]:
     notes += _finish_repairs(tx)
     notes += _drop_treeless_states(tx)
     notes += _drop_stateless_trees(tx)
-    inst.isolation.exists() and remove_tree(inst.isolation)
+    if inst.isolation.exists():
+        remove_tree(inst.isolation)
     if notes:
-        fsync_dir(inst.trees) if inst.trees.is_dir() else None
+        if inst.trees.is_dir():
+            fsync_dir(inst.trees)
         for note in notes:
             tx.say(f"recovery: {note}")
     return notes

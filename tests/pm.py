@@ -34,6 +34,12 @@ def stonelab(*args: str, fault: str | None = None, check: bool = False) -> subpr
     return proc
 
 
+def pm(root: Path, strategy: str, *args: str, mode: str = "reference", **kw) -> subprocess.CompletedProcess:
+    """A package-manager verb on ``root`` with the swap strategy and mode (``state X`` verbs take two words)."""
+    verb, rest = (args[:2], args[2:]) if args[0] == "state" else (args[:1], args[1:])
+    return stonelab(*verb, "-D", str(root), "--swap", strategy, "--mode", mode, *rest, **kw)
+
+
 def usr_tree(root: Path) -> dict[str, list]:
     """The files of /usr without the transaction's own marker files, following a symlinked /usr."""
     usr = root / "usr"

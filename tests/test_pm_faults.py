@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from reference_impl.faults import FAULT_POINTS
-from tests.pm import REPO, make_package, state_id, stonelab, usr_tree
+from tests.pm import REPO, make_package, pm, state_id, stonelab, usr_tree
 
 SWITCHED_FROM = "swap.before"  # from here on the intent record is durable: recovery completes the switch
 NEEDS_ESP = {"boot.mid"}
@@ -25,11 +25,6 @@ def pkgs(tmp_path_factory) -> dict[str, Path]:
     files2 = {f"share/data/{i}": f"two {i}" for i in range(40)} | {"bin/tool": "v2", "lib/new": "new"}
     return {"v1": make_package(out, "tool", files1, symlinks={"bin/t": "tool"}),
             "v2": make_package(out, "tool", files2, version="2.0", symlinks={"bin/t": "tool"})}
-
-
-def pm(root: Path, strategy: str, *args: str, mode: str = "reference", fault: str | None = None):
-    verb, rest = (args[:2], args[2:]) if args[0] == "state" else (args[:1], args[1:])
-    return stonelab(*verb, "-D", str(root), "--swap", strategy, "--mode", mode, *rest, fault=fault)
 
 
 def installed_v1(tmp_path: Path, pkgs, strategy: str, mode: str = "reference") -> Path:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.pm import make_package, state_id, stonelab, usr_tree
+from tests.pm import make_package, pm, state_id, stonelab, usr_tree
 
 STRATEGIES = ["exchange", "symlink"]
 
@@ -26,11 +26,6 @@ def pkgs(tmp_path: Path) -> dict[str, Path]:
                                provides=["soname(libfoo.so.1(x86_64))"]),
         "app": make_package(out, "app", {"bin/app": "app"}, depends=["soname(libfoo.so.1(x86_64))"]),
     }
-
-
-def pm(root: Path, strategy: str, *args: str, mode: str = "reference", **kw):
-    verb, rest = (args[:2], args[2:]) if args[0] == "state" else (args[:1], args[1:])
-    return stonelab(*verb, "-D", str(root), "--swap", strategy, "--mode", mode, *rest, **kw)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
