@@ -74,6 +74,6 @@ class Installation:
 def read_state_id(usr: Path) -> int | None:
     try:
         text = (usr / STATE_ID_FILE).read_text().strip()
-    except (FileNotFoundError, NotADirectoryError):
+    except OSError:
         return None
     return int(text) if text.isdigit() else None

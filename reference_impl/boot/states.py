@@ -10,6 +10,7 @@ import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from reference_impl.installation import Installation
 from stonelab.errors import StonelabError
 
 DEFAULT_OS_ID = "aerynos"
@@ -45,15 +46,12 @@ def read_state_ids(root: Path) -> list[int]:
 
 
 def active_state_id(root: Path) -> int | None:
-    try:
-        text = (root / "usr" / ".stateID").read_text().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None
+    return Installation(root).active_state()
 
 
 def state_tree(root: Path, state_id: int, active: int | None) -> Path:
-    return root / "usr" if state_id == active else root / ".moss" / "root" / str(state_id) / "usr"
+    inst = Installation(root)
+    return inst.usr if state_id == active else inst.archived(state_id)
 
 
 def read_os_release(tree: Path) -> tuple[str, str]:
