@@ -18,10 +18,9 @@ from pathlib import Path
 
 from reference_impl.stone import PackageSpec, build_package_from_files
 from stonelab.errors import StonelabError
-from vm.cpio import CpioWriter
 from vm.disk import DiskLayout, build_disk
-from vm.host import Kernel, busybox_binary
-from vm.initramfs import _module_bytes, module_files
+from vm.host import Kernel
+from vm.initramfs import module_files, write_busybox_initramfs
 
 FSTX_SCRIPT = Path(__file__).resolve().parents[1] / "reference_impl" / "boot" / "initrd" / "stonelab-fstx.sh"
 BOOTED = re.compile(r"STONELAB-BOOTED state=(\S*) fstx=(\S*)")
@@ -50,20 +49,10 @@ def system_initrd(kernel: Kernel) -> bytes:
     """busybox, the modules to reach an ext4 root on virtio, the fstx script and an init that reports."""
     if not FSTX_SCRIPT.is_file():
         raise StonelabError(f"{FSTX_SCRIPT}: the initramfs fstx script is missing")
-    busybox = busybox_binary()
     buffer = io.BytesIO()
-    archive = CpioWriter(buffer)
-    for directory in ("bin", "dev", "proc", "sys", "mod", "sysroot"):
-        archive.directory(directory)
-    archive.char_device("dev/console", 5, 1)
-    archive.file("bin/busybox", busybox.read_bytes(), 0o755)
-    for applet in APPLETS:
-        archive.symlink(f"bin/{applet}", "busybox")
-    archive.file("init", INIT.encode(), 0o755)
-    archive.file("stonelab-fstx.sh", FSTX_SCRIPT.read_bytes(), 0o755)
-    for number, module in enumerate(module_files(kernel, INITRD_MODULES)):
-        archive.file(f"mod/{number:03d}-{module.name.split('.ko')[0]}.ko", _module_bytes(module))
-    archive.close()
+    write_busybox_initramfs(buffer, INIT, module_files(kernel, INITRD_MODULES), applets=APPLETS,
+                            directories=("bin", "dev", "proc", "sys", "mod", "sysroot"),
+                            files={"stonelab-fstx.sh": (FSTX_SCRIPT.read_bytes(), 0o755)})
     return buffer.getvalue()
 
 

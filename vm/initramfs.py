@@ -12,6 +12,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from vm.cpio import CpioWriter
 from vm.errors import VmError
@@ -70,6 +71,27 @@ def _module_bytes(path: Path) -> bytes:
     return data
 
 
+def write_busybox_initramfs(out: BinaryIO, init: str, modules: list[Path], *, applets: tuple[str, ...] = APPLETS,
+                            directories: tuple[str, ...] = ("bin", "dev", "proc", "sys", "mod", "tmp", "mnt"),
+                            files: dict[str, tuple[bytes, int]] | None = None) -> None:
+    """A newc archive: busybox and its applet links, ``/init``, the modules as ``mod/NNN-name.ko`` in load order,
+    and extra ``files`` (path -> (content, mode))."""
+    archive = CpioWriter(out)
+    for directory in directories:
+        archive.directory(directory)
+    archive.char_device("dev/console", 5, 1)
+    archive.char_device("dev/null", 1, 3, 0o666)
+    archive.file("bin/busybox", busybox_binary().read_bytes(), 0o755)
+    for applet in applets:
+        archive.symlink(f"bin/{applet}", "busybox")
+    archive.file("init", init.encode(), 0o755)
+    for name, (content, mode) in (files or {}).items():
+        archive.file(name, content, mode)
+    for number, module in enumerate(modules):
+        archive.file(f"mod/{number:03d}-{module.name.split('.ko')[0]}.ko", _module_bytes(module))
+    archive.close()
+
+
 def _stat_key(path: Path) -> str:
     st = path.stat()
     return f"{path}:{st.st_size}:{st.st_mtime_ns}"
@@ -101,18 +123,8 @@ def build_initramfs(kernel: Kernel, kind: str = "agent", cache: Path | None = No
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".build-", suffix=".cpio")
     try:
         with os.fdopen(fd, "wb") as out:
-            archive = CpioWriter(out)
-            for d in ("bin", "dev", "proc", "sys", "host", "mod", "tmp", "mnt"):
-                archive.directory(d)
-            archive.char_device("dev/console", 5, 1)
-            archive.char_device("dev/null", 1, 3, 0o666)
-            archive.file("bin/busybox", busybox.read_bytes(), 0o755)
-            for applet in APPLETS:
-                archive.symlink(f"bin/{applet}", "busybox")
-            archive.file("init", init.encode(), 0o755)
-            for number, module in enumerate(modules):
-                archive.file(f"mod/{number:03d}-{module.name.split('.ko')[0]}.ko", _module_bytes(module))
-            archive.close()
+            write_busybox_initramfs(out, init, modules,
+                                    directories=("bin", "dev", "proc", "sys", "host", "mod", "tmp", "mnt"))
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, target)
