@@ -17,7 +17,7 @@ from lab import invariants as inv
 from lab.invariants import ExpectedTree, Violation
 from lab.packages import build_packages, expected_tree
 from lab.scenario import PackageDecl, Scenario, Step
-from lab.target import CommandResult, HostTarget
+from lab.target import CommandResult, HostTarget, Target
 from stonelab.errors import StonelabError
 
 
@@ -82,7 +82,7 @@ class StepFailure(Exception):
 
 
 class Runner:
-    def __init__(self, scenario: Scenario, target: HostTarget, packages: dict[str, Path]):
+    def __init__(self, scenario: Scenario, target: Target, packages: dict[str, Path]):
         self.scenario = scenario
         self.target = target
         self.packages = packages
@@ -220,7 +220,7 @@ class Runner:
             self.model.states[int(obs.state_id)] = dict(self.model.installed)
 
 
-TargetFactory = Callable[[Path], "HostTarget"]
+TargetFactory = Callable[[Path], Target]
 
 
 def run_scenario(scenario: Scenario, *, workdir: Path | None = None, target: str | None = None,

@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import Protocol
 from pathlib import Path
 
 from lab.faults import corrupt_largest_asset
@@ -38,6 +39,22 @@ class CommandResult:
     def summary(self) -> str:
         tail = (self.stderr.strip().splitlines() or [""])[-1]
         return f"exit {self.returncode}" + (f": {tail}" if tail else "")
+
+
+class Target(Protocol):
+    """Where a scenario runs: the package manager's CLI against ``root``, observation, injected faults."""
+
+    kind: str
+    crash_semantics: str
+    root: Path
+
+    def describe(self) -> str: ...
+    def stonelab(self, args: list[str], *, fault: str | None = None) -> CommandResult: ...
+    def path_for_package(self, path: Path) -> str: ...
+    def observe(self) -> Observation: ...
+    def corrupt_asset(self) -> str: ...
+    def __enter__(self) -> Target: ...
+    def __exit__(self, *exc) -> None: ...
 
 
 class HostTarget:
