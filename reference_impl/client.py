@@ -252,6 +252,7 @@ def local_candidate(path: Path) -> Candidate:
     stone = read_package(path)
     if stone.file_type.label != "binary":
         raise StonelabError(f"{path}: a {stone.file_type.label} file, not a binary package")
+    stone.check_content_checksum()  # its content may already be in the store and never read: refuse it anyway
     meta = stone.meta
     return Candidate(meta, str(path.resolve()), meta.package_id)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 
 from reference_impl.stone import StoneError, read_stone
 from reference_impl.stone import codec
+from reference_impl.stone.extract import ExtractOptions, extract_assets
 from reference_impl.stone.model import Compression, FileType, IndexEntry, LayoutEntry, LayoutType, Meta, PayloadKind
 from reference_impl.stone.reader import ARCHIVE_HEADER, Limits, PAYLOAD_HEADER
 from reference_impl.stone.model import INTEGRITY, MAGIC
@@ -27,10 +29,23 @@ def read_fully(path: Path, **kwargs) -> None:
             pass
 
 
+def extract_fully(path: Path, **kwargs) -> None:
+    with tempfile.TemporaryDirectory() as out:
+        # tiny blocks: files straddle blocks and large ones are streamed, so every path of extract is exercised
+        extract_assets(read_stone(path, **kwargs), Path(out), options=ExtractOptions(block_size=64, blocks=2))
+
+
 def assert_rejected(path: Path, payload: str | None = None, match: str | None = None, **kwargs) -> StoneError:
+    """Every way of reading the content (iteration, verification alone, parallel extraction) refuses alike."""
+    with pytest.raises(StoneError) as extracting:
+        extract_fully(path, **kwargs)
+    with pytest.raises(StoneError) as verifying:
+        read_stone(path, **kwargs).verify_content()
     with pytest.raises(StoneError) as info:
         read_fully(path, **kwargs)
     err = info.value
+    for other in (extracting.value, verifying.value):
+        assert (other.payload, other.problem) == (err.payload, err.problem)
     assert err.file == str(path)
     assert err.payload, f"no payload named in {err}"
     if payload:
@@ -233,12 +248,13 @@ def _corrupt_all(source: Path, tmp_path: Path, positions, values=(0x01, 0x80, 0x
             data = bytearray(original)
             data[position] ^= xor
             target.write_bytes(bytes(data))
-            try:
-                read_fully(target)
-            except StoneError as err:
-                assert err.payload, f"byte {position} ^ {xor:#x}: {err}"
-            else:
-                pytest.fail(f"byte {position} ^ {xor:#x} of {source.name} went unnoticed")
+            for reader in (read_fully, extract_fully):
+                try:
+                    reader(target)
+                except StoneError as err:
+                    assert err.payload, f"byte {position} ^ {xor:#x}: {err}"
+                else:
+                    pytest.fail(f"byte {position} ^ {xor:#x} of {source.name} went unnoticed by {reader.__name__}")
 
 
 @pytest.mark.parametrize("name", ["pineapple-1-1-1-x86_64.stone", "italian-pizza-1-1-1-x86_64.stone"])

@@ -26,8 +26,8 @@ def package(tmp_path):
 
 @pytest.mark.parametrize("options", [
     ExtractOptions(),
-    ExtractOptions(writers=3, inline_limit=1000, batch_bytes=10_000, batch_files=3, max_in_flight=20_000),
-    ExtractOptions(inline_limit=0),
+    ExtractOptions(writers=3, block_size=8000, blocks=2, batch_files=3),  # carries and streamed large files
+    ExtractOptions(writers=1, block_size=100, blocks=2, batch_files=1),  # almost every file streamed
 ])
 def test_extract_writes_every_unique_file(tmp_path, package, options):
     path, files = package
@@ -47,7 +47,9 @@ def test_fanout_and_selection(tmp_path, package):
     assert all(p.parent.parent.parent == out for p in got)
 
 
-def test_a_corrupt_file_never_gets_its_final_name(tmp_path):
+@pytest.mark.parametrize("options", [ExtractOptions(), ExtractOptions(block_size=1000, blocks=2)],
+                         ids=["in-a-block", "streamed"])
+def test_a_corrupt_file_is_never_written(tmp_path, options):
     tree = tmp_path / "usr"
     tree.mkdir()
     (tree / "a").write_bytes(b"A" * 10_000)
@@ -57,5 +59,61 @@ def test_a_corrupt_file_never_gets_its_final_name(tmp_path):
     (entry,) = stone.index
     stone.index = [type(entry)(entry.start, entry.end, entry.digest ^ 1)]
     with pytest.raises(StoneError, match="does not hash"):
-        extract_assets(stone, tmp_path / "out")
-    assert not any(p.suffix != ".part" for p in (tmp_path / "out").iterdir())
+        extract_assets(stone, tmp_path / "out", options=options)
+    assert list((tmp_path / "out").iterdir()) == []  # neither under its name nor as a .part
+
+
+def test_memory_is_bounded_by_the_block_pool(tmp_path, package, monkeypatch):
+    """However large the package, extraction holds at most ``blocks`` buffers of ``block_size`` bytes."""
+    from reference_impl.stone import extract as module
+    sizes = []
+    original = module._Block.__init__
+
+    def counting(self, size, pool):
+        sizes.append(size)
+        original(self, size, pool)
+    monkeypatch.setattr(module._Block, "__init__", counting)
+    path, files = package
+    extract_assets(read_stone(path), tmp_path / "out", options=ExtractOptions(block_size=4096, blocks=3))
+    assert 2 <= len(sizes) <= 3 and set(sizes) == {4096}
+    assert len(list((tmp_path / "out").iterdir())) == len(files)
+    sizes.clear()
+    tree = tmp_path / "small"
+    tree.mkdir()
+    (tree / "a").write_bytes(b"tiny")
+    small = build_package(tree, PackageSpec(name="s", version="1"), tmp_path / "s.stone", level=1)
+    extract_assets(read_stone(small), tmp_path / "small-out")
+    assert sizes == [4]  # a small package does not pay for a full-size block
+
+
+def test_a_writer_error_stops_the_extraction(tmp_path, package):
+    """A writer that fails (here: the destination is below a regular file) ends the extraction with its error,
+    also when the decoder is waiting for a block that failing writers hold."""
+    path, _files = package
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_bytes(b"")
+    with pytest.raises(NotADirectoryError):
+        extract(read_stone(path), lambda digest: f"{blocker}/{digest:032x}",
+                options=ExtractOptions(block_size=4096, blocks=2, batch_files=1))
+
+
+def test_blocks_are_freed_when_the_extraction_ends(tmp_path, package, monkeypatch):
+    """Blocks and their pool refer to each other; without emptying the pool they would wait for the cyclic GC
+    and a client installing many packages would hold every extraction's blocks at once."""
+    import gc
+    import weakref
+    from reference_impl.stone import extract as module
+    blocks = []
+    original = module._Block.__init__
+
+    def tracking(self, size, pool):
+        original(self, size, pool)
+        blocks.append(weakref.ref(self))
+    monkeypatch.setattr(module._Block, "__init__", tracking)
+    path, _files = package
+    gc.disable()
+    try:
+        extract_assets(read_stone(path), tmp_path / "out", options=ExtractOptions(block_size=4096, blocks=3))
+        assert blocks and all(ref() is None for ref in blocks)
+    finally:
+        gc.enable()

@@ -45,8 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_inspect(args: argparse.Namespace) -> int:
     for number, name in enumerate(args.files):
         stone = read_stone(name)
-        for _entry, _chunks in stone.iter_content():  # verify every digest too
-            pass
+        stone.verify_content()  # every file's digest and the Content checksum too
         if args.json:
             print(json.dumps(inspect_dict(stone), sort_keys=False))
         else:

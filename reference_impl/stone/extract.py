@@ -1,31 +1,37 @@
 """Write a package's unique files out of the Content stream, verified, with bounded memory.
 
-Decompression and hashing are sequential (one zstd frame); creating files is what costs on a real filesystem
-(~0.25 ms per create on this lab's ext4), so small files are handed to a few writer threads that create and
-write them while the stream goes on.  Files above ``inline_limit`` are streamed by the calling thread.  At most
-``max_in_flight`` bytes wait for a writer.  Every file is written as ``<name>.part`` and renamed into place only
-after its digest checked out, so a crash or a corrupt package never leaves a wrong file under a final name.
+The calling thread only decompresses: it fills a small pool of fixed blocks (``blocks`` x ``block_size``
+bytes, the whole memory bound) straight from the zstd stream.  Files are handed to writer threads in batches as
+views into those blocks (two views for a file that straddles a block boundary), so nothing is copied on the
+way; the writers hash each file (XXH3-128) and only then create, write and rename it.  A block goes back to
+the pool once the decoder and every batch that holds it are done.  A file larger than a block goes to one writer
+piece by piece, as the blocks fill.
+
+Every file is written as ``<name>.part`` and renamed into place only after its digest checked out, so a crash
+or a corrupt package never leaves a wrong file under a final name.
 """
 from __future__ import annotations
 
 import os
+import queue
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import xxhash
+
 from reference_impl.stone.model import IndexEntry
-from reference_impl.stone.reader import StoneFile
+from reference_impl.stone.reader import ContentStream, StoneFile
 
 
 @dataclass(frozen=True)
 class ExtractOptions:
     writers: int = 2
-    inline_limit: int = 16 * 2**20
-    batch_bytes: int = 2 * 2**20
-    batch_files: int = 64
-    max_in_flight: int = 64 * 2**20
+    block_size: int = 8 * 2**20  # a larger file goes to a writer piece by piece
+    blocks: int = 4
+    batch_files: int = 32  # files per writer job, so writers share a block of small files
     fsync: bool = False
     mode: int = 0o644
 
@@ -46,103 +52,301 @@ def fanout_path(dest: Path) -> Callable[[int], str]:
     return path_for
 
 
-def _write_file(final: str, chunks: Iterable[bytes], options: ExtractOptions) -> None:
-    part = final + ".part"
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
-    try:
-        fd = os.open(part, flags, options.mode)
-    except FileNotFoundError:
-        os.makedirs(os.path.dirname(part), exist_ok=True)
-        fd = os.open(part, flags, options.mode)
-    try:
-        for chunk in chunks:
-            os.write(fd, chunk)
-        if options.fsync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(part, final)
+class _FileWriter:
+    """``final.part`` opened, written, synced if asked, then renamed to ``final`` — or removed on failure."""
+
+    def __init__(self, final: str, options: ExtractOptions):
+        self.final = final
+        self.part = final + ".part"
+        self.options = options
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+        try:
+            self.fd = os.open(self.part, flags, options.mode)
+        except FileNotFoundError:
+            os.makedirs(os.path.dirname(self.part), exist_ok=True)
+            self.fd = os.open(self.part, flags, options.mode)
+
+    def write(self, *pieces: memoryview) -> None:
+        written = os.writev(self.fd, pieces)
+        for piece in pieces:  # the rest of a short write, if any
+            if written >= len(piece):
+                written -= len(piece)
+                continue
+            piece = piece[written:]
+            written = 0
+            while piece:
+                piece = piece[os.write(self.fd, piece):]
+
+    def commit(self) -> None:
+        try:
+            if self.options.fsync:
+                os.fsync(self.fd)
+        finally:
+            os.close(self.fd)
+        os.rename(self.part, self.final)
+
+    def abandon(self) -> None:
+        os.close(self.fd)
+        os.unlink(self.part)
 
 
-class _Budget:
-    """Bytes handed to writer threads and not yet written."""
+class _Block:
+    """One buffer of the pool; back in the pool when the decoder and every batch holding it let go."""
 
-    def __init__(self, limit: int):
-        self._limit = limit
-        self._used = 0
-        self._cond = threading.Condition()
+    def __init__(self, size: int, pool: queue.SimpleQueue[_Block]):
+        self.view = memoryview(bytearray(size))
+        self.start = 0  # stream offset of view[0]
+        self.end = 0  # stream offset just past the filled part
+        self._holders = 0
+        self._lock = threading.Lock()
+        self._pool = pool
 
-    def take(self, amount: int) -> None:
-        with self._cond:
-            self._cond.wait_for(lambda: self._used == 0 or self._used + amount <= self._limit)
-            self._used += amount
+    def hold(self) -> None:
+        with self._lock:
+            self._holders += 1
 
-    def give(self, amount: int) -> None:
-        with self._cond:
-            self._used -= amount
-            self._cond.notify_all()
+    def release(self) -> None:
+        with self._lock:
+            self._holders -= 1
+            free = self._holders == 0
+        if free:
+            self._pool.put(self)
+
+    def slice(self, entry: IndexEntry) -> memoryview:
+        return self.view[entry.start - self.start: entry.end - self.start]
 
 
-def extract(stone: StoneFile, path_for: Callable[[int], str | os.PathLike[str]], *, options: ExtractOptions | None = None,
-            wanted: Callable[[IndexEntry], bool] | None = None) -> int:
+@dataclass(frozen=True)
+class _Item:
+    """A file for a writer: its bytes are ``pieces`` (one view, or two across a block boundary)."""
+
+    final: str
+    entry: IndexEntry
+    pieces: tuple[memoryview, ...]
+    blocks: tuple[_Block, ...]
+
+
+class _Extraction:
+    def __init__(self, stone: StoneFile, content: ContentStream, pool: ThreadPoolExecutor, options: ExtractOptions):
+        self.stone = stone
+        self.content = content
+        self.executor = pool
+        self.options = options
+        self.free: queue.SimpleQueue[_Block] = queue.SimpleQueue()
+        self.unallocated = max(options.blocks, 2)
+        # a small package gets small blocks: a fresh block costs page faults for every byte of it
+        self.block_size = max(1, min(options.block_size, content.payload.plain_size))
+        self.block: _Block | None = None
+        self.batch: list[_Item] = []
+        self.pending: list[Future] = []
+
+    def advance(self) -> None:
+        """The current block is done with: fill the next one with the stream that follows."""
+        old = self.block
+        if old is not None:
+            self.submit()  # the pending batch may hold every other block
+            old.release()
+        block = self.take_block()
+        block.hold()
+        block.start = self.content.position
+        fresh = self.content.readinto(block.view)
+        block.end = block.start + fresh
+        self.block = block
+        if old is not None and not fresh:
+            raise self.stone.error("the index points past the end of the content stream", self.content.payload,
+                                   self.content.payload.offset + 8)
+
+    def take_block(self) -> _Block:
+        try:
+            return self.free.get_nowait()
+        except queue.Empty:
+            if self.unallocated:
+                self.unallocated -= 1
+                return _Block(self.block_size, self.free)
+            return self.free.get()
+
+    def add(self, final: str, entry: IndexEntry) -> None:
+        """Queue a file that lies in the current block or straddles it and the next one (then fetched here)."""
+        block = self.block
+        block.hold()
+        if entry.end <= block.end:
+            item = _Item(final, entry, (block.slice(entry),), (block,))
+        else:
+            head = block.view[entry.start - block.start: block.end - block.start]
+            self.advance()
+            tail = self.block.view[: entry.end - self.block.start]
+            self.block.hold()
+            item = _Item(final, entry, (head, tail), (block, self.block))
+        self.batch.append(item)
+        if len(self.batch) >= self.options.batch_files:
+            self.submit()
+
+    def submit(self) -> None:
+        if not self.batch:
+            return
+        batch, self.batch = self.batch, []
+        try:
+            self.pending.append(self.executor.submit(self.write_batch, batch))
+        except BaseException:
+            _release(batch)
+            raise
+        if len(self.pending) > 64:
+            self.pending = _reap(self.pending)
+
+    def write_batch(self, batch: list[_Item]) -> None:
+        try:
+            for item in batch:
+                if len(item.pieces) == 1:
+                    digest = xxhash.xxh3_128_intdigest(item.pieces[0])
+                else:
+                    hasher = xxhash.xxh3_128()
+                    for piece in item.pieces:
+                        hasher.update(piece)
+                    digest = hasher.intdigest()
+                if digest != item.entry.digest:
+                    raise self.stone.digest_mismatch(item.entry)
+                writer = _FileWriter(item.final, self.options)
+                try:
+                    writer.write(*item.pieces)
+                except BaseException:
+                    writer.abandon()
+                    raise
+                writer.commit()
+        finally:
+            _release(batch)
+
+    def stream_large(self, final: str, entry: IndexEntry) -> None:
+        """A file larger than a block: a writer takes its pieces from a queue as the blocks fill."""
+        self.submit()
+        pieces: queue.SimpleQueue[tuple[memoryview, _Block] | None] = queue.SimpleQueue()
+        self.pending.append(self.executor.submit(self.write_streamed, final, entry, pieces))
+        try:
+            position = entry.start
+            while True:
+                block = self.block
+                piece = block.view[position - block.start: min(entry.end, block.end) - block.start]
+                block.hold()
+                pieces.put((piece, block))
+                position += len(piece)
+                if position == entry.end:
+                    break
+                self.advance()
+        finally:
+            pieces.put(None)  # also when the stream failed: the writer then drops the file
+
+    def write_streamed(self, final: str, entry: IndexEntry,
+                       pieces: queue.SimpleQueue[tuple[memoryview, _Block] | None]) -> None:
+        hasher = xxhash.xxh3_128()
+        received = 0
+        writer: _FileWriter | None = None
+        try:
+            writer = _FileWriter(final, self.options)
+            while (item := pieces.get()) is not None:
+                piece, block = item
+                try:
+                    hasher.update(piece)
+                    writer.write(piece)
+                    received += len(piece)
+                finally:
+                    block.release()
+        except BaseException:
+            while (item := pieces.get()) is not None:  # the decoder may wait for these blocks
+                item[1].release()
+            if writer is not None:
+                writer.abandon()
+            raise
+        if received != entry.size:  # the decoder stopped; its error is the one reported
+            writer.abandon()
+        elif hasher.intdigest() != entry.digest:
+            writer.abandon()
+            raise self.stone.digest_mismatch(entry)
+        else:
+            writer.commit()
+
+    def finish(self, *, write: bool = True) -> None:
+        if write:
+            self.submit()
+        else:
+            _release(self.batch)
+            self.batch = []
+        if self.block is not None:
+            self.block.release()
+            self.block = None
+
+    def drop_blocks(self) -> None:
+        """Empty the pool (blocks and pool refer to each other): the memory goes back now, not at the next GC."""
+        while True:
+            try:
+                self.free.get_nowait()
+            except queue.Empty:
+                return
+
+    def wait(self, *, quiet: bool = False) -> None:
+        """Until every batch is written; re-raises the first writer error unless ``quiet``."""
+        for future in self.pending:
+            if quiet:
+                future.exception()
+            else:
+                future.result()
+
+
+def extract(stone: StoneFile, path_for: Callable[[int], str | os.PathLike[str]], *,
+            options: ExtractOptions | None = None, wanted: Callable[[IndexEntry], bool] | None = None) -> int:
     """Extract every unique file (or those ``wanted`` says) to ``path_for(digest)``. Returns bytes written.
 
-    The digest is verified before a file gets its final name; a mismatch raises StoneError and leaves only
-    ``.part`` files behind (the caller's directory, the caller's cleanup).
+    The digest is verified before a file gets its final name; a mismatch raises StoneError and leaves at most
+    the ``.part`` files of other batches in flight (the caller's directory, the caller's cleanup).
     """
     options = options or ExtractOptions()
-    budget = _Budget(options.max_in_flight)
+    if not stone.index:
+        return 0
+    entries = stone.content_entries()
     written = 0
-    pending: list[Future] = []
-    batch: list[tuple[str, list[bytes]]] = []
-    batch_bytes = 0
-
-    def submit() -> None:
-        nonlocal batch, batch_bytes
-        budget.take(batch_bytes)
-        future = pool.submit(_write_batch, batch, options)
-        future.add_done_callback(lambda _f, size=batch_bytes: budget.give(size))
-        pending.append(future)
-        batch, batch_bytes = [], 0
-
-    with ThreadPoolExecutor(max_workers=options.writers, thread_name_prefix="stone-extract") as pool:
+    with stone.open_content() as content, \
+            ThreadPoolExecutor(max_workers=options.writers, thread_name_prefix="stone-extract") as pool:
+        job = _Extraction(stone, content, pool, options)
         try:
-            for entry, chunks in stone.iter_content():
+            for entry in entries:
                 if wanted is not None and not wanted(entry):
                     continue
+                if job.block is None:
+                    job.advance()
+                while entry.size and entry.start >= job.block.end:
+                    job.advance()
                 final = os.fspath(path_for(entry.digest))
-                if entry.size > options.inline_limit:
-                    _write_file(final, chunks, options)
+                if entry.size <= job.block_size:
+                    job.add(final, entry)
                 else:
-                    batch.append((final, list(chunks)))  # digest verified once the generator is exhausted
-                    batch_bytes += entry.size
-                    if batch_bytes >= options.batch_bytes or len(batch) >= options.batch_files:
-                        submit()
+                    job.stream_large(final, entry)
                 written += entry.size
-                if len(pending) > 64:
-                    pending = _reap(pending)
-            if batch:
-                submit()
+        except BaseException:
+            job.finish(write=False)
+            job.wait(quiet=True)
+            job.drop_blocks()
+            raise
+        job.finish()
+        try:
+            job.wait()
         finally:
-            for future in pending:
-                future.result()
+            job.drop_blocks()
+        content.finish()
     return written
 
 
-def _write_batch(batch: list[tuple[str, list[bytes]]], options: ExtractOptions) -> None:
-    for final, chunks in batch:
-        _write_file(final, chunks, options)
+def _release(batch: list[_Item]) -> None:
+    for item in batch:
+        for block in item.blocks:
+            block.release()
 
 
 def _reap(pending: list[Future]) -> list[Future]:
     keep = []
     for future in pending:
         if future.done():
-            future.result()  # re-raise a writer's OSError here
+            future.result()  # re-raise a writer's error here
         else:
             keep.append(future)
     return keep
-
 
 
 def extract_assets(stone: StoneFile, dest: Path, *, fanout: bool = False,

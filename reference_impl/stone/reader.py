@@ -1,8 +1,10 @@
 """Read and verify `.stone` v1 files.
 
-`read_stone` parses the archive header and every payload header, verifies every payload's XXH3-64 checksum and
-decodes Meta, Layout, Index and Attributes.  Content stays on disk: `StoneFile.iter_content` streams it with
-bounded memory and checks each file's XXH3-128 digest.  Anything that does not add up is a `StoneError` naming
+`read_stone` parses the archive header and every payload header, verifies the XXH3-64 checksum of every payload
+but Content and decodes Meta, Layout, Index and Attributes.  Content stays on disk and is read once, by whoever
+needs it: `StoneFile.iter_content`, `verify_content` and `extract` stream it with bounded memory, check each
+file's XXH3-128 digest and, at the end, the payload checksum (a package of gigabytes is not read twice, nor at
+all by who only wants its metadata).  Anything that does not add up is a `StoneError` naming
 the file, the payload and the byte offset — never another exception type.
 """
 from __future__ import annotations
@@ -11,6 +13,7 @@ import io
 import os
 import struct
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -73,6 +76,45 @@ class StoneFile:
         name = payload if isinstance(payload, str) else payload.kind_name
         return StoneError(str(self.path), problem, payload=name, offset=offset)
 
+    def content_entries(self) -> list[IndexEntry]:
+        """The Index in content-stream order; overlapping records are refused."""
+        entries = sorted(self.index, key=lambda e: (e.start, e.end))
+        position = 0
+        for entry in entries:
+            if entry.start < position:
+                payload = self.content or "Content"
+                raise self.error(f"index records overlap at byte {entry.start} of the content stream", payload,
+                                 getattr(payload, "body_offset", None))
+            position = entry.end
+        return entries
+
+    @contextmanager
+    def open_content(self) -> Iterator[ContentStream]:
+        payload = self.content
+        if payload is None:
+            raise self.error("Index present but the file has no Content payload", "Content")
+        try:
+            handle = open(self.path, "rb", buffering=0)
+        except OSError as err:
+            raise self.error(err.strerror or str(err), payload) from None
+        with handle:
+            yield ContentStream(self, payload, handle)
+
+    def check_content_checksum(self) -> None:
+        """The Content payload's XXH3-64 alone, without inflating it: for whoever will not read the content but
+        must not accept a damaged file (extracting checks it anyway)."""
+        if self.content is None:
+            return
+        with open(self.path, "rb") as handle:
+            _verify_stored_checksum(self, handle, self.content)
+
+    def digest_mismatch(self, entry: IndexEntry) -> StoneError:
+        payload = self.content or "Content"
+        return self.error(
+            f"file at [{entry.start}, {entry.end}) of the content stream does not hash to {entry.digest:032x}",
+            payload, getattr(payload, "body_offset", None),
+        )
+
     def iter_content(self) -> Iterator[tuple[IndexEntry, Iterator[bytes]]]:
         """Stream every unique file of the Content payload, in stream order.
 
@@ -81,113 +123,148 @@ class StoneFile:
         """
         if not self.index:
             return
-        payload = self.content
-        if payload is None:
-            raise self.error("Index present but the file has no Content payload")
-        entries = sorted(self.index, key=lambda e: (e.start, e.end))
-        with open(self.path, "rb") as handle:
-            handle.seek(payload.body_offset)
-            source = _ChecksummedReader(handle, payload.stored_size)
-            stream = _open_stream(self, payload, source)
-            position = 0
+        entries = self.content_entries()
+        with self.open_content() as content:
             for entry in entries:
-                if entry.start < position:
-                    raise self.error(
-                        f"index records overlap at byte {entry.start} of the content stream", payload,
-                        payload.body_offset,
-                    )
-                self._skip(stream, entry.start - position, payload)
-                chunks = self._file_chunks(stream, entry, payload)
+                content.skip_to(entry.start)
+                chunks = self._file_chunks(content, entry)
                 yield entry, chunks
                 for _ in chunks:  # drain what the caller did not read
                     pass
-                position = entry.end
-            self._skip(stream, payload.plain_size - position, payload)
-            if stream.read(1):
-                raise self.error(
-                    f"content inflates past its declared plain_size {payload.plain_size}", payload, payload.offset + 8
-                )
-            source.drain()
-            if source.digest() != payload.checksum:
-                raise self.error("content checksum mismatch (XXH3-64 of the stored body)", payload,
-                                 payload.offset + 16)
+            content.finish()
 
-    def _file_chunks(self, stream: BinaryIO, entry: IndexEntry, payload: PayloadHeader) -> Iterator[bytes]:
+    def verify_content(self) -> None:
+        """Check every file's digest and the Content checksum without keeping any of it."""
+        if not self.index:
+            return
+        buffer = memoryview(bytearray(CHUNK))
+        with self.open_content() as content:
+            for entry in self.content_entries():
+                content.skip_to(entry.start)
+                hasher = xxhash.xxh3_128()
+                remaining = entry.size
+                while remaining:
+                    count = content.readinto(buffer[:remaining])
+                    hasher.update(buffer[:count])
+                    remaining -= count
+                if hasher.intdigest() != entry.digest:
+                    raise self.digest_mismatch(entry)
+            content.finish()
+
+    def _file_chunks(self, content: ContentStream, entry: IndexEntry) -> Iterator[bytes]:
         hasher = xxhash.xxh3_128()
         remaining = entry.size
         while remaining:
-            chunk = _read(self, stream, min(remaining, CHUNK), payload)
-            if not chunk:
-                raise self.error(
-                    f"content ends {remaining} bytes short of the file at [{entry.start}, {entry.end})", payload,
-                    payload.offset,
-                )
+            chunk = content.read(min(remaining, CHUNK))
             hasher.update(chunk)
             remaining -= len(chunk)
             yield chunk
         if hasher.intdigest() != entry.digest:
-            raise self.error(
-                f"file at [{entry.start}, {entry.end}) of the content stream does not hash to {entry.digest:032x}",
-                payload, payload.body_offset,
-            )
-
-    def _skip(self, stream: BinaryIO, count: int, payload: PayloadHeader) -> None:
-        while count > 0:
-            chunk = _read(self, stream, min(count, CHUNK), payload)
-            if not chunk:
-                raise self.error(
-                    f"content inflates to less than its declared plain_size {payload.plain_size}", payload,
-                    payload.offset + 8,
-                )
-            count -= len(chunk)
+            raise self.digest_mismatch(entry)
 
 
-class _ChecksummedReader(io.RawIOBase):
-    """Reads at most ``limit`` bytes of ``handle`` and hashes them (XXH3-64) on the way through."""
+class _StoredBody:
+    """Reads at most ``limit`` bytes of an unbuffered ``handle`` and hashes them (XXH3-64) on the way through."""
 
     def __init__(self, handle: BinaryIO, limit: int):
-        super().__init__()
         self._handle = handle
         self._remaining = limit
         self._hasher = xxhash.xxh3_64()
 
-    def readable(self) -> bool:
-        return True
+    def read(self, size: int = -1) -> bytes:
+        size = self._remaining if size < 0 else min(size, self._remaining)
+        data = self._handle.read(size) if size else b""
+        self._hasher.update(data)
+        self._remaining -= len(data)
+        return data
 
-    def readinto(self, buffer) -> int:  # type: ignore[override]
+    def readinto(self, buffer) -> int:
         view = memoryview(buffer)[: self._remaining]
-        count = self._handle.readinto(view)
-        if count:
-            self._hasher.update(view[:count])
-            self._remaining -= count
-        return count or 0
+        count = self._handle.readinto(view) or 0
+        self._hasher.update(view[:count])
+        self._remaining -= count
+        return count
 
     def drain(self) -> None:
-        while self._remaining and self.read(CHUNK):
+        scratch = bytearray(min(self._remaining, CHUNK))
+        while self._remaining and self.readinto(scratch):
             pass
 
     def digest(self) -> bytes:
         return self._hasher.digest()
 
 
-def _open_stream(stone: StoneFile, payload: PayloadHeader, source: _ChecksummedReader) -> BinaryIO:
-    if payload.compression == Compression.NONE:
-        return source  # type: ignore[return-value]
-    dctx = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW)
-    return dctx.stream_reader(source, read_size=CHUNK)
+class ContentStream:
+    """The decompressed Content payload, read front to back.
 
+    Never yields more than ``plain_size`` bytes; `finish` checks that the stream ends exactly there and that the
+    stored body hashes to the payload checksum.  Every problem is a StoneError naming the Content payload.
+    """
 
-def _read(stone: StoneFile, stream: BinaryIO, count: int, payload: PayloadHeader) -> bytes:
-    try:
-        return stream.read(count)
-    except zstandard.ZstdError as err:
-        raise stone.error(f"zstd: {err}", payload, payload.body_offset) from None
-    except MemoryError:
-        raise stone.error("zstd frame needs more memory than is available", payload, payload.body_offset) from None
+    def __init__(self, stone: StoneFile, payload: PayloadHeader, handle: BinaryIO):
+        self.stone = stone
+        self.payload = payload
+        self.position = 0
+        handle.seek(payload.body_offset)
+        self._source = _StoredBody(handle, payload.stored_size)
+        if payload.compression == Compression.NONE:
+            self._stream = self._source
+        else:
+            dctx = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW)
+            self._stream = dctx.stream_reader(self._source, read_size=CHUNK)
+
+    def readinto(self, buffer) -> int:
+        """Fill ``buffer`` (or as much of it as the stream has left before plain_size); short only at the end."""
+        view = memoryview(buffer)[: self.payload.plain_size - self.position]
+        filled = 0
+        while filled < len(view):
+            count = self._guarded(self._stream.readinto, view[filled:])
+            if not count:
+                raise self.stone.error(
+                    f"content inflates to less than its declared plain_size {self.payload.plain_size}",
+                    self.payload, self.payload.offset + 8,
+                )
+            filled += count
+        self.position += filled
+        return filled
+
+    def read(self, size: int) -> bytes:
+        buffer = bytearray(size)
+        del buffer[self.readinto(buffer):]
+        return bytes(buffer)
+
+    def skip_to(self, offset: int) -> None:
+        if offset > self.payload.plain_size:
+            raise self.stone.error(f"index record at byte {offset} lies past the content's plain_size "
+                                   f"{self.payload.plain_size}", self.payload, self.payload.offset + 8)
+        if offset <= self.position:
+            return
+        scratch = bytearray(min(offset - self.position, CHUNK))
+        while self.position < offset:
+            self.readinto(memoryview(scratch)[: offset - self.position])
+
+    def finish(self) -> None:
+        self.skip_to(self.payload.plain_size)
+        if self._guarded(self._stream.read, 1):
+            raise self.stone.error(f"content inflates past its declared plain_size {self.payload.plain_size}",
+                                   self.payload, self.payload.offset + 8)
+        self._source.drain()
+        if self._source.digest() != self.payload.checksum:
+            raise self.stone.error("content checksum mismatch (XXH3-64 of the stored body)", self.payload,
+                                   self.payload.offset + 16)
+
+    def _guarded(self, call, argument):
+        try:
+            return call(argument)
+        except zstandard.ZstdError as err:
+            raise self.stone.error(f"zstd: {err}", self.payload, self.payload.body_offset) from None
+        except MemoryError:
+            raise self.stone.error("zstd frame needs more memory than is available", self.payload,
+                                   self.payload.body_offset) from None
 
 
 def read_stone(path: str | os.PathLike[str], *, limits: Limits | None = None) -> StoneFile:
-    """Parse and verify a `.stone` file (everything but the content stream's per-file digests)."""
+    """Parse and verify a `.stone` file (everything but the Content stream, which is verified as it is read)."""
     path = Path(path)
     try:
         handle = open(path, "rb")
@@ -251,8 +328,9 @@ def _read_payloads(stone: StoneFile, handle: BinaryIO, num_payloads: int) -> Non
 def _read_payload(stone: StoneFile, handle: BinaryIO, header: PayloadHeader) -> None:
     known = header.kind in PayloadKind._value2member_map_ and header.compression in Compression._value2member_map_
     if not known or header.kind == PayloadKind.CONTENT:
-        _verify_stored_checksum(stone, handle, header)
-        if header.kind == PayloadKind.CONTENT and known:
+        if not known:
+            _verify_stored_checksum(stone, handle, header)
+        else:  # the Content checksum is checked as the stream goes by (ContentStream.finish): read it once
             if stone.content is not None:
                 raise stone.error("more than one Content payload", header, header.offset)
             if header.plain_size > stone.limits.max_content:
@@ -283,7 +361,7 @@ def _read_payload(stone: StoneFile, handle: BinaryIO, header: PayloadHeader) -> 
 
 def _verify_stored_checksum(stone: StoneFile, handle: BinaryIO, header: PayloadHeader) -> None:
     handle.seek(header.body_offset)
-    reader = _ChecksummedReader(handle, header.stored_size)
+    reader = _StoredBody(handle, header.stored_size)
     reader.drain()
     if reader.digest() != header.checksum:
         raise stone.error("checksum mismatch (XXH3-64 of the stored body)", header, header.offset + 16)
