@@ -8,6 +8,7 @@ import xxhash
 
 from reference_impl.stone import PackageSpec, StoneError, build_package, read_stone
 from reference_impl.stone.extract import ExtractOptions, extract, extract_assets, fanout_path
+from reference_impl.stone.reader import ContentStream
 
 
 @pytest.fixture
@@ -86,15 +87,20 @@ def test_memory_is_bounded_by_the_block_pool(tmp_path, package, monkeypatch):
     assert sizes == [4]  # a small package does not pay for a full-size block
 
 
-def test_a_writer_error_stops_the_extraction(tmp_path, package):
+def test_a_writer_error_stops_the_extraction(tmp_path, package, monkeypatch):
     """A writer that fails (here: the destination is below a regular file) ends the extraction with its error,
     also when the decoder is waiting for a block that failing writers hold."""
     path, _files = package
     blocker = tmp_path / "not-a-directory"
     blocker.write_bytes(b"")
+    reads = []
+    original = ContentStream.readinto
+    monkeypatch.setattr(ContentStream, "readinto", lambda self, buffer: reads.append(1) or original(self, buffer))
     with pytest.raises(NotADirectoryError):
         extract(read_stone(path), lambda digest: f"{blocker}/{digest:032x}",
                 options=ExtractOptions(block_size=4096, blocks=2, batch_files=1))
+    content_blocks = read_stone(path).content.plain_size // 4096
+    assert len(reads) < content_blocks / 2, "the decoder went on long after the writers had failed"
 
 
 def test_blocks_are_freed_when_the_extraction_ends(tmp_path, package, monkeypatch):

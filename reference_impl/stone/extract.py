@@ -139,9 +139,12 @@ class _Extraction:
         self.block: _Block | None = None
         self.batch: list[_Item] = []
         self.pending: list[Future] = []
+        self.failed = threading.Event()  # a writer failed: stop decompressing at the next block
 
     def advance(self) -> None:
         """The current block is done with: fill the next one with the stream that follows."""
+        if self.failed.is_set():
+            self.pending = _reap(self.pending)
         old = self.block
         if old is not None:
             self.submit()  # the pending batch may hold every other block
@@ -190,8 +193,8 @@ class _Extraction:
         except BaseException:
             _release(batch)
             raise
-        if len(self.pending) > 64:
-            self.pending = _reap(self.pending)
+        if len(self.pending) > 64 or self.failed.is_set():
+            self.pending = _reap(self.pending)  # re-raises a writer's error here
 
     def write_batch(self, batch: list[_Item]) -> None:
         try:
@@ -212,6 +215,9 @@ class _Extraction:
                     writer.abandon()
                     raise
                 writer.commit()
+        except BaseException:
+            self.failed.set()
+            raise
         finally:
             _release(batch)
 
@@ -250,6 +256,7 @@ class _Extraction:
                 finally:
                     block.release()
         except BaseException:
+            self.failed.set()
             while (item := pieces.get()) is not None:  # the decoder may wait for these blocks
                 item[1].release()
             if writer is not None:
@@ -258,6 +265,7 @@ class _Extraction:
         if received != entry.size:  # the decoder stopped; its error is the one reported
             writer.abandon()
         elif hasher.intdigest() != entry.digest:
+            self.failed.set()
             writer.abandon()
             raise self.stone.digest_mismatch(entry)
         else:
