@@ -123,3 +123,17 @@ def test_blocks_are_freed_when_the_extraction_ends(tmp_path, package, monkeypatc
         assert blocks and all(ref() is None for ref in blocks)
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("options", [ExtractOptions(), ExtractOptions(block_size=1000, blocks=2)],
+                         ids=["in-a-block", "streamed"])
+def test_a_file_that_cannot_take_its_name_leaves_no_part_file(tmp_path, options):
+    tree = tmp_path / "usr"
+    tree.mkdir()
+    (tree / "a").write_bytes(b"A" * 10_000)
+    stone = read_stone(build_package(tree, PackageSpec(name="c", version="1"), tmp_path / "c.stone", level=1))
+    out = tmp_path / "out"
+    (out / f"{stone.index[0].digest:032x}" / "occupied").mkdir(parents=True)  # a directory holds the name
+    with pytest.raises(IsADirectoryError):
+        extract_assets(stone, out, options=options)
+    assert [p.name for p in out.iterdir()] == [f"{stone.index[0].digest:032x}"]

@@ -7,8 +7,9 @@ way; the writers hash each file (XXH3-128) and only then create, write and renam
 the pool once the decoder and every batch that holds it are done.  A file larger than a block goes to one writer
 piece by piece, as the blocks fill.
 
-Every file is written as ``<name>.part`` and renamed into place only after its digest checked out, so a crash
-or a corrupt package never leaves a wrong file under a final name.
+A file in a block is hashed before it is created; a streamed one is written as it comes.  Either way it is
+written as ``<name>.part`` and renamed into place only after its digest checked out (a failed one is removed),
+so a crash or a corrupt package never leaves a wrong file under a final name.
 """
 from __future__ import annotations
 
@@ -83,13 +84,21 @@ class _FileWriter:
         try:
             if self.options.fsync:
                 os.fsync(self.fd)
-        finally:
             os.close(self.fd)
-        os.rename(self.part, self.final)
+            self.fd = -1
+            os.rename(self.part, self.final)
+        except BaseException:
+            self.abandon()
+            raise
 
     def abandon(self) -> None:
-        os.close(self.fd)
-        os.unlink(self.part)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        try:
+            os.unlink(self.part)
+        except FileNotFoundError:
+            pass
 
 
 class _Block:
@@ -304,8 +313,8 @@ def extract(stone: StoneFile, path_for: Callable[[int], str | os.PathLike[str]],
             options: ExtractOptions | None = None, wanted: Callable[[IndexEntry], bool] | None = None) -> int:
     """Extract every unique file (or those ``wanted`` says) to ``path_for(digest)``. Returns bytes written.
 
-    The digest is verified before a file gets its final name; a mismatch raises StoneError and leaves at most
-    the ``.part`` files of other batches in flight (the caller's directory, the caller's cleanup).
+    The digest is verified before a file gets its final name; a mismatch raises StoneError once the writers in
+    flight are done, leaving the files verified until then in place and no ``.part`` file behind.
     """
     options = options or ExtractOptions()
     if not stone.index:
