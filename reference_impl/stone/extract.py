@@ -20,6 +20,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import xxhash
 
@@ -127,19 +128,18 @@ class _Block:
         return self.view[entry.start - self.start: entry.end - self.start]
 
 
-@dataclass(frozen=True)
-class _Item:
+class _Item(NamedTuple):
     """A file for a writer: its bytes are ``pieces`` (one view, or two across a block boundary)."""
 
-    final: str
     entry: IndexEntry
     pieces: tuple[memoryview, ...]
-    blocks: tuple[_Block, ...]
 
 
 class _Extraction:
-    def __init__(self, stone: StoneFile, content: ContentStream, pool: ThreadPoolExecutor, options: ExtractOptions):
+    def __init__(self, stone: StoneFile, content: ContentStream, pool: ThreadPoolExecutor, options: ExtractOptions,
+                 path_for: Callable[[int], str | os.PathLike[str]]):
         self.stone = stone
+        self.path_for = path_for  # called by the writers: the decoding thread is the one to spare
         self.content = content
         self.executor = pool
         self.options = options
@@ -149,6 +149,7 @@ class _Extraction:
         self.block_size = max(1, min(options.block_size, content.payload.plain_size))
         self.block: _Block | None = None
         self.batch: list[_Item] = []
+        self.batch_blocks: list[_Block] = []  # the blocks the batch holds, each once
         self.pending: list[Future] = []
         self.failed = threading.Event()  # a writer failed: stop decompressing at the next block
 
@@ -179,35 +180,42 @@ class _Extraction:
                 return _Block(self.block_size, self.free)
             return self.free.get()
 
-    def add(self, final: str, entry: IndexEntry) -> None:
+    def add(self, entry: IndexEntry) -> None:
         """Queue a file that lies in the current block or straddles it and the next one (then fetched here)."""
         block = self.block
-        block.hold()
         if entry.end <= block.end:
-            item = _Item(final, entry, (block.slice(entry),), (block,))
+            self.hold_for_batch(block)
+            pieces = (block.slice(entry),)
         else:
             head = block.view[entry.start - block.start: block.end - block.start]
+            block.hold()  # keeps the head alive across the refill
             self.advance()
-            tail = self.block.view[: entry.end - self.block.start]
-            self.block.hold()
-            item = _Item(final, entry, (head, tail), (block, self.block))
-        self.batch.append(item)
+            self.batch_blocks.append(block)  # the next batch takes that hold over
+            self.hold_for_batch(self.block)
+            pieces = (head, self.block.view[: entry.end - self.block.start])
+        self.batch.append(_Item(entry, pieces))
         if len(self.batch) >= self.options.batch_files:
             self.submit()
+
+    def hold_for_batch(self, block: _Block) -> None:
+        if not self.batch_blocks or self.batch_blocks[-1] is not block:
+            block.hold()
+            self.batch_blocks.append(block)
 
     def submit(self) -> None:
         if not self.batch:
             return
-        batch, self.batch = self.batch, []
+        batch, blocks = self.batch, self.batch_blocks
+        self.batch, self.batch_blocks = [], []
         try:
-            self.pending.append(self.executor.submit(self.write_batch, batch))
+            self.pending.append(self.executor.submit(self.write_batch, batch, blocks))
         except BaseException:
-            _release(batch)
+            _release(blocks)
             raise
         if len(self.pending) > 64 or self.failed.is_set():
             self.pending = _reap(self.pending)  # re-raises a writer's error here
 
-    def write_batch(self, batch: list[_Item]) -> None:
+    def write_batch(self, batch: list[_Item], blocks: list[_Block]) -> None:
         try:
             for item in batch:
                 if len(item.pieces) == 1:
@@ -219,7 +227,7 @@ class _Extraction:
                     digest = hasher.intdigest()
                 if digest != item.entry.digest:
                     raise self.stone.digest_mismatch(item.entry)
-                writer = _FileWriter(item.final, self.options)
+                writer = _FileWriter(os.fspath(self.path_for(item.entry.digest)), self.options)
                 try:
                     writer.write(*item.pieces)
                 except BaseException:
@@ -230,13 +238,13 @@ class _Extraction:
             self.failed.set()
             raise
         finally:
-            _release(batch)
+            _release(blocks)
 
-    def stream_large(self, final: str, entry: IndexEntry) -> None:
+    def stream_large(self, entry: IndexEntry) -> None:
         """A file larger than a block: a writer takes its pieces from a queue as the blocks fill."""
         self.submit()
         pieces: queue.SimpleQueue[tuple[memoryview, _Block] | None] = queue.SimpleQueue()
-        self.pending.append(self.executor.submit(self.write_streamed, final, entry, pieces))
+        self.pending.append(self.executor.submit(self.write_streamed, entry, pieces))
         try:
             position = entry.start
             while True:
@@ -251,13 +259,13 @@ class _Extraction:
         finally:
             pieces.put(None)  # also when the stream failed: the writer then drops the file
 
-    def write_streamed(self, final: str, entry: IndexEntry,
+    def write_streamed(self, entry: IndexEntry,
                        pieces: queue.SimpleQueue[tuple[memoryview, _Block] | None]) -> None:
         hasher = xxhash.xxh3_128()
         received = 0
         writer: _FileWriter | None = None
         try:
-            writer = _FileWriter(final, self.options)
+            writer = _FileWriter(os.fspath(self.path_for(entry.digest)), self.options)
             while (item := pieces.get()) is not None:
                 piece, block = item
                 try:
@@ -286,8 +294,8 @@ class _Extraction:
         if write:
             self.submit()
         else:
-            _release(self.batch)
-            self.batch = []
+            _release(self.batch_blocks)
+            self.batch, self.batch_blocks = [], []
         if self.block is not None:
             self.block.release()
             self.block = None
@@ -323,7 +331,7 @@ def extract(stone: StoneFile, path_for: Callable[[int], str | os.PathLike[str]],
     written = 0
     with stone.open_content() as content, \
             ThreadPoolExecutor(max_workers=options.writers, thread_name_prefix="stone-extract") as pool:
-        job = _Extraction(stone, content, pool, options)
+        job = _Extraction(stone, content, pool, options, path_for)
         try:
             for entry in entries:
                 if wanted is not None and not wanted(entry):
@@ -332,11 +340,10 @@ def extract(stone: StoneFile, path_for: Callable[[int], str | os.PathLike[str]],
                     job.advance()
                 while entry.size and entry.start >= job.block.end:
                     job.advance()
-                final = os.fspath(path_for(entry.digest))
                 if entry.size <= job.block_size:
-                    job.add(final, entry)
+                    job.add(entry)
                 else:
-                    job.stream_large(final, entry)
+                    job.stream_large(entry)
                 written += entry.size
         except BaseException:
             job.finish(write=False)
@@ -352,10 +359,9 @@ def extract(stone: StoneFile, path_for: Callable[[int], str | os.PathLike[str]],
     return written
 
 
-def _release(batch: list[_Item]) -> None:
-    for item in batch:
-        for block in item.blocks:
-            block.release()
+def _release(blocks: list[_Block]) -> None:
+    for block in blocks:
+        block.release()
 
 
 def _reap(pending: list[Future]) -> list[Future]:
