@@ -1,7 +1,8 @@
 """The content-addressed store: ``.moss/assets/v2/aa/bb/cc/<hex>``, one file per unique content.
 
-Assets are written ``<hex>.part``, verified against their XXH3-128 digest while written, and renamed into place,
-so a final name never holds wrong or partial content.  Canonical assets are mode 0444; the blit keeps
+Assets are extracted by `stone.extract`: verified against their XXH3-128 digest, written as an unnamed O_TMPFILE
+inode (or ``<hex>.part`` where the filesystem has none) and only then given their name, so a final name never
+holds wrong or partial content.  Canonical assets are mode 0444; the blit keeps
 mode/owner variants ``<hex>.<mode>.<uid>.<gid>`` next to them (see blit.py).
 """
 from __future__ import annotations

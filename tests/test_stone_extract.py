@@ -8,7 +8,16 @@ import xxhash
 
 from reference_impl.stone import PackageSpec, StoneError, build_package, read_stone
 from reference_impl.stone.extract import ExtractOptions, extract, extract_assets, fanout_path
+from reference_impl.stone import extract as extract_module
 from reference_impl.stone.reader import ContentStream
+
+
+@pytest.fixture(params=["unnamed", "part"])
+def naming(request, monkeypatch):
+    """Both ways of naming a finished file: O_TMPFILE + linkat, and ``.part`` + rename where that is missing."""
+    if request.param == "part":
+        monkeypatch.setattr(extract_module._Namer, "open_unnamed", lambda self, directory, mode: -1)
+    return request.param
 
 
 @pytest.fixture
@@ -30,7 +39,7 @@ def package(tmp_path):
     ExtractOptions(writers=3, block_size=8000, blocks=2, batch_files=3),  # carries and streamed large files
     ExtractOptions(writers=1, block_size=100, blocks=2, batch_files=1),  # almost every file streamed
 ])
-def test_extract_writes_every_unique_file(tmp_path, package, options):
+def test_extract_writes_every_unique_file(tmp_path, package, options, naming):
     path, files = package
     out = tmp_path / "out"
     written = extract_assets(read_stone(path), out, options=options)
@@ -50,7 +59,7 @@ def test_fanout_and_selection(tmp_path, package):
 
 @pytest.mark.parametrize("options", [ExtractOptions(), ExtractOptions(block_size=1000, blocks=2)],
                          ids=["in-a-block", "streamed"])
-def test_a_corrupt_file_is_never_written(tmp_path, options):
+def test_a_corrupt_file_is_never_written(tmp_path, options, naming):
     tree = tmp_path / "usr"
     tree.mkdir()
     (tree / "a").write_bytes(b"A" * 10_000)
@@ -127,7 +136,7 @@ def test_blocks_are_freed_when_the_extraction_ends(tmp_path, package, monkeypatc
 
 @pytest.mark.parametrize("options", [ExtractOptions(), ExtractOptions(block_size=1000, blocks=2)],
                          ids=["in-a-block", "streamed"])
-def test_a_file_that_cannot_take_its_name_leaves_no_part_file(tmp_path, options):
+def test_a_file_that_cannot_take_its_name_leaves_no_part_file(tmp_path, options, naming):
     tree = tmp_path / "usr"
     tree.mkdir()
     (tree / "a").write_bytes(b"A" * 10_000)
@@ -137,3 +146,22 @@ def test_a_file_that_cannot_take_its_name_leaves_no_part_file(tmp_path, options)
     with pytest.raises(IsADirectoryError):
         extract_assets(stone, out, options=options)
     assert [p.name for p in out.iterdir()] == [f"{stone.index[0].digest:032x}"]
+
+
+def test_what_is_under_a_name_already_is_replaced(tmp_path, package, naming):
+    """Re-extracting over damaged files (as `state verify --repair` does) puts the right bytes in place."""
+    path, files = package
+    out = tmp_path / "out"
+    out.mkdir()
+    for digest in files:
+        (out / f"{digest:032x}").write_bytes(b"damaged")
+    extract_assets(read_stone(path), out, options=ExtractOptions(block_size=8000, blocks=2))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == {f"{d:032x}": data for d, data in files.items()}
+
+
+def test_unnamed_files_are_used_where_the_filesystem_has_them(tmp_path, package, monkeypatch):
+    path, files = package
+    renames = []
+    monkeypatch.setattr(extract_module.os, "rename", lambda a, b: renames.append(a))
+    extract_assets(read_stone(path), tmp_path / "out")
+    assert renames == [] and len(list((tmp_path / "out").iterdir())) == len(files)
