@@ -48,10 +48,9 @@ def filesystem_of(path: Path) -> str:
         device, mountpoint, fstype, options = line.split()[:4]
         if path.resolve().is_relative_to(mountpoint) and len(mountpoint) >= len(best[1]):
             best = (device, mountpoint, fstype, options)
-    journal = ""
-    if best[2] == "ext4" and Path(f"/sys/fs/ext4/{Path(best[0]).name}/journal_task").is_file():
-        if Path(f"/sys/fs/ext4/{Path(best[0]).name}/journal_task").read_text().strip() == "<none>":
-            journal = ", no journal"
+    journal_task = Path(f"/sys/fs/ext4/{Path(best[0]).name}/journal_task")
+    no_journal = best[2] == "ext4" and journal_task.is_file() and journal_task.read_text().strip() == "<none>"
+    journal = ", no journal" if no_journal else ""
     return f"{best[2]} on {best[1]} ({best[0]}{journal})"
 
 

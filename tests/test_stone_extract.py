@@ -57,14 +57,22 @@ def test_fanout_and_selection(tmp_path, package):
     assert all(p.parent.parent.parent == out for p in got)
 
 
-@pytest.mark.parametrize("options", [ExtractOptions(), ExtractOptions(block_size=1000, blocks=2)],
-                         ids=["in-a-block", "streamed"])
-def test_a_corrupt_file_is_never_written(tmp_path, options, naming):
+@pytest.fixture
+def one_file(tmp_path):
+    """A package of one 10,000-byte file: inside the default block, streamed with 1,000-byte blocks."""
     tree = tmp_path / "usr"
     tree.mkdir()
     (tree / "a").write_bytes(b"A" * 10_000)
-    path = build_package(tree, PackageSpec(name="c", version="1"), tmp_path / "c.stone", level=1)
-    stone = read_stone(path)
+    return build_package(tree, PackageSpec(name="c", version="1"), tmp_path / "c.stone", level=1)
+
+
+in_a_block_or_streamed = pytest.mark.parametrize(
+    "options", [ExtractOptions(), ExtractOptions(block_size=1000, blocks=2)], ids=["in-a-block", "streamed"])
+
+
+@in_a_block_or_streamed
+def test_a_corrupt_file_is_never_written(tmp_path, one_file, options, naming):
+    stone = read_stone(one_file)
     # same sizes, different bytes: forge the index digest so the content no longer matches it
     (entry,) = stone.index
     stone.index = [type(entry)(entry.start, entry.end, entry.digest ^ 1)]
@@ -75,14 +83,13 @@ def test_a_corrupt_file_is_never_written(tmp_path, options, naming):
 
 def test_memory_is_bounded_by_the_block_pool(tmp_path, package, monkeypatch):
     """However large the package, extraction holds at most ``blocks`` buffers of ``block_size`` bytes."""
-    from reference_impl.stone import extract as module
     sizes = []
-    original = module._Block.__init__
+    original = extract_module._Block.__init__
 
     def counting(self, size, pool):
         sizes.append(size)
         original(self, size, pool)
-    monkeypatch.setattr(module._Block, "__init__", counting)
+    monkeypatch.setattr(extract_module._Block, "__init__", counting)
     path, files = package
     extract_assets(read_stone(path), tmp_path / "out", options=ExtractOptions(block_size=4096, blocks=3))
     assert 2 <= len(sizes) <= 3 and set(sizes) == {4096}
@@ -117,14 +124,13 @@ def test_blocks_are_freed_when_the_extraction_ends(tmp_path, package, monkeypatc
     and a client installing many packages would hold every extraction's blocks at once."""
     import gc
     import weakref
-    from reference_impl.stone import extract as module
     blocks = []
-    original = module._Block.__init__
+    original = extract_module._Block.__init__
 
     def tracking(self, size, pool):
         original(self, size, pool)
         blocks.append(weakref.ref(self))
-    monkeypatch.setattr(module._Block, "__init__", tracking)
+    monkeypatch.setattr(extract_module._Block, "__init__", tracking)
     path, _files = package
     gc.disable()
     try:
@@ -134,13 +140,9 @@ def test_blocks_are_freed_when_the_extraction_ends(tmp_path, package, monkeypatc
         gc.enable()
 
 
-@pytest.mark.parametrize("options", [ExtractOptions(), ExtractOptions(block_size=1000, blocks=2)],
-                         ids=["in-a-block", "streamed"])
-def test_a_file_that_cannot_take_its_name_leaves_no_part_file(tmp_path, options, naming):
-    tree = tmp_path / "usr"
-    tree.mkdir()
-    (tree / "a").write_bytes(b"A" * 10_000)
-    stone = read_stone(build_package(tree, PackageSpec(name="c", version="1"), tmp_path / "c.stone", level=1))
+@in_a_block_or_streamed
+def test_a_file_that_cannot_take_its_name_leaves_no_part_file(tmp_path, one_file, options, naming):
+    stone = read_stone(one_file)
     out = tmp_path / "out"
     (out / f"{stone.index[0].digest:032x}" / "occupied").mkdir(parents=True)  # a directory holds the name
     with pytest.raises(IsADirectoryError):

@@ -110,20 +110,18 @@ class _FileWriter:
         self.options = options
         self.namer = namer
         self.part: str | None = None
-        directory = os.path.dirname(final)
         try:
-            self.fd = namer.open_unnamed(directory, options.mode)
+            self.fd = self._open()
         except FileNotFoundError:
-            os.makedirs(directory, exist_ok=True)
-            self.fd = namer.open_unnamed(directory, options.mode)
-        if self.fd < 0:
-            self.part = final + ".part"
-            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
-            try:
-                self.fd = os.open(self.part, flags, options.mode)
-            except FileNotFoundError:
-                os.makedirs(directory, exist_ok=True)
-                self.fd = os.open(self.part, flags, options.mode)
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            self.fd = self._open()
+
+    def _open(self) -> int:
+        fd = self.namer.open_unnamed(os.path.dirname(self.final), self.options.mode)
+        if fd >= 0:
+            return fd
+        self.part = self.final + ".part"
+        return os.open(self.part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, self.options.mode)
 
     def write(self, *pieces: memoryview) -> None:
         written = os.writev(self.fd, pieces)
@@ -275,14 +273,10 @@ class _Extraction:
     def write_batch(self, batch: list[_Item], blocks: list[_Block]) -> None:
         try:
             for item in batch:
-                if len(item.pieces) == 1:
-                    digest = xxhash.xxh3_128_intdigest(item.pieces[0])
-                else:
-                    hasher = xxhash.xxh3_128()
-                    for piece in item.pieces:
-                        hasher.update(piece)
-                    digest = hasher.intdigest()
-                if digest != item.entry.digest:
+                hasher = xxhash.xxh3_128()
+                for piece in item.pieces:
+                    hasher.update(piece)
+                if hasher.intdigest() != item.entry.digest:
                     raise self.stone.digest_mismatch(item.entry)
                 writer = _FileWriter(os.fspath(self.path_for(item.entry.digest)), self.options, self.namer)
                 try:

@@ -121,41 +121,35 @@ class StoneFile:
         Yields ``(entry, chunks)``; the caller may consume ``chunks`` (it is drained otherwise). The file's
         XXH3-128 digest is checked after its last chunk, the payload checksum after the last file.
         """
+        return self._files(None)
+
+    def verify_content(self) -> None:
+        """Check every file's digest and the Content checksum without keeping any of it."""
+        for _entry, chunks in self._files(memoryview(bytearray(CHUNK))):
+            for _ in chunks:
+                pass
+
+    def _files(self, scratch: memoryview | None) -> Iterator[tuple[IndexEntry, Iterator[bytes]]]:
+        """Chunks are fresh bytes, or views of ``scratch`` (reused: only for callers that keep nothing)."""
         if not self.index:
             return
         entries = self.content_entries()
         with self.open_content() as content:
             for entry in entries:
                 content.skip_to(entry.start)
-                chunks = self._file_chunks(content, entry)
+                chunks = self._file_chunks(content, entry, scratch)
                 yield entry, chunks
                 for _ in chunks:  # drain what the caller did not read
                     pass
             content.finish()
 
-    def verify_content(self) -> None:
-        """Check every file's digest and the Content checksum without keeping any of it."""
-        if not self.index:
-            return
-        buffer = memoryview(bytearray(CHUNK))
-        with self.open_content() as content:
-            for entry in self.content_entries():
-                content.skip_to(entry.start)
-                hasher = xxhash.xxh3_128()
-                remaining = entry.size
-                while remaining:
-                    count = content.readinto(buffer[:remaining])
-                    hasher.update(buffer[:count])
-                    remaining -= count
-                if hasher.intdigest() != entry.digest:
-                    raise self.digest_mismatch(entry)
-            content.finish()
-
-    def _file_chunks(self, content: ContentStream, entry: IndexEntry) -> Iterator[bytes]:
+    def _file_chunks(self, content: ContentStream, entry: IndexEntry,
+                     scratch: memoryview | None) -> Iterator[bytes]:
         hasher = xxhash.xxh3_128()
         remaining = entry.size
         while remaining:
-            chunk = content.read(min(remaining, CHUNK))
+            size = min(remaining, CHUNK)
+            chunk = content.read(size) if scratch is None else scratch[: content.readinto(scratch[:size])]
             hasher.update(chunk)
             remaining -= len(chunk)
             yield chunk
