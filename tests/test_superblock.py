@@ -252,3 +252,23 @@ def test_fat_root_directory_label_wins_like_blkid(fat: str, tmp_path: Path) -> N
     ref = blkid(img)
     assert ref["LABEL"] == "ROOTDIRLBL" and ref.get("LABEL_FATBOOT") == "BOOTSECTOR"
     assert info is not None and info.label == "ROOTDIRLBL"
+
+
+@pytest.mark.parametrize("fat32_size, root_cluster", [(0xFFFFFFFF, 2), (1, 0xFFFFFFFF), (1, 0), (1, 1)])
+def test_fat_root_directory_outside_the_image_keeps_the_boot_sector_label(tmp_path: Path, fat32_size: int,
+                                                                          root_cluster: int) -> None:
+    """A FAT32 boot sector whose FAT size or root cluster points past the end of the file (or before the data
+    area) is not followed: the boot sector's label is reported, nothing raises."""
+    import struct
+    boot = bytearray(4096)
+    boot[0:3] = b"\xeb\x58\x90"
+    struct.pack_into("<HBHBHHBH", boot, 0x0B, 512, 8, 32, 2, 0, 0, 0xF8, 0)
+    struct.pack_into("<II", boot, 0x20, 65536, fat32_size)
+    struct.pack_into("<I", boot, 0x2C, root_cluster)
+    struct.pack_into("<I", boot, 0x43, 0x12345678)
+    boot[0x47:0x52] = b"BOOTLBL    "
+    boot[0x1FE:0x200] = b"\x55\xaa"
+    img = tmp_path / "fat.img"
+    img.write_bytes(bytes(boot))
+    info = probe(img)
+    assert info is not None and (info.type, info.uuid, info.label) == ("vfat", "1234-5678", "BOOTLBL")

@@ -4,6 +4,7 @@ Offsets are from the start of the filesystem (``offset`` within an image for a p
 """
 from __future__ import annotations
 
+import os
 import struct
 import uuid
 from dataclasses import dataclass
@@ -128,10 +129,13 @@ def _fat_root_dir_label(dev, offset: int, boot: bytes) -> str | None:
         fat32_size, root_cluster = struct.unpack_from("<I4xI", boot, 0x24)
         start = (reserved + fats * fat32_size + (root_cluster - 2) * sectors_per_cluster) * bytes_per_sector
         length = sectors_per_cluster * bytes_per_sector   # the first cluster of the root directory
-    if start <= 0 or length <= 0:
+    if fat16_size == 0 and root_cluster < 2:
         return None
+    end = dev.seek(0, os.SEEK_END)
+    if start <= 0 or length <= 0 or offset + start >= end:
+        return None   # a directory outside the device: the boot sector lies, keep its label
     dev.seek(offset + start)
-    data = dev.read(min(length, 1 << 20))
+    data = dev.read(min(length, 1 << 20, end - offset - start))
     for at in range(0, len(data) - 31, 32):
         entry = data[at:at + 32]
         if entry[0] == 0:
@@ -142,7 +146,10 @@ def _fat_root_dir_label(dev, offset: int, boot: bytes) -> str | None:
 
 
 def probe(path: str | Path, offset: int = 0) -> FsInfo | None:
-    """Probe the filesystem at ``offset`` of ``path``; None when no known superblock is there."""
+    """Probe the filesystem at ``offset`` (bytes) of ``path``; None when no known superblock is there.
+
+    Every value read from the device is bounded before use (the FAT root directory by the device's size);
+    OSError only for a device that cannot be read."""
     with open(path, "rb") as dev:
         dev.seek(offset)
         buf = dev.read(PROBE_BYTES)
