@@ -52,6 +52,17 @@ class Hang(BaseException):
 
 # -- mutations ------------------------------------------------------------------------------------------------------
 
+def mutate_window(rng: random.Random, data: bytes, windows: tuple[tuple[int, int], ...]) -> bytes:
+    """Mutate only one of ``windows`` (start, end) of ``data``, where the structures are, keeping the length:
+    edits spread over a whole image would almost never touch the few hundred bytes a parser reads."""
+    start, end = rng.choice(windows)
+    if start >= len(data):
+        return mutate_bytes(rng, data)
+    piece = mutate_bytes(rng, data[start:end])
+    piece = (piece + data[start + len(piece):end])[:end - start] if len(piece) < end - start else piece[:end - start]
+    return data[:start] + piece + data[end:]
+
+
 def mutate_bytes(rng: random.Random, data: bytes, max_size: int = 1 << 20) -> bytes:
     """1-4 random byte-level edits of ``data``."""
     buf = bytearray(data)
@@ -168,8 +179,12 @@ def mutate_stone_record(rng: random.Random, data: bytes) -> bytes | None:
 
 
 class GptTarget(Target):
+    # Protective MBR, header, the first entries.
+    WINDOWS = ((0x1B0, 0x200), (512, 512 + 96), (1024, 1024 + 4 * 128))
+
     def mutate(self, rng: random.Random, seed: bytes) -> bytes:
-        data = bytearray(mutate_bytes(rng, seed[:64 * 1024]))
+        seed = seed[:64 * 1024]
+        data = bytearray(mutate_window(rng, seed, self.WINDOWS) if rng.random() < 0.7 else mutate_bytes(rng, seed))
         if rng.random() < 0.6 and len(data) >= 1024 + 128:
             fix_gpt_crcs(data)
         return bytes(data)
@@ -198,9 +213,11 @@ def fix_gpt_crcs(data: bytearray) -> None:
 
 
 class SuperblockTarget(Target):
+    # FAT boot sector, xfs and LUKS headers; ext2/3/4 and f2fs superblocks; btrfs' superblock.
+    WINDOWS = ((0, 0x200), (0x400, 0x500), (0x10000, 0x10300))
+
     def mutate(self, rng: random.Random, seed: bytes) -> bytes:
-        # Edits land anywhere in the first 68 KiB (every superblock probed lives there) more often than not.
-        return mutate_bytes(rng, seed)
+        return mutate_window(rng, seed, self.WINDOWS) if rng.random() < 0.7 else mutate_bytes(rng, seed)
 
     def run(self, path: Path, data: bytes) -> None:
         from reference_impl.boot.superblock import probe, probe_bytes
