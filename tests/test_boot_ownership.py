@@ -17,13 +17,6 @@ ROOT_A = "root=PARTUUID=00000000-0000-4000-8000-00000000000a"
 ROOT_B = "root=PARTUUID=00000000-0000-4000-8000-00000000000b"
 
 
-@pytest.fixture
-def bootloader(tmp_path: Path) -> Path:
-    path = tmp_path / "systemd-bootx64.efi"
-    path.write_bytes(b"MZ fake systemd-boot " * 64)
-    return path
-
-
 def test_firmware_updater_files_in_the_os_directory_survive_sync_and_cleanup(tmp_path: Path,
                                                                              bootloader: Path) -> None:
     """NixOS/nixpkgs#47640: fwupd keeps EFI/<os-id>/fwupdx64.efi and EFI/<os-id>/fw/ — and a stray file in a

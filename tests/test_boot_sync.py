@@ -19,13 +19,6 @@ from tests.test_boot_helpers import ESP_START, add_state_rows, drop_state, esp_l
 ROOT_ARG = "root=PARTUUID=00000000-0000-4000-8000-000000000001"
 
 
-@pytest.fixture
-def bootloader(tmp_path: Path) -> Path:
-    path = tmp_path / "systemd-bootx64.efi"
-    path.write_bytes(b"MZ fake systemd-boot " * 64)
-    return path
-
-
 def root_guid(disk: Path) -> str:
     return read_gpt(disk).partition(2).part_guid
 
