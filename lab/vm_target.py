@@ -28,6 +28,7 @@ from vm.qemu import DiskSpec
 
 GUEST_ROOT = "/mnt/sut"
 SUT_PARTITION = "/dev/vda2"
+GUEST_DISK = "/dev/vda"
 EXT4_COMMIT_SECONDS = 3600
 
 
@@ -79,14 +80,18 @@ class VmTarget:
         command = f"cd {shlex.quote(str(PROJECT_DIR))} && {env}{shlex.quote(sys.executable)} {shlex.join(argv)}"
         return self.machine.execute(command, timeout)
 
-    def stonelab(self, args: list[str], *, fault: str | None = None) -> CommandResult:
+    def stonelab(self, args: list[str], *, fault: str | None = None, env: dict[str, str] | None = None,
+                 trace: Path | None = None) -> CommandResult:
         argv = ["-m", "stonelab.cli", *args]
-        env = f"STONELAB_FAULT={shlex.quote(fault + ':pause')} " if fault else ""
+        prefix = f"STONELAB_FAULT={shlex.quote(fault + ':pause')} " if fault else ""
+        prefix += "".join(f"{k}={shlex.quote(v)} " for k, v in (env or {}).items())
+        # trace: the host root is read-only in the guest, so the ALICE check judges host-target runs only
         started = time.monotonic()
         try:
-            result = self._python(argv, env)
+            result = self._python(argv, prefix)
         except StonelabError as err:
-            crashed = bool(fault) and self.machine.faults is not None and fault in self.machine.faults.points
+            point = fault or ("cut" if env and "STONELAB_CUT" in env else None)
+            crashed = bool(point) and self.machine.faults is not None and point in self.machine.faults.points
             if not crashed:
                 raise
             self.machine.crash()  # the watcher only sent SIGKILL; make sure QEMU is gone and reaped
@@ -98,17 +103,55 @@ class VmTarget:
     def path_for_package(self, path: Path) -> str:
         return str(path)  # the host root is the guest's root: same path
 
-    def observe(self) -> Observation:
-        result = self._python(["-m", "lab.probe", GUEST_ROOT])
+    def observe(self, *, boot: bool = False) -> Observation:
+        result = self._python(["-m", "lab.probe", GUEST_ROOT, *(["--disk", GUEST_DISK] if boot else [])])
         if result.exit_code != 0:
             raise StonelabError(f"lab.probe failed in the guest: {result.stderr.strip()[-300:]}")
         return Observation(**json.loads(result.stdout))
 
     def corrupt_asset(self) -> str:
-        result = self._python(["-m", "lab.faults", "corrupt-asset", GUEST_ROOT])
+        return self.inject("corrupt-asset")
+
+    def inject(self, action: str, arg: str = "") -> str:
+        result = self._python(["-m", "lab.faults", action, GUEST_ROOT, GUEST_DISK, arg])
         if result.exit_code != 0:
-            raise StonelabError(f"corrupting an asset in the guest failed: {result.stderr.strip()[-300:]}")
+            raise StonelabError(f"{action} in the guest failed: {result.stderr.strip()[-300:]}")
         return result.stdout.strip()
+
+    def boot_args(self) -> list[str]:
+        return ["--esp", GUEST_DISK, "--root-device", SUT_PARTITION]
+
+    def shell(self, command: str) -> CommandResult:
+        self.power_on()
+        started = time.monotonic()
+        result = self.machine.execute(f"cd {GUEST_ROOT} && STONELAB_ROOT={GUEST_ROOT} {command}", COMMAND_TIMEOUT)
+        return CommandResult(["sh", "-c", command], result.exit_code, result.stdout, result.stderr,
+                             time.monotonic() - started)
+
+    def count_mutations(self, args: list[str]) -> int:
+        """Calibration on a copy of the root inside the guest (same filesystem); ESP arguments are dropped, so
+        a boot sync's calls are not counted."""
+        copy = GUEST_ROOT + "-calibrate"
+        self.machine.succeed(f"rm -rf {copy} && cp -a {GUEST_ROOT} {copy}")
+        kept, skip = [], False
+        for a in args:
+            if skip:
+                skip = False
+            elif a in ("--esp", "--root-device"):
+                skip = True
+            else:
+                kept.append(copy if a == GUEST_ROOT else a)
+        self.stonelab(kept, env={"STONELAB_CUT": f"count:{copy}.count"})
+        result = self.machine.execute(f"cat {copy}.count; rm -rf {copy} {copy}.count", 120)
+        return int(result.stdout.strip() or 0) if result.stdout.strip().isdigit() else 0
+
+    def reboot(self) -> str:
+        """A clean shutdown (the guest syncs and unmounts), then power on again."""
+        self.power_on()
+        self.machine.succeed(f"sync && umount {GUEST_ROOT}")
+        self.machine.shutdown()
+        self.power_on()
+        return f"clean shutdown and power on (boot {self.boots})"
 
     def close(self) -> None:
         self.machine.close()

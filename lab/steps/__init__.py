@@ -134,3 +134,4 @@ def check_package_keys(keys: list[str], ctx: ParseContext, loc: Loc) -> None:
 from lab.steps import transactions as _transactions  # noqa: E402,F401
 from lab.steps import faults as _faults  # noqa: E402,F401
 from lab.steps import expectations as _expectations  # noqa: E402,F401
+from lab.steps import system as _system  # noqa: E402,F401

@@ -37,7 +37,7 @@ class ExpectFail(StepKind):
     @classmethod
     def check(cls, value, ctx, loc):
         inner = ctx.parse_step(value, loc)
-        if not inner.spec.transaction:
+        if not (inner.spec.transaction or getattr(inner.spec, "command", None)):
             raise StepArgError(loc, f"expect_fail: takes a transaction, not {inner.kind!r}")
         return inner
 
@@ -48,7 +48,7 @@ class ExpectFail(StepKind):
     @classmethod
     def run(cls, runner, step, result) -> list:
         cmd = step.arg.spec.command(runner, step.arg.arg)
-        outcome = runner.pm(cmd.verb, *cmd.rest)
+        outcome = runner.execute(cmd)
         runner.record(result, cmd.text(), outcome)
         lines = outcome.stderr.strip().splitlines()
         if outcome.ok:
