@@ -76,3 +76,18 @@ class BootEntriesValid(Invariant):
                     f"{booting.get(default or '')}, every kernel/initrd present, root= PARTUUID of partition "
                     f"{ROOT_PARTITION}")
         return Outcome(tuple(problems), evidence)
+
+
+@register
+class BootsInto(Invariant):
+    name = "boots_into"
+    summary = "after a real boot (`boot` step) the guest reports the state expected: the active one for the default entry, the entry's state otherwise"
+
+    @classmethod
+    def check(cls, ctx: CheckContext) -> Outcome:
+        if ctx.booted is None:
+            return Outcome((), "no boot in this step")
+        expected, reported, entry = ctx.booted
+        if reported != expected:
+            return Outcome((f"booting {entry} brought up state {reported or '(none)'}, expected {expected}",), "")
+        return Outcome((), f"booting {entry} brought up state {reported}, as expected")

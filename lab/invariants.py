@@ -120,6 +120,7 @@ class CheckContext:
     trace: Path | None = None  # strace of the step's transaction (the ALICE check)
     model_states: set[int] = field(default_factory=set)  # states the lab saw committed
     strict_boot: bool = True  # False right after a crash: the default may still be the previous state
+    booted: tuple[str | None, str, str] | None = None  # after a `boot` step: (expected, reported state, entry)
     matched: ExpectedTree | None = None
 
 

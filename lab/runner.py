@@ -10,6 +10,7 @@ Two kinds of failure are kept apart: the system under test failing (verdict ``fa
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import time
@@ -89,6 +90,7 @@ class Runner:
         self.workdir = workdir
         self.traces = 0
         self.last_trace: Path | None = None
+        self.booted: tuple[str | None, str, str] | None = None  # (expected state, reported state, entry)
         self.model = _Model()
         self.baseline = target.observe().outside
         self.interrupted: Interrupted | None = None
@@ -160,8 +162,9 @@ class Runner:
         strict_boot = not only and (self.scenario.esp or step.kind == "boot_sync")
         ctx = CheckContext(self.target.observe(boot=self.scenario.uses_esp), acceptable, self.baseline,
                            self.target, trace=self.last_trace, model_states=set(self.model.states),
-                           strict_boot=strict_boot)
+                           strict_boot=strict_boot, booted=self.booted)
         self.last_trace = None
+        self.booted = None
         for name in only or self.scenario.invariants:
             outcome = INVARIANTS[name].check(ctx)
             if outcome.held:
@@ -216,7 +219,8 @@ def _run_steps(scenario: Scenario, result: ScenarioResult, kind: TargetKind, wor
     if kind == TargetKind.VM:
         workdir = workdir or run_cache_dir()  # must be visible in the guest, which mounts tmpfs over /tmp
     with tempfile.TemporaryDirectory(prefix="stonelab-run-", dir=workdir) as tmp:
-        packages = build_packages(scenario.packages, Path(tmp) / "packages")
+        packages, decls = build_packages(scenario.packages, Path(tmp) / "packages")
+        scenario = dataclasses.replace(scenario, packages=decls)
         make = vm_factory if kind == TargetKind.VM else (lambda path: HostTarget(path))
         with make(Path(tmp) / "target") as sut:
             result.crash_semantics = sut.crash_semantics

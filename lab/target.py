@@ -161,6 +161,9 @@ class HostTarget:
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 
+    def boot_entry(self, entry: str) -> tuple[str, str, str]:
+        raise StonelabError("boot: a real UEFI boot needs the vm target (target: vm, or stonelab run --target vm)")
+
     def reboot(self) -> str:
         return "host target: nothing to restart (each verb is a new process; the page cache stays)"
 

@@ -24,11 +24,15 @@ from vm.accel import AccelChoice, AccelSelector
 from vm.disk import DiskLayout, build_disk
 from vm.host import Kernel, default_kernel, kernel_from_path
 from vm.machine import PROJECT_DIR, Machine, agent_config
+from vm.errors import VmError
 from vm.qemu import DiskSpec
+from reference_impl.boot.esp import MtoolsEsp
 
 GUEST_ROOT = "/mnt/sut"
 SUT_PARTITION = "/dev/vda2"
 GUEST_DISK = "/dev/vda"
+LOADER_CONF = "loader/loader.conf"
+UEFI_BOOT_TIMEOUT = 600  # OVMF + systemd-boot + the kernel under TCG on a loaded 2-core CI machine
 EXT4_COMMIT_SECONDS = 3600
 
 
@@ -119,7 +123,7 @@ class VmTarget:
         return result.stdout.strip()
 
     def boot_args(self) -> list[str]:
-        return ["--esp", GUEST_DISK, "--root-device", SUT_PARTITION]
+        return ["--esp", GUEST_DISK, "--root-device", f"{GUEST_DISK}:2"]
 
     def shell(self, command: str) -> CommandResult:
         self.power_on()
@@ -144,6 +148,37 @@ class VmTarget:
         self.stonelab(kept, env={"STONELAB_CUT": f"count:{copy}.count"})
         result = self.machine.execute(f"cat {copy}.count; rm -rf {copy} {copy}.count", 120)
         return int(result.stdout.strip() or 0) if result.stdout.strip().isdigit() else 0
+
+    def boot_entry(self, entry: str) -> tuple[str, str, str]:
+        """Power off, then boot the SUT disk for real: OVMF → systemd-boot → the Type 1 entry ``entry`` (a file
+        name under loader/entries without .conf; the lab makes it the one-time default in loader.conf and puts the
+        original back afterwards). Returns (state id the initramfs found in /usr/.stateID, its moss.fstx=, the
+        console's last lines). Raises StonelabError when no state is reported in time."""
+        from lab.bootproof import BOOTED
+        from vm.machine import uefi_config
+
+        if self.machine.running:
+            self.machine.succeed(f"sync && umount {GUEST_ROOT}")
+            self.machine.shutdown()
+        fat = MtoolsEsp(self.disk.path, self.disk.layout.esp_offset)
+        original = fat.read(LOADER_CONF) or b""
+        lines = [ln for ln in original.decode().splitlines() if not ln.startswith("default ")]
+        fat.write_atomic(LOADER_CONF, "\n".join([f"default {entry}", *lines, ""]).encode())
+        config = uefi_config(self.accel, DiskSpec(self.disk.path), agent=False, share_host_root=False)
+        try:
+            with Machine(config, name="sut-uefi", transport="console",
+                         console_log=self.workdir / f"uefi-{self.boots}.log") as firmware:
+                try:
+                    firmware.wait_for_console(BOOTED.pattern, UEFI_BOOT_TIMEOUT)
+                    firmware.wait_for_exit(60)
+                except VmError as err:
+                    raise StonelabError(f"UEFI boot of entry {entry} reported no state: {err}") from None
+                found = BOOTED.findall(firmware.console.text)
+                tail = "\n".join(firmware.console.tail()[-8:])
+        finally:
+            fat.write_atomic(LOADER_CONF, original)
+        state, fstx = found[-1]
+        return state, fstx, tail
 
     def reboot(self) -> str:
         """A clean shutdown (the guest syncs and unmounts), then power on again."""

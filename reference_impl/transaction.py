@@ -150,7 +150,8 @@ class Transaction:
         state = self.dbs.state.add(selections, summary=summary)
         self.fault("state.recorded")
         try:
-            (inst.staging_usr / STATE_ID_FILE).write_text(str(state.id))
+            if not mutants.active("skip-state-id"):
+                (inst.staging_usr / STATE_ID_FILE).write_text(str(state.id))
             os_release = inst.staging_usr / "lib" / "os-release"
             if not os_release.exists():
                 os_release.parent.mkdir(parents=True, exist_ok=True)

@@ -110,6 +110,8 @@ def _pydantic_message(kind: str, error: dict) -> str:
         return f"{kind}: unknown field {error['loc'][-1]!r}"
     if error["type"] == "missing":
         return f"{kind}: missing field {error['loc'][-1]!r}"
+    if error["type"] == "value_error":
+        return f"{kind}: {str(error['msg']).removeprefix('Value error, ')}"
     return f"{kind}: {error['msg']} (got {error['input']!r})"
 
 

@@ -216,3 +216,47 @@ class PowerLoss(StepKind):
             raise StepFailure(f"{cmd.text()}: {outcome.summary()}")
         runner.model.installed = cmd.after if cmd.after is not None else runner.model.installed
         return [runner.model.tree()]
+
+
+@register
+class Boot(StepKind):
+    name = "boot"
+    summary = ("a real boot of the system disk (vm target): OVMF → systemd-boot → the Type 1 entry of `default` "
+               "(loader.conf's) or of a state id; the initramfs honours moss.fstx= and reports the state it came up "
+               "in, which `boots_into` compares with the one expected")
+    example = "boot: {entry: default}"
+    uses_esp = True
+
+    class Args(BaseModel):
+        model_config = ConfigDict(extra="forbid", frozen=True)
+        entry: Annotated[int | Literal["default"], Field(union_mode="left_to_right")] = "default"
+
+    arg_type = Args
+
+    @classmethod
+    def describe(cls, arg) -> str:
+        return f"boot entry {arg.entry}"
+
+    @classmethod
+    def run(cls, runner, step, result) -> list:
+        from lab.boot_invariants import entry_state, parse_entry
+        obs = runner.target.observe(boot=True)
+        entries = {p.rsplit("/", 1)[-1].removesuffix(".conf"): entry_state(parse_entry(t))
+                   for p, t in (obs.boot or {}).get("entries", {}).items()}
+        default = next((ln.split(None, 1)[1].strip() for ln in ((obs.boot or {}).get("loader_conf") or "").splitlines()
+                        if ln.startswith("default ")), None)
+        if step.arg.entry == "default":
+            name, expected = default, obs.state_id
+        else:
+            name = next((n for n, s in entries.items() if s == str(step.arg.entry)), None)
+            expected = str(step.arg.entry)
+        if name not in entries:
+            raise StepFailure(f"no boot entry for {step.arg.entry} on the ESP (entries: {sorted(entries) or 'none'})")
+        state, fstx, tail = runner.target.boot_entry(name)
+        result.command = f"OVMF → systemd-boot → {name}"
+        result.output = tail
+        result.note = f"the guest came up in state {state or '(none)'} (entry's moss.fstx={fstx})"
+        runner.booted = (expected, state, name)
+        if state and state.isdigit() and int(state) in runner.model.states:  # the initramfs activated it
+            runner.model.installed = dict(runner.model.states[int(state)])
+        return [runner.model.tree()]
