@@ -48,7 +48,7 @@ MUTANTS = (
            ("upstream-586-default-entry[reference/exchange]",)),
     Mutant("recover-by-deleting", "recovery deletes the old tree found in staging instead of archiving it",
            ("window-swap-after[reference/exchange]",)),
-    Mutant("skip-asset-hash-check", "`state verify` does not compare an asset's content with its name",
+    Mutant("skip-asset-hash-check", "`state verify` trusts content: assets and state files are not re-hashed",
            ("store-corruption",)),
     Mutant("leave-staging", "the previous tree is left in staging after the exchange", (UPGRADE,)),
     Mutant("prune-active", "prune may remove the active state", ("prune-keeps-active[reference/exchange]",)),
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     base_seconds = time.monotonic() - started
     broken = [n for n, r in baseline.items() if r.verdict != Verdict.PASS]
     for name in needed:
-        print(f"baseline  {name}: {baseline[name].verdict} ({baseline[name].seconds:.1f} s)")
+        print(f"baseline  {name}: {baseline[name].verdict} ({baseline[name].seconds:.1f} s)", flush=True)
     survivors = []
     for mutant in chosen:
         hits = []
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         caught = any("NOT JUDGED" not in h for h in hits)
         if not caught:
             survivors.append(mutant.name)
-        print(f"{'caught  ' if caught else 'SURVIVED'}  {mutant.name:26} {mutant.bug}")
+        print(f"{'caught  ' if caught else 'SURVIVED'}  {mutant.name:26} {mutant.bug}", flush=True)
         for hit in hits:
             print(f"          {hit}")
     total = len(chosen)

@@ -20,11 +20,13 @@ def corrupt_largest_asset(root: Path, disk: Path | None = None, arg: str = "") -
     if not assets:
         raise RuntimeError(f"{root}: the store has no assets to corrupt")
     victim = max(assets, key=lambda p: (p.stat().st_size, str(p)))
+    mode = victim.stat().st_mode
     victim.chmod(0o644)
     with open(victim, "r+b") as handle:
         first = handle.read(1)
         handle.seek(0)
         handle.write(bytes([first[0] ^ 0xFF]) if first else b"!")
+    victim.chmod(mode)  # the content rots, nothing else
     return str(victim.relative_to(root))
 
 

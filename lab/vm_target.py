@@ -123,7 +123,8 @@ class VmTarget:
         return result.stdout.strip()
 
     def boot_args(self) -> list[str]:
-        return ["--esp", GUEST_DISK, "--root-device", f"{GUEST_DISK}:2"]
+        # the ESP partition's device node (mtools on the whole disk at the ESP's offset fails in the guest)
+        return ["--esp", f"{GUEST_DISK}1", "--root-device", f"{GUEST_DISK}:2"]
 
     def shell(self, command: str) -> CommandResult:
         self.power_on()

@@ -139,3 +139,24 @@ def test_skip_syncfs_breaks_alices_contract(tmp_path, monkeypatch):
     result = run_scenario(load_scenario(path))
     assert result.verdict == Verdict.FAIL and result.observed_violations == ["alice"]
     assert "no syncfs/sync after the last change to the staged tree" in result.steps[0].violations[0].detail
+
+
+@pytest.mark.parametrize("name, verdict, reason", [
+    ("esp-lost", Verdict.PASS, "all invariants held"),
+    ("upstream-866-esp-full", Verdict.PASS, "all invariants held"),
+    ("window-state-recorded[moss-compat/exchange]", Verdict.PASS, "upstream gap reproduced (moss-semantics.md"),
+    ("window-state-recorded[moss-compat/symlink]", Verdict.NOT_APPLICABLE, "upstream moss only swaps"),
+])
+def test_shipped_esp_and_matrix_scenarios(name, verdict, reason, monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    cells = {s.name: s for s in load_scenarios(REPO / "scenarios" / (name.split("[")[0] + ".yaml"))}
+    result = run_scenario(cells[name])
+    assert result.verdict == verdict and result.reason.startswith(reason), result.reason
+    if name == "esp-lost":
+        refused = result.steps[3]
+        assert refused.description == "expect_fail boot_sync" and "no ESP" in refused.note
+        assert "nothing to boot from" in refused.evidence["boot_entries_valid"]
+    if name == "upstream-866-esp-full":
+        assert "full" in result.steps[4].note and "default" in result.steps[4].evidence["boot_entries_valid"]
+    if verdict == Verdict.PASS and "gap" in reason:
+        assert set(result.observed_violations) == {"alice", "no_orphan_states", "staging_empty"}

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from lab.steps import StepArgError, StepFailure, StepKind, check_package_keys, register
-from lab.steps.faults import parse_transaction
+from lab.steps.faults import InterruptingStep
 from lab.steps.transactions import Command, TransactionStep
 from reference_impl.faults import CUT_ENV_VAR
 from reference_impl.stone.repository import write_repository_index
@@ -22,9 +22,14 @@ class InjectStep(StepKind):
 
     @classmethod
     def run(cls, runner, step, result) -> list:
-        result.command = f"lab.faults {cls.action}"
-        result.note = runner.target.inject(cls.action, cls.inject_arg(runner, step.arg))
+        action = cls.action_for(step.arg)
+        result.command = f"lab.faults {action}"
+        result.note = runner.target.inject(action, cls.inject_arg(runner, step.arg))
         return [runner.model.tree()]
+
+    @classmethod
+    def action_for(cls, arg) -> str:
+        return cls.action
 
     @classmethod
     def inject_arg(cls, runner, arg) -> str:
@@ -73,10 +78,8 @@ class Fill(InjectStep):
     arg_type = Literal["esp", "root"]
 
     @classmethod
-    def run(cls, runner, step, result) -> list:
-        result.command = f"lab.faults fill-{step.arg}"
-        result.note = runner.target.inject(f"fill-{step.arg}")
-        return [runner.model.tree()]
+    def action_for(cls, arg) -> str:
+        return f"fill-{arg}"
 
 
 @register
@@ -179,17 +182,12 @@ class PowerLossArgs(BaseModel):
 
 
 @register
-class PowerLoss(StepKind):
+class PowerLoss(InterruptingStep):
     name = "power_loss"
     summary = ("cut the power during a transaction at a seeded moment that is not a fault point: after the N-th "
                "system call that changes the disk, N drawn from the seed over a calibration run on a copy")
     example = "power_loss: {at: random, seed: 7, during: {install: [hello-2]}}"
     arg_type = PowerLossArgs
-    checked = False
-
-    @classmethod
-    def check(cls, value: PowerLossArgs, ctx, loc):
-        return value.model_copy(update={"during": parse_transaction(value.during, ctx, (*loc, "during"), cls.name)})
 
     @classmethod
     def describe(cls, arg: PowerLossArgs) -> str:
