@@ -138,8 +138,13 @@ def load_scenarios(path: str | Path) -> list[Scenario]:
         spec = ScenarioFile.model_validate(doc.data)
     except ValidationError as err:
         raise ScenarioError(_first_error(doc, err)) from None
+    except RecursionError:
+        raise ScenarioError(doc.located((), "a YAML alias refers to itself")) from None
     packages = {key: decl.model_copy(update={"key": key}) for key, decl in spec.packages.items()}
-    steps = _parse_steps(doc, spec.steps, packages)
+    try:
+        steps = _parse_steps(doc, spec.steps, packages)
+    except RecursionError:
+        raise ScenarioError(doc.located(("steps",), "steps: a YAML alias refers to itself")) from None
     return [_cell(spec, doc.path, packages, steps, mode, swap) for mode, swap in _combinations(spec)]
 
 

@@ -105,3 +105,17 @@ def test_expected_violations_per_target(tmp_path):
     assert scenario.expected_for("vm") == ("atomic_usr", "store_integrity")
     assert scenario.expected_for("host") == ()
     assert scenario.target == "any"
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("name: x\nsteps: [recover]\ndescription: \"\\0\"\x00\n", "not valid YAML"),
+    ("&a [*a]\n", "1:1: top level: expected a mapping"),
+    ("name: x\nsteps:\n  - install: &a [*a]\n", "install"),
+    ("name: x\ntags: &t [*t]\nsteps: [recover]\n", "tags"),
+])
+def test_hostile_yaml_is_one_line(tmp_path, text, problem):
+    path = tmp_path / "h.yaml"
+    path.write_bytes(text.encode())
+    with pytest.raises(ScenarioError) as info:
+        load_scenario(path)
+    assert str(info.value).startswith(str(path)) and problem in str(info.value)
