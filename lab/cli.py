@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from lab.report import RunReport, print_terminal, write_all
 from lab.runner import run_scenario
@@ -45,10 +46,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         from lab.vm_target import vm_target_factory
         vm_factory = vm_target_factory(args.kernel, args.accel)
     for scenario in scenarios:
-        with console.status(f"running {scenario.name}"):
+        with console.status(escape(f"running {scenario.name}")):
             results.append(run_scenario(scenario, target=args.target, vm_factory=vm_factory))
         last = results[-1]
-        console.print(f"{last.verdict:5} {scenario.name} ({last.seconds:.1f}s) {last.reason}")
+        console.print(escape(f"{last.verdict:5} {scenario.name} ({last.seconds:.1f}s) {last.reason}"))
     report = RunReport(results)
     print_terminal(report, console)
     for path in write_all(report, args.report_dir):
