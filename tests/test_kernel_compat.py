@@ -1,4 +1,5 @@
-"""Kernel compatibility: the trace of what the reference uses, the probe of a running kernel, and the gaps."""
+"""Kernel compatibility: the traced requirements, the semantic probe (and a kernel that ignores a flag), profiles
+and the gaps between them."""
 from __future__ import annotations
 
 import json
@@ -8,11 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from lab.kernel.gaps import analyse, documented_profile, probed_profile
-from lab.kernel.probe import build_probe, filesystem_of, probe_here
-from lab.kernel.trace import Feature, Trace, parse_strace, trace_reference
+from lab.kernel.gaps import analyse
+from lab.kernel.probe import Shim, build_probe, filesystem_of, probe_here
+from lab.kernel.profile import PROJECT, load_profile, probed_profile
+from lab.kernel.trace import Feature, Trace, parse_strace
 from tests.conftest import shared_file
 
+REQUIREMENTS = PROJECT / "compat" / "requirements.json"
 STRACE = """\
 100 renameat2(AT_FDCWD, "/r/.moss/root/staging/usr", AT_FDCWD, "/r/usr", RENAME_EXCHANGE) = 0
 100 openat(AT_FDCWD, "/r/.moss", O_RDONLY|O_CLOEXEC|O_DIRECTORY) = 3
@@ -21,8 +24,13 @@ STRACE = """\
 101 <... linkat resumed>)             = -1 EXDEV (Invalid cross-device link)
 100 ioctl(4, BTRFS_IOC_CLONE or FICLONE, 3) = -1 EOPNOTSUPP (Operation not supported)
 100 ioctl(1, TCGETS, 0x7ffd) = -1 ENOTTY (Inappropriate ioctl for device)
-100 unshare(CLONE_NEWNS)              = 0
+100 unshare(CLONE_NEWNS|CLONE_NEWUTS|CLONE_NEWIPC|CLONE_NEWPID|CLONE_NEWNET) = 0
 100 mount(NULL, "/", NULL, MS_REC|MS_PRIVATE, NULL) = 0
+100 mount("tmpfs", "/x/tmp", "tmpfs", MS_NOSUID|MS_NODEV, "mode=1777") = 0
+100 openat(5, "empty", O_WRONLY|O_CREAT|O_EXCL|O_NOFOLLOW|O_CLOEXEC, 0644) = 6
+100 openat(5, ".", O_WRONLY|O_TMPFILE|O_CLOEXEC, 0600) = -1 EOPNOTSUPP (Operation not supported)
+100 openat(AT_FDCWD, "/sys/dev/block/254:2/partition", O_RDONLY|O_CLOEXEC) = 3
+100 prctl(PR_SET_PDEATHSIG, SIGKILL) = 0
 100 rseq(0x7f, 0x20, 0, 0x53053053) = 0
 """
 
@@ -31,75 +39,124 @@ def test_parse_strace_reduces_calls_to_features():
     features: dict[str, Feature] = {}
     parse_strace(STRACE, "install", features)
     assert features["renameat2:RENAME_EXCHANGE"].calls == 1
-    assert features["linkat:0"].errors == {"EXDEV": 1}  # joined across <unfinished>/<resumed>
+    assert features["linkat"].errors == ["EXDEV"]  # joined across <unfinished>/<resumed>, flags 0 → no detail
     assert features["openat:O_DIRECTORY"].category == "transaction"
-    assert features["ioctl:FICLONE"].errors == {"EOPNOTSUPP": 1}
+    assert features["ioctl:FICLONE"].errors == ["EOPNOTSUPP"]
     assert features["ioctl:TCGETS"].category == "runtime"
     assert features["mount:MS_PRIVATE|MS_REC"].phases == ["install"]
-    assert "unshare:CLONE_NEWNS" in features and features["rseq"].category == "runtime"
+    assert "mount:tmpfs:MS_NODEV|MS_NOSUID" in features
+    assert "unshare:CLONE_NEWIPC|CLONE_NEWNET|CLONE_NEWNS|CLONE_NEWPID|CLONE_NEWUTS" in features  # sorted flags
+    assert "openat:O_CREAT|O_EXCL|O_NOFOLLOW" in features and features["openat:O_TMPFILE"].errors == ["EOPNOTSUPP"]
+    assert features["sysfs:block"].category == "transaction"
+    assert "prctl:PR_SET_PDEATHSIG" in features and features["rseq"].category == "runtime"
+
+
+def _results(log: str, fs: str) -> dict[str, str]:
+    profile = probed_profile("here", "", log, "probe output")
+    return {key: per_fs[fs].short() for key, per_fs in profile.results.items() if fs in per_fs}
 
 
 @pytest.fixture(scope="module")
-def trace() -> Trace:
-    import shutil
-    if not shutil.which("strace"):
-        pytest.skip("strace is not installed")
-    return trace_reference()
+def here_log(tmp_path_factory) -> tuple[str, str]:
+    directory = tmp_path_factory.mktemp("probe")
+    build_probe()  # needs gcc and a static libc (Debian libc6-dev)
+    log = probe_here([directory])
+    assert not list(directory.iterdir()), "the probe left its work directory behind"
+    return log, filesystem_of(directory)
 
 
-def test_trace_shows_what_each_swap_strategy_needs(trace: Trace):
-    exchange = trace.feature("renameat2:RENAME_EXCHANGE")
-    assert exchange is not None and all(p.startswith("exchange:") for p in exchange.phases)
-    assert {"exchange:install", "exchange:upgrade", "exchange:rollback"} <= set(exchange.phases)
-    renames = trace.feature("rename")
-    assert renames is not None and any(p.startswith("symlink:") for p in renames.phases)
-    for key in ("syncfs", "fsync", "flock:LOCK_EX|LOCK_NB", "linkat:0", "symlinkat", "prlimit64:RLIMIT_NOFILE"):
-        assert trace.feature(key) is not None, f"{key} not traced"
-    assert Trace.from_json(trace.to_json()).feature("syncfs").calls == trace.feature("syncfs").calls
-
-
-def test_documented_asterinas_gaps(trace: Trace):
-    profile = documented_profile("asterinas-0.18.1", shared_file("data").parent / "data")
-    gaps = {g.feature: g for g in analyse(trace, profile, "ext2")}
-    assert gaps["renameat2:RENAME_EXCHANGE"].result == "EINVAL"
-    assert gaps["renameat2:RENAME_EXCHANGE"].severity == "blocker" and "--swap symlink" in gaps[
-        "renameat2:RENAME_EXCHANGE"].workaround
-    assert gaps["mount:vfat"].result == "ENODEV"
-    assert "newfstatat" not in gaps  # Asterinas calls it fstatat: compared by number, not by name
-    assert "rename" not in gaps and "linkat:0" not in gaps
-    on_tmpfs = {g.feature for g in analyse(trace, profile, "tmpfs")}
-    assert "renameat2:RENAME_EXCHANGE" not in on_tmpfs
-
-
-def test_probe_this_kernel(tmp_path: Path):
-    build_probe()  # needs gcc and a static libc
-    log = probe_here([tmp_path])
-    fs = filesystem_of(tmp_path)
-    assert f"STONELAB-PROBE {fs} renameat2_exchange ok" in log
+def test_probe_checks_semantics_on_this_kernel(here_log):
+    log, fs = here_log
     assert f"STONELAB-PROBE {fs} done" in log
-    assert not list(tmp_path.iterdir()), "the probe left its work directory behind"
-    profile = probed_profile("host", log)
-    assert profile.result("renameat2:RENAME_EXCHANGE", fs) == "ok"
-    assert profile.result("unshare:CLONE_NEWNS", fs) == "ok"
+    results = _results(log, fs)
+    for key in ("renameat2:RENAME_EXCHANGE", "renameat2:RENAME_NOREPLACE", "rename", "linkat", "symlinkat",
+                "openat:O_CREAT|O_EXCL", "flock:LOCK_EX|LOCK_NB", "unshare:CLONE_NEWNS", "unshare:CLONE_NEWPID",
+                "unshare:CLONE_NEWNET", "unshare:CLONE_NEWUTS", "unshare:CLONE_NEWIPC", "unshare:CLONE_NEWUSER",
+                "pivot_root", "mount:MS_BIND", "mount:MS_BIND|MS_RDONLY|MS_REMOUNT", "fsync", "syncfs"):
+        assert results[key] == "supported", (key, results.get(key))
+    assert "same inode" in log and "contents checked" in log
 
 
-def test_probed_refusal_becomes_a_gap(trace: Trace):
-    log = ("STONELAB-PROBE ext2 renameat2_exchange fail EINVAL 22 swap\n"
-           "STONELAB-PROBE ext2 linkat ok\nSTONELAB-PROBE ext2 done\n")
-    gaps = {g.feature: g for g in analyse(trace, probed_profile("asterinas", log), "ext2")}
-    assert gaps["renameat2:RENAME_EXCHANGE"].evidence.startswith("probed")
-    assert "linkat:0" not in gaps
+@pytest.mark.parametrize("shim, key, evidence", [
+    (Shim(316, 4, 0x2), "renameat2:RENAME_EXCHANGE", "the flag was ignored"),        # renameat2 without EXCHANGE
+    (Shim(316, 4, 0x1), "renameat2:RENAME_NOREPLACE", "replaced an existing name"),  # … without NOREPLACE
+    (Shim(272, 0, 0x20000000), "unshare:CLONE_NEWPID", "not pid 1"),                # unshare without NEWPID
+    (Shim(272, 0, 0x40000000), "unshare:CLONE_NEWNET", "unchanged"),                # unshare without NEWNET
+    (Shim(165, 3, 0x1), "mount:MS_BIND|MS_RDONLY|MS_REMOUNT", "read-only bind"),    # mount without MS_RDONLY
+])
+def test_a_kernel_that_ignores_a_flag_is_caught(tmp_path: Path, here_log, shim: Shim, key: str, evidence: str):
+    _, fs = here_log
+    log = probe_here([tmp_path], build_probe(shim=shim))
+    line = next(line for line in log.splitlines() if f" {key} " in line)
+    assert " wrong-semantics -- " in line and evidence in line, line
+    assert _results(log, fs)["rename"] == "supported"  # the shim touches nothing else
+
+
+def test_asterinas_profile_cites_upstream_sources():
+    profile = load_profile("asterinas-0.18.1", shared_data=shared_file("data"))
+    for key, per_fs in profile.results.items():
+        for result in per_fs.values():
+            assert result.source and all(s.startswith("kernel/") for s in result.source), key
+            assert result.evidence, key
+    exchange = profile.result("renameat2:RENAME_EXCHANGE", "ext2")
+    assert exchange.errno == "EINVAL" and "fs_impls/ext2" in " ".join(exchange.source)
+    assert profile.result("renameat2:RENAME_EXCHANGE", "tmpfs").ok
+    assert profile.result("copy_file_range", "ext2").errno == "ENOSYS"
+    assert profile.result("newfstatat", "ext2") is None  # Asterinas calls it fstatat: compared by number
+    assert profile.result("unshare:CLONE_NEWIPC|CLONE_NEWNET|CLONE_NEWNS|CLONE_NEWPID|CLONE_NEWUTS", "ext2").errno \
+        == "EINVAL"
+
+
+def _trace(*keys: str) -> Trace:
+    return Trace([Feature(k, k.split(":")[0], k.partition(":")[2], "transaction", ["install"]) for k in keys],
+                 ["install"], "test")
+
+
+def test_every_semantic_failure_of_a_probe_log_is_a_gap():
+    keys = ["renameat2:RENAME_EXCHANGE", "openat:O_TMPFILE", "linkat", "unshare:CLONE_NEWPID", "setxattr",
+            "fsync"]
+    lines = [f"STONELAB-PROBE ext2 {keys[0]} errno EINVAL 22 -- refused",
+             f"STONELAB-PROBE ext2 {keys[1]} errno EOPNOTSUPP 95 -- refused",
+             f"STONELAB-PROBE ext2 {keys[2]} wrong-semantics -- another inode",
+             f"STONELAB-PROBE ext2 {keys[3]} wrong-semantics -- not pid 1",
+             f"STONELAB-PROBE ext2 {keys[4]} errno EOPNOTSUPP 95 -- refused",
+             f"STONELAB-PROBE ext2 {keys[5]} wrong-semantics -- bitmaps", "STONELAB-PROBE ext2 rename supported -- ok",
+             "STONELAB-PROBE ext2 done"]
+    profile = probed_profile("ext2-kernel", "", "\n".join(lines), "log")
+    trace = _trace("renameat2:RENAME_EXCHANGE", "openat:O_TMPFILE", "linkat", "setxattr", "fsync", "rename",
+                   "unshare:CLONE_NEWIPC|CLONE_NEWNET|CLONE_NEWNS|CLONE_NEWPID|CLONE_NEWUTS")
+    gaps = {g.feature: g for g in analyse(trace, profile, "ext2")}
+    assert set(gaps) == {"renameat2:RENAME_EXCHANGE", "openat:O_TMPFILE", "linkat", "setxattr", "fsync",
+                         "unshare:CLONE_NEWIPC|CLONE_NEWNET|CLONE_NEWNS|CLONE_NEWPID|CLONE_NEWUTS"}
+    assert gaps["linkat"].result == "wrong-semantics" and "another inode" in gaps["linkat"].evidence
+    unshare = gaps["unshare:CLONE_NEWIPC|CLONE_NEWNET|CLONE_NEWNS|CLONE_NEWPID|CLONE_NEWUTS"]
+    assert unshare.severity == "blocker" and unshare.evidence.startswith("unshare:CLONE_NEWPID")
+    assert gaps["openat:O_TMPFILE"].severity == "benign" and "falls back" in gaps["openat:O_TMPFILE"].consequence
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "stonelab.cli", *args], capture_output=True, text=True,
+                          cwd=PROJECT)
 
 
 def test_kernel_cli_errors_are_one_line(tmp_path: Path):
-    def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "stonelab.cli", "kernel", *args], capture_output=True,
-                              text=True)
-    for args, needle in ((["gaps", "--profile", "plan9", "--trace", str(tmp_path / "t.json")], "t.json"),
-                         (["gaps", "--probe-log", str(tmp_path / "none.log"), "--trace", str(tmp_path)], "")):
-        result = run(*args)
-        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    cases = [
+        (["kernel", "gaps", "--profile", "plan9", "--trace", str(tmp_path / "t.json")], "plan9"),
+        (["kernel", "gaps", "--probe-log", str(tmp_path / "none.log")], "none.log"),
+        (["kernel", "probe", "--kernel", str(tmp_path / "vmlinuz-none")], "vmlinuz-none"),
+        (["kernel", "probe", "--kernel", str(PROJECT / "lab/kernel/probe.c"), "--boot", "multiboot"], "multiboot"),
+        (["kernel", "gaps", "--profile", "asterinas-0.18.1", "--fs", "btrfs"], "btrfs"),
+    ]
+    for args, needle in cases:
+        result = _cli(*args)
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, (args, result.stderr)
+        assert needle in result.stderr, (args, result.stderr)
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"nope": 1}))
-    result = run("gaps", "--profile", "asterinas-0.18.1", "--trace", str(bad))
-    assert result.returncode == 2 and "not a stonelab kernel trace" in result.stderr
+    result = _cli("kernel", "gaps", "--profile", "asterinas-0.18.1", "--trace", str(bad))
+    assert result.returncode == 2 and "not a stonelab requirements file" in result.stderr
+
+
+def test_fs_values_are_checked():
+    result = _cli("kernel", "probe", "--kernel", "/nonexistent", "--fs", "ext2,zfs")
+    assert result.returncode == 2 and "zfs" in result.stderr and "tmpfs,ext2,ext4,vfat" in result.stderr
