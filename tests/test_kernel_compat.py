@@ -160,3 +160,31 @@ def test_kernel_cli_errors_are_one_line(tmp_path: Path):
 def test_fs_values_are_checked():
     result = _cli("kernel", "probe", "--kernel", "/nonexistent", "--fs", "ext2,zfs")
     assert result.returncode == 2 and "zfs" in result.stderr and "tmpfs,ext2,ext4,vfat" in result.stderr
+
+
+def test_boot_protocol_headers_are_checked(tmp_path: Path):
+    from lab.kernel.boot import check_image
+    from stonelab.errors import StonelabError
+    from tests.test_vm_boot_modes import multiboot_kernel
+    image = multiboot_kernel(tmp_path / "mb.bin", b"x", 0x10)
+    check_image(image, "multiboot")
+    for boot in ("linux", "uefi"):
+        with pytest.raises(StonelabError, match="mb.bin"):
+            check_image(image, boot)
+
+
+@pytest.mark.vm
+def test_probe_booted_on_the_linux_guest_agrees_with_the_linux_profile(kernel):
+    from lab.kernel.boot import probe_kernel
+    committed = sorted((PROJECT / "compat" / "profiles").glob(f"linux-{kernel.release}.json"))
+    if not committed:
+        pytest.skip(f"no committed profile for kernel {kernel.release} (regenerate: stonelab kernel probe --kernel "
+                    f"{kernel.image})")
+    profile = load_profile(str(committed[0]))
+    run = probe_kernel(kernel.image, filesystems=["tmpfs", "ext2"])
+    assert run.profile.name == profile.name and "incomplete" not in run.profile.facts, run.profile.facts
+    for fs in ("tmpfs", "ext2", "*"):
+        probed = {k: r.short() for k, per_fs in run.profile.results.items() for f, r in per_fs.items() if f == fs}
+        expected = {k: r.short() for k, per_fs in profile.results.items() for f, r in per_fs.items() if f == fs}
+        assert probed == expected, fs
+    assert profile.exact("renameat2:RENAME_EXCHANGE", "ext2").ok and not profile.exact("durability", "tmpfs").ok

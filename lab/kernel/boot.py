@@ -31,7 +31,8 @@ from vm.machine import Machine, foreign_config, uefi_config
 from vm.qemu import DiskSpec
 
 BOOT_PROTOCOLS = ("linux", "multiboot", "uefi")
-PROBE_MODULES = ("virtio_pci", "virtio_blk", "ext4", "vfat", "nls_cp437", "nls_iso8859_1", "crc32c_generic")
+PROBE_MODULES = ("virtio_pci", "virtio_blk", "ext4", "vfat", "nls_cp437", "nls_iso8859_1", "nls_utf8", "nls_ascii",
+                 "crc32c_generic")
 END_MARKER = "STONELAB-PROBE-END"
 DISK_MIB = 64
 APPEND = "console=ttyS0 panic=-1 rdinit=/init"
@@ -165,7 +166,7 @@ def probe_kernel(image: Path, *, initrd: Path | None = None, boot: str = "linux"
                 raise StonelabError(f"{image}: the probe did not finish within {timeout:g}s ({type(err).__name__}); "
                                     f"last console lines: {tail[-600:]}") from None
             status = guest.wait_for_exit(120)
-            console = guest.console.text()
+            console = guest.console.text
     release = _kernel_release(console) or image.name
     profile = probed_profile(name or f"{_profile_stem(release)}", release, console, str(image),
                              persistent_root="ext4" if "ext4" in filesystems else "")

@@ -219,7 +219,7 @@ def probed_profile(name: str, kernel: str, text: str, where: str, *, persistent_
     run did not print ``done`` is named in ``facts`` as incomplete."""
     results, done = parse_probe_log(text, where)
     labels = sorted({fs for per_fs in results.values() for fs in per_fs})
-    incomplete = [fs for fs in labels if fs not in done]
+    incomplete = [fs for fs in labels if fs not in done and fs != WILDCARD]
     facts = f"probed on {', '.join(labels)}" + (f"; incomplete: {', '.join(incomplete)}" if incomplete else "")
     return KernelProfile(name, kernel, "probed", results, labels, persistent_root, facts=facts)
 
