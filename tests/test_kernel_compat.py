@@ -188,3 +188,54 @@ def test_probe_booted_on_the_linux_guest_agrees_with_the_linux_profile(kernel):
         expected = {k: r.short() for k, per_fs in profile.results.items() for f, r in per_fs.items() if f == fs}
         assert probed == expected, fs
     assert profile.exact("renameat2:RENAME_EXCHANGE", "ext2").ok and not profile.exact("durability", "tmpfs").ok
+
+
+CALLS = """\
+import ctypes, os, sys, tempfile
+libc = ctypes.CDLL(None, use_errno=True)
+d = tempfile.mkdtemp(dir=sys.argv[1])
+for name in "ab":
+    open(os.path.join(d, name), "w").write(name)
+def call(*args):
+    return 0 if libc.syscall(*args) >= 0 else ctypes.get_errno()
+out = {"renameat2_exchange": call(316, -100, f"{d}/a".encode(), -100, f"{d}/b".encode(), 2),
+       "renameat2_plain": call(316, -100, f"{d}/a".encode(), -100, f"{d}/c".encode(), 0),
+       "copy_file_range": call(326, -1, None, -1, None, 1, 0)}
+r, w = os.pipe()
+if os.fork() == 0:
+    os.write(w, bytes([call(272, 0x20000000), call(272, 0x20000)]))
+    os._exit(0)
+os.wait()
+out["unshare_newpid"], out["unshare_newns"] = os.read(r, 2)
+print(out)
+"""
+
+
+def test_emulation_returns_the_profiles_errno_for_calls_linux_supports(tmp_path: Path):
+    import ast
+    import errno
+    shared_file("data")
+    script = tmp_path / "calls.py"
+    script.write_text(CALLS)
+    native = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, check=True)
+    emulated = subprocess.run([sys.executable, "-m", "lab.kernel.emulate", "--profile", "asterinas-0.18.1", "--",
+                               sys.executable, str(script), str(tmp_path)], capture_output=True, text=True,
+                              cwd=PROJECT)
+    assert emulated.returncode == 0, emulated.stderr
+    linux, asterinas = ast.literal_eval(native.stdout), ast.literal_eval(emulated.stdout)
+    assert linux["renameat2_exchange"] == 0 and asterinas["renameat2_exchange"] == errno.EINVAL
+    assert linux["copy_file_range"] == errno.EBADF and asterinas["copy_file_range"] == errno.ENOSYS
+    assert linux["unshare_newpid"] == 0 and asterinas["unshare_newpid"] == errno.EINVAL
+    assert asterinas["renameat2_plain"] == 0 and asterinas["unshare_newns"] == 0  # what Asterinas has still works
+
+
+def test_emulation_plan_names_what_seccomp_cannot_express():
+    from lab.kernel.emulate import plan
+    p = plan(load_profile("asterinas-0.18.1", shared_data=shared_file("data")), "ext2")
+    assert "copy_file_range" in p.enosys and "open_tree" in p.enosys and "renameat2" not in p.enosys
+    assert ("renameat2:RENAME_EXCHANGE", "EINVAL") in {(k, e) for k, _, e in p.flags}
+    assert "clone3" in p.enosys  # so that glibc falls back to clone, whose flags seccomp can read
+    assert p.no_writeback and p.hide_sysfs_block
+    assert any(line.startswith("mount:vfat: ENODEV") for line in p.not_emulated)
+    on_tmpfs = plan(load_profile("asterinas-0.18.1", shared_data=shared_file("data")), "tmpfs")
+    assert "renameat2:RENAME_EXCHANGE" not in {k for k, _, _ in on_tmpfs.flags}
