@@ -239,3 +239,68 @@ def test_emulation_plan_names_what_seccomp_cannot_express():
     assert any(line.startswith("mount:vfat: ENODEV") for line in p.not_emulated)
     on_tmpfs = plan(load_profile("asterinas-0.18.1", shared_data=shared_file("data")), "tmpfs")
     assert "renameat2:RENAME_EXCHANGE" not in {k for k, _, _ in on_tmpfs.flags}
+
+
+def _requirements() -> Trace:
+    if not REQUIREMENTS.is_file():
+        pytest.fail(f"{REQUIREMENTS} is missing: regenerate it with `stonelab kernel trace`")
+    return Trace.from_json(REQUIREMENTS.read_text(), str(REQUIREMENTS))
+
+
+def test_requirements_cover_every_operation_and_flag():
+    trace = _requirements()
+    assert "Linux guest" in trace.traced_on
+    for phase in ("exchange:install", "exchange:upgrade-trigger", "exchange:remove", "exchange:sync",
+                  "exchange:activate", "exchange:prune", "exchange:verify", "exchange:verify-repair",
+                  "exchange:boot-sync", "symlink:install", "blit:copy", "recover:swap.before", "recover:boot.mid"):
+        assert phase in trace.phases, phase
+    keys = {f.key for f in trace.features}
+    for key in ("renameat2:RENAME_EXCHANGE", "openat:O_TMPFILE", "syncfs", "fsync", "fdatasync", "sysfs:block",
+                "unshare:CLONE_NEWIPC|CLONE_NEWNET|CLONE_NEWNS|CLONE_NEWPID|CLONE_NEWUTS", "pivot_root",
+                "prctl:PR_SET_PDEATHSIG", "flock:LOCK_EX|LOCK_NB", "mount:MS_BIND"):
+        assert key in keys, key
+    assert trace.to_json() == REQUIREMENTS.read_text()  # canonical form: regenerating writes the same bytes
+    text = REQUIREMENTS.read_text()
+    assert "/tmp/" not in text and "/mnt/" not in text and '"calls"' not in text
+
+
+def test_asterinas_report_names_every_blocker_with_evidence(tmp_path: Path):
+    shared_file("data")
+    result = _cli("compat", "report", "--profile", "asterinas-0.18.1", "--profile",
+                  next((PROJECT / "compat" / "profiles").glob("linux-*.json")).stem, "-o", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    data = json.loads((tmp_path / "compat-report.json").read_text())
+    asterinas, linux = data["sections"]
+    blockers = {g["feature"]: g for g in asterinas["blockers"]}
+    expected = {"renameat2:RENAME_EXCHANGE": ("EINVAL", "not supported on ext2"),
+                "mount:vfat": ("ENODEV", "vfat"),
+                "unshare:CLONE_NEWIPC|CLONE_NEWNET|CLONE_NEWNS|CLONE_NEWPID|CLONE_NEWUTS": ("EINVAL", "CLONE_NEWPID"),
+                "unshare:CLONE_NEWUSER": ("EINVAL", "CLONE_NEWUSER"),
+                "durability": ("wrong-semantics", "#3828"), "writeback": ("wrong-semantics", "writeback"),
+                "reboot:sync": ("wrong-semantics", "does not sync")}
+    for key, (status, evidence) in expected.items():
+        assert key in blockers, key
+        assert blockers[key]["result"] == status and evidence in blockers[key]["evidence"], blockers[key]
+        assert blockers[key]["source"], key
+    assert "no journal" in blockers["durability"]["evidence"]
+    assert linux["blockers"] == [] and linux["evidence"] == "probed"
+    markdown = (tmp_path / "compat-report.md").read_text()
+    html = (tmp_path / "compat-report.html").read_text()
+    for key in expected:
+        assert f"**{key}**" in markdown and key in html
+    assert "| operation | asterinas-0.18.1 |" in markdown and "<table>" in html
+    assert any(row["operation"] == "exchange:install" and row["cells"][0].startswith("blocker")
+               for row in data["matrix"])
+
+
+def test_a_workaround_is_verified_only_by_scenarios_that_passed(tmp_path: Path):
+    from lab.kernel.report import build
+    record = {"profile": "asterinas-0.18.1", "model": "power cut",
+              "scenarios": [{"name": "install-upgrade-rollback", "verdict": "pass", "reason": ""},
+                            {"name": "reference-survives-power-cut", "verdict": "fail", "reason": "lost"}]}
+    (tmp_path / "asterinas-0.18.1.json").write_text(json.dumps(record))
+    profile = load_profile("asterinas-0.18.1", shared_data=shared_file("data"))
+    data = build(_requirements(), "requirements.json", [(profile, "ext2")], verified_dir=tmp_path)
+    gaps = {g["feature"]: g for g in data["sections"][0]["gaps"]}
+    assert gaps["renameat2:RENAME_EXCHANGE"]["verified"].startswith("verified: install-upgrade-rollback")
+    assert gaps["writeback"]["verified"].startswith("not verified (reference-survives-power-cut: fail")

@@ -63,6 +63,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_gaps)
 
+    from lab.kernel.report import register as register_report
+    register_report(sub)
+
 
 def cmd_trace(args: argparse.Namespace) -> int:
     if args.host:
