@@ -11,11 +11,10 @@ from rich.table import Table
 
 from lab.kernel.gaps import analyse, gaps_json
 from lab.kernel.probe import FILESYSTEMS, probe_here
-from lab.kernel.profile import PROFILE_DIR, PROJECT, load_profile, probed_profile
-from lab.kernel.trace import Trace
+from lab.kernel.profile import PROFILE_DIR, load_profile, probed_profile
+from lab.kernel.trace import REQUIREMENTS, Trace
 from stonelab.errors import StonelabError
 
-REQUIREMENTS = PROJECT / "compat" / "requirements.json"
 
 
 def _fs_list(text: str) -> list[str]:
@@ -136,10 +135,7 @@ def cmd_gaps(args: argparse.Namespace) -> int:
         profile = load_profile(args.profile)
     else:
         profile = probed_profile(args.probe_log.name, "", _read(args.probe_log, "probe log"), str(args.probe_log))
-    filesystem = args.fs or profile.persistent_root or (profile.filesystems or ["ext2"])[0]
-    known = set(profile.filesystems) | {fs for per_fs in profile.results.values() for fs in per_fs} - {"*"}
-    if known and filesystem not in known:
-        raise StonelabError(f"--fs {filesystem}: {profile.name} has no results for it (has: {', '.join(sorted(known))})")
+    filesystem = profile.judged_filesystem(args.fs, f"--fs {args.fs}")
     gaps = analyse(load_requirements(args.trace), profile, filesystem)
     if args.json:
         print(gaps_json(gaps, profile, filesystem))

@@ -108,6 +108,16 @@ class KernelProfile:
             return Result("errno", "ENOSYS", f"{syscall} ({number}) is not in the kernel's syscall table")
         return None
 
+    def judged_filesystem(self, requested: str | None, where: str) -> str:
+        """``requested``, or the profile's persistent root (else its first filesystem); a StonelabError naming
+        ``where`` when the profile has no results for it."""
+        filesystem = requested or self.persistent_root or next(iter(self.filesystems), "ext2")
+        known = (set(self.filesystems) | {fs for per_fs in self.results.values() for fs in per_fs}) - {WILDCARD}
+        if known and filesystem not in known:
+            raise StonelabError(f"{where}: {self.name} has no results for filesystem {filesystem} "
+                                f"(has: {', '.join(sorted(known))})")
+        return filesystem
+
     def to_json(self) -> str:
         return json.dumps({"name": self.name, "kernel": self.kernel, "evidence": self.evidence,
                            "facts": self.facts, "filesystems": self.filesystems,

@@ -20,10 +20,9 @@ from jinja2 import Environment, FileSystemLoader
 
 from lab.kernel.gaps import Gap, analyse
 from lab.kernel.profile import PROJECT, KernelProfile, load_profile
-from lab.kernel.trace import Trace
+from lab.kernel.trace import REQUIREMENTS, Trace
 from stonelab.errors import StonelabError
 
-REQUIREMENTS = PROJECT / "compat" / "requirements.json"
 VERIFIED_DIR = PROJECT / "compat" / "verified"
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 POWER_LOSS_MODEL = ("Linux guest under the profile's seccomp filter and root filesystem; power cut = QEMU SIGKILLed "
@@ -155,12 +154,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _profile_arg(spec: str) -> tuple[KernelProfile, str]:
     name, _, filesystem = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
     profile = load_profile(name)
-    filesystem = filesystem or profile.persistent_root or next(iter(profile.filesystems), "ext2")
-    known = set(profile.filesystems) | {fs for per_fs in profile.results.values() for fs in per_fs} - {"*"}
-    if known and filesystem not in known:
-        raise StonelabError(f"{spec}: {profile.name} has no results for filesystem {filesystem} "
-                            f"(has: {', '.join(sorted(known))})")
-    return profile, filesystem
+    return profile, profile.judged_filesystem(filesystem, spec)
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -31,6 +31,7 @@ from reference_impl.stone import PackageSpec, build_package_from_files
 from stonelab.errors import StonelabError
 
 FORMAT = 2
+REQUIREMENTS = Path(__file__).resolve().parents[2] / "compat" / "requirements.json"
 # Calls whose outcome decides whether a transaction, the store or a boot sync can work; the rest is what the
 # interpreter needs to run at all ("runtime").
 TRANSACTION_CALLS = {
