@@ -304,3 +304,15 @@ def test_a_workaround_is_verified_only_by_scenarios_that_passed(tmp_path: Path):
     gaps = {g["feature"]: g for g in data["sections"][0]["gaps"]}
     assert gaps["renameat2:RENAME_EXCHANGE"]["verified"].startswith("verified: install-upgrade-rollback")
     assert gaps["writeback"]["verified"].startswith("not verified (reference-survives-power-cut: fail")
+
+
+def test_the_probe_initramfs_follows_a_user_initrd(tmp_path: Path):
+    from lab.kernel.boot import _initramfs
+    user = tmp_path / "user.cpio"
+    user.write_bytes(b"070701" + b"0" * 101)  # the archive a kernel's own initrd would be (length not a multiple of 4)
+    probe = tmp_path / "probe"
+    probe.write_bytes(b"\x7fELF probe")
+    out = _initramfs(tmp_path / "out.cpio", probe, [("ext2", tmp_path / "ext2.img")], None, user, first_disk=1)
+    data = out.read_bytes()
+    assert data.startswith(user.read_bytes()) and data[108:114] == b"070701"  # padded to 4 bytes, then ours
+    assert b"/bin/probe ext2 /mnt/ext2 /dev/vdb ext2" in data and b"\x7fELF probe" in data

@@ -1,7 +1,7 @@
 """Boot any x86-64 kernel with the semantic probe and turn what it really did into a profile.
 
 The lab makes one disk per filesystem (ext2 with 4 KiB blocks — the only kind Asterinas mounts — ext4 and FAT32,
-in that order: /dev/vda, vdb, vdc), a busybox initramfs carrying the static probe and an init that runs it on a
+in that order: /dev/vda, vdb, vdc; after the ESP's vda under UEFI), a busybox initramfs carrying the static probe and an init that runs it on a
 tmpfs and on each disk (the probe mounts them itself, so a missing driver is reported as ``mount:<fs>`` ENODEV),
 then reports the kernel-wide needs (sysfs block directories, periodic writeback) and powers off.  Boot protocols:
 
@@ -109,8 +109,9 @@ def _fs_disks(workdir: Path, filesystems: list[str]) -> list[tuple[str, Path]]:
 
 
 def _initramfs(out: Path, probe: Path, disks: list[tuple[str, Path]], kernel: Kernel | None,
-               user_initrd: Path | None) -> Path:
-    runs = "\n".join(f"/bin/probe {fs} /mnt/{fs} /dev/vd{chr(ord('a') + i)} {fs}" for i, (fs, _) in enumerate(disks))
+               user_initrd: Path | None, first_disk: int = 0) -> Path:
+    runs = "\n".join(f"/bin/probe {fs} /mnt/{fs} /dev/vd{chr(ord('a') + first_disk + i)} {fs}"
+                     for i, (fs, _) in enumerate(disks))
     init = INIT.format(runs=runs, end=END_MARKER)
     modules = module_files(kernel, PROBE_MODULES) if kernel is not None and kernel.has_modules else []
     archive = io.BytesIO()
@@ -144,7 +145,9 @@ def probe_kernel(image: Path, *, initrd: Path | None = None, boot: str = "linux"
     with tempfile.TemporaryDirectory(prefix="stonelab-kprobe-", dir=workdir) as tmp:
         work = Path(tmp)
         disks = _fs_disks(work, filesystems)
-        cpio = _initramfs(work / "initramfs.cpio", probe, disks, linux, Path(initrd) if initrd else None)
+        # under UEFI the ESP disk comes first (the firmware boots the first disk), the filesystems follow it
+        cpio = _initramfs(work / "initramfs.cpio", probe, disks, linux, Path(initrd) if initrd else None,
+                          first_disk=1 if boot == "uefi" else 0)
         # KVM is judged with a Linux kernel (the bare-initramfs probe); it says nothing about the kernel's own bugs
         choice = AccelSelector().choose(linux or default_kernel(), accel)
         specs = [DiskSpec(path) for _, path in disks]
@@ -153,8 +156,7 @@ def probe_kernel(image: Path, *, initrd: Path | None = None, boot: str = "linux"
             from vm.host import systemd_boot
             tree = uefi_esp_tree(work / "esp", image, cpio, APPEND, systemd_boot())
             esp = build_disk(work / "esp.img", DiskLayout(esp_mib=64, root_mib=8), esp_tree=tree)
-            config = uefi_config(choice, DiskSpec(esp.path), agent=False, share_host_root=False)
-            config.disks = [*specs, DiskSpec(esp.path)]  # the filesystems stay vda, vdb, vdc
+            config = uefi_config(choice, DiskSpec(esp.path), extra_disks=specs, agent=False, share_host_root=False)
             config.debug_exit = True
         else:
             config = foreign_config(image, choice, APPEND, disks=specs, initrd=cpio)
