@@ -316,3 +316,21 @@ def test_the_probe_initramfs_follows_a_user_initrd(tmp_path: Path):
     data = out.read_bytes()
     assert data.startswith(user.read_bytes()) and data[108:114] == b"070701"  # padded to 4 bytes, then ours
     assert b"/bin/probe ext2 /mnt/ext2 /dev/vdb ext2" in data and b"\x7fELF probe" in data
+
+
+def test_a_traced_workload_is_reproducible_byte_for_byte(tmp_path: Path):
+    import shutil
+    from lab.kernel.trace import run_workload
+    from vm.disk import DiskLayout, build_disk
+    if not shutil.which("strace"):
+        pytest.skip("strace is not installed (Debian package strace)")
+    outputs = []
+    for run in ("first-place", "another/deeper/place"):  # different work directories, as TMPDIR would give
+        work = tmp_path / run
+        work.mkdir(parents=True)
+        disk = build_disk(work / "esp.img", DiskLayout(esp_mib=40, root_mib=8))
+        trace = run_workload(work, f"{disk.path}:1", root_device=f"{disk.path}:2", traced_on="host",
+                             only=("exchange:install", "crash:swap.after", "recover:swap.after"))
+        outputs.append(trace.to_json())
+    assert outputs[0] == outputs[1]
+    assert "renameat2:RENAME_EXCHANGE" in outputs[0] and str(tmp_path) not in outputs[0]
