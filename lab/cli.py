@@ -24,6 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--target", choices=[TargetKind.HOST, TargetKind.VM], help="where scenarios not pinned to a target run (default host)")
     run.add_argument("--kernel", help="guest kernel for the vm target (default: the newest /boot/vmlinuz-*)")
     run.add_argument("--accel", choices=["auto", "kvm", "tcg"], default="auto", help="vm target accelerator")
+    run.add_argument("--personality", metavar="PROFILE",
+                     help="emulate a kernel profile (e.g. asterinas-0.18.1) on the vm target: seccomp filter, its root fs")
     run.set_defaults(func=cmd_run)
 
     scenario = sub.add_parser("scenario", help="work with scenario files")
@@ -42,9 +44,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     console = Console()
     results = []
     vm_factory = None
+    if args.personality:
+        from lab.kernel.profile import load_profile
+        load_profile(args.personality)  # a bad name is a one-line error before anything boots
+        args.target = TargetKind.VM
     if args.target == TargetKind.VM or any(s.target == TargetKind.VM for s in scenarios):  # one accelerator probe per run
         from lab.vm_target import vm_target_factory
-        vm_factory = vm_target_factory(args.kernel, args.accel)
+        vm_factory = vm_target_factory(args.kernel, args.accel, args.personality)
     for scenario in scenarios:
         with console.status(escape(f"running {scenario.name}")):
             results.append(run_scenario(scenario, target=args.target, vm_factory=vm_factory))

@@ -43,15 +43,23 @@ class VmTarget:
                        "the software flushed (fsync/syncfs) survives")
 
     def __init__(self, workdir: Path, *, kernel: Kernel | None = None, accel: str = "auto",
-                 selector: AccelSelector | None = None, root_mib: int = 256):
+                 selector: AccelSelector | None = None, root_mib: int = 256, personality: str | None = None):
         self.workdir = workdir
+        # a kernel personality (lab.kernel.emulate): the package manager runs under its seccomp filter, on the
+        # profile's persistent root filesystem
+        self.personality = personality
+        self.root_fs = "ext4"
+        if personality:
+            from lab.kernel.profile import load_profile
+            self.root_fs = load_profile(personality).persistent_root or "ext4"
         self.root = Path(GUEST_ROOT)
         seed = workdir / "seed"
         (seed / "etc").mkdir(parents=True, exist_ok=True)
         (seed / "etc" / "hostname").write_text("stonelab\n")
         (seed / "var" / "lib" / "lab").mkdir(parents=True, exist_ok=True)
         (seed / "var" / "lib" / "lab" / "keep").write_text("user data\n")
-        self.disk = build_disk(workdir / "sut.img", DiskLayout(esp_mib=64, root_mib=root_mib), root_tree=seed)
+        self.disk = build_disk(workdir / "sut.img", DiskLayout(esp_mib=64, root_mib=root_mib), root_tree=seed,
+                               root_fs=self.root_fs)
         self.kernel = kernel or default_kernel()
         self.accel: AccelChoice = (selector or AccelSelector()).choose(self.kernel, accel)
         self.machine = Machine(agent_config(self.kernel, self.accel, [DiskSpec(self.disk.path)]), name="sut",
@@ -64,7 +72,8 @@ class VmTarget:
             raise
 
     def describe(self) -> str:
-        return f"QEMU guest, kernel {self.kernel.image.name}, {self.accel.describe()}"
+        personality = f", personality {self.personality} (root {self.root_fs})" if self.personality else ""
+        return f"QEMU guest, kernel {self.kernel.image.name}, {self.accel.describe()}{personality}"
 
     def power_on(self) -> None:
         if self.machine.running:
@@ -76,8 +85,8 @@ class VmTarget:
         # write. This is also how Asterinas behaves (it has no writeback thread).
         self.machine.succeed("echo 0 > /proc/sys/vm/dirty_writeback_centisecs && "
                              "echo 360000 > /proc/sys/vm/dirty_expire_centisecs")
-        self.machine.succeed(f"mkdir -p {GUEST_ROOT} && "
-                             f"mount -t ext4 -o commit={EXT4_COMMIT_SECONDS} {SUT_PARTITION} {GUEST_ROOT}")
+        options = f"-o commit={EXT4_COMMIT_SECONDS}" if self.root_fs == "ext4" else ""
+        self.machine.succeed(f"mkdir -p {GUEST_ROOT} && mount -t {self.root_fs} {options} {SUT_PARTITION} {GUEST_ROOT}")
 
     def _python(self, argv: list[str], env: str = "", timeout: float = COMMAND_TIMEOUT):
         self.power_on()
@@ -87,6 +96,8 @@ class VmTarget:
     def stonelab(self, args: list[str], *, fault: str | None = None, env: dict[str, str] | None = None,
                  trace: Path | None = None) -> CommandResult:
         argv = ["-m", "stonelab.cli", *args]
+        if self.personality:
+            argv = ["-m", "lab.kernel.emulate", "--profile", self.personality, "--", sys.executable, *argv]
         prefix = f"STONELAB_FAULT={shlex.quote(fault + ':pause')} " if fault else ""
         prefix += "".join(f"{k}={shlex.quote(v)} " for k, v in (env or {}).items())
         # trace: the host root is read-only in the guest, so the ALICE check judges host-target runs only
@@ -199,11 +210,11 @@ class VmTarget:
         self.close()
 
 
-def vm_target_factory(kernel: str | None = None, accel: str = "auto"):
+def vm_target_factory(kernel: str | None = None, accel: str = "auto", personality: str | None = None):
     """One accelerator probe for the whole run, one fresh disk and guest per scenario."""
     selector = AccelSelector()
     image = kernel_from_path(Path(kernel)) if kernel else None
 
     def make(workdir: Path) -> VmTarget:
-        return VmTarget(workdir, kernel=image, accel=accel, selector=selector)
+        return VmTarget(workdir, kernel=image, accel=accel, selector=selector, personality=personality)
     return make
