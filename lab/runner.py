@@ -25,12 +25,13 @@ from stonelab.errors import StonelabError
 class StepResult:
     index: int
     description: str
-    status: str  # ok | failed | crashed
+    status: str  # ok | failed | crashed | explored
     seconds: float
     command: str = ""
     output: str = ""
     note: str = ""
     violations: list[Violation] = field(default_factory=list)
+    crash: dict | None = None  # a power_loss step's crash-state exploration (lab.crash.explore.Exploration)
 
 
 @dataclass
@@ -82,7 +83,11 @@ class StepFailure(Exception):
 
 
 class Runner:
-    def __init__(self, scenario: Scenario, target: Target, packages: dict[str, Path]):
+    def __init__(self, scenario: Scenario, target: Target, packages: dict[str, Path], *,
+                 crash_defaults=None, crash_overrides: dict | None = None):
+        from lab.crash.explore import ExploreOptions
+        self.crash_defaults = crash_defaults or ExploreOptions()
+        self.crash_overrides = crash_overrides or {}
         self.scenario = scenario
         self.target = target
         self.packages = packages
@@ -135,7 +140,11 @@ class Runner:
         result = StepResult(step.index, step.describe(), "ok", 0.0)
         acceptable: list[ExpectedTree]
         try:
-            if step.kind == "crash":
+            if step.kind == "power_loss":
+                from lab.crash.step import run_power_loss
+                acceptable, result.violations = run_power_loss(self, step, result, self.crash_defaults,
+                                                               self.crash_overrides)
+            elif step.kind == "crash":
                 acceptable = self._crash(step, result)
             elif step.kind == "expect_fail":
                 acceptable = self._expect_fail(step.arg, result)
@@ -215,7 +224,7 @@ class Runner:
             violations += inv.stateless(obs, self.baseline)
         if "store_integrity" in enabled:
             violations += inv.store_integrity(obs)
-        result.violations = violations
+        result.violations += violations
         if obs.state_id and obs.state_id.isdigit() and not any(v.invariant == "atomic_usr" for v in violations):
             self.model.states[int(obs.state_id)] = dict(self.model.installed)
 
@@ -224,7 +233,8 @@ TargetFactory = Callable[[Path], Target]
 
 
 def run_scenario(scenario: Scenario, *, workdir: Path | None = None, target: str | None = None,
-                 vm_factory: TargetFactory | None = None) -> ScenarioResult:
+                 vm_factory: TargetFactory | None = None, crash_defaults=None,
+                 crash_overrides: dict | None = None) -> ScenarioResult:
     """Run one scenario: where it is pinned (``target: host|vm`` in its file), else on ``target`` (default host)."""
     started = time.monotonic()
     kind = scenario.target if scenario.target != "any" else (target or "host")
@@ -242,7 +252,8 @@ def run_scenario(scenario: Scenario, *, workdir: Path | None = None, target: str
             with make(Path(tmp) / "target") as sut:
                 result.crash_semantics = sut.crash_semantics
                 result.environment = sut.describe()
-                runner = Runner(scenario, sut, packages)
+                runner = Runner(scenario, sut, packages, crash_defaults=crash_defaults,
+                                crash_overrides=crash_overrides)
                 for step in scenario.steps:
                     step_result = runner.run_step(step)
                     result.steps.append(step_result)

@@ -31,12 +31,15 @@ STEP_KINDS = {
     "prune": "number of states to keep",
     "verify": "run `state verify`; fails the step when it reports problems",
     "crash": "{at: FAULT_POINT, during: STEP}: the step dies at that point",
+    "power_loss": "{during: STEP, explore: true}: every crash state of STEP's recorded writes is checked "
+                  "(vm target; optional model, granularity, max_states, seed)",
     "recover": "run a verb after a crash (recovery runs on every start)",
     "corrupt_store": "overwrite one asset of the store with other bytes",
     "expect_usr": "list of package sets: /usr must match exactly one of them",
     "expect_fail": "a step that must fail with a non-zero exit and a one-line error",
 }
-INVARIANTS = ("atomic_usr", "staging_empty", "stateless", "store_integrity", "state_id_matches")
+INVARIANTS = ("atomic_usr", "staging_empty", "stateless", "store_integrity", "state_id_matches",
+              "durable_success", "recovers")  # the last two are judged on crash states (lab/crash/check.py)
 TARGETS = ("any", "host", "vm")  # any: wherever the run puts it (`stonelab run --target`, default host)
 SWAPS = ("auto", "exchange", "symlink")
 MODES = ("reference", "moss-compat")
@@ -117,6 +120,8 @@ def parse_scenario(data: object, path: Path) -> Scenario:
     if not isinstance(steps_raw, list) or not steps_raw:
         raise fail("steps", "required, a non-empty list")
     steps = [_parse_step(raw, i, packages, fail) for i, raw in enumerate(steps_raw)]
+    if data.get("target") == "host" and any(step.kind == "power_loss" for step in steps):
+        raise fail("target", "power_loss explores a recorded virtual disk: the scenario needs target vm (or any)")
     invariants = tuple(data.get("invariants") or INVARIANTS)
     expected = _parse_expected(data.get("expect_violations"), fail)
     for label, names in (("invariants", invariants), *(("expect_violations", v) for v in expected.values())):
@@ -197,6 +202,8 @@ def _parse_step(raw: object, index: int, packages: dict[str, PackageDecl], fail)
         if inner.kind not in ("install", "remove", "activate", "prune"):
             raise fail(where, f"can only crash during a transaction, not {inner.kind!r}")
         arg = {"at": str(arg["at"]), "during": inner}
+    elif kind == "power_loss":
+        arg = _parse_power_loss(arg, index, packages, fail)
     elif kind == "expect_fail":
         arg = _parse_step(arg, index, packages, fail)
     elif kind == "expect_usr":
@@ -211,6 +218,28 @@ def _parse_step(raw: object, index: int, packages: dict[str, PackageDecl], fail)
     elif kind == "prune" and not isinstance(arg, int):
         raise fail(where, "prune takes the number of states to keep")
     return Step(kind, arg, index)
+
+
+def _parse_power_loss(arg: object, index: int, packages: dict[str, PackageDecl], fail) -> dict:
+    from lab.crash.step import STEP_OPTIONS
+    where = f"steps[{index}].power_loss"
+    if not isinstance(arg, dict) or "during" not in arg:
+        raise fail(where, "power_loss needs {during: STEP, explore: true}")
+    unknown = sorted(set(arg) - {"during", *STEP_OPTIONS})
+    if unknown:
+        raise fail(where, f"unknown field(s) {', '.join(unknown)}; known: during, {', '.join(STEP_OPTIONS)}")
+    if arg.get("explore", True) is not True:
+        raise fail(where, "only explore: true is supported (a single cut at a fault point is the crash step)")
+    parsed = {"during": _parse_step(arg["during"], index, packages, fail), "explore": True}
+    if parsed["during"].kind not in ("install", "remove", "activate", "prune"):
+        raise fail(where, f"can only explore a transaction, not {parsed['during'].kind!r}")
+    for key in ("model", "granularity", "max_states", "seed"):
+        if key in arg:
+            try:
+                parsed[key] = STEP_OPTIONS[key](arg[key])
+            except (TypeError, ValueError):
+                raise fail(f"{where}.{key}", f"invalid value {arg[key]!r}") from None
+    return parsed
 
 
 def _check_keys(arg: object, packages: dict[str, PackageDecl], where: str, fail) -> None:

@@ -8,13 +8,22 @@ volatile state die with it.  Periodic writeback and ext4's periodic journal comm
 so the outcome does not depend on timers: what survives is what the software under test flushed.  The next step
 powers the machine on again, and the journal replay and the package manager's recovery face whatever the disk
 holds.
+
+Recording (``record=True``, the default): each boot is a *generation*.  The guest's system disk is a qcow2 overlay
+over the image the boot started from (kept untouched, and attached read-only as the guest's second disk,
+``/dev/vdb``), and QEMU's blklogwrites driver logs every write and flush of the boot into ``gen-N.log``.  The
+log's length is read at each timeline mark — a command starts, returns (with its exit status), a fault point is
+announced — so the crash engine (``lab/crash``) knows which writes had been issued at each moment and can
+rebuild, in the same guest, every state a power cut could leave.
 """
 from __future__ import annotations
 
 import json
 import shlex
+import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from lab.probe import Observation
@@ -28,7 +37,28 @@ from vm.qemu import DiskSpec
 
 GUEST_ROOT = "/mnt/sut"
 SUT_PARTITION = "/dev/vda2"
+BASE_PARTITION = "/dev/vdb2"  # the generation's starting image, read-only (recording targets only)
 EXT4_COMMIT_SECONDS = 3600
+
+
+@dataclass(frozen=True)
+class Mark:
+    """A moment of the lab's timeline in the current generation's write log: ``log_bytes`` long at that time."""
+
+    label: str  # start | return | fault:<point>
+    log_bytes: int
+    exit_status: int | None = None
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One boot of a recording target: the image it started from, the overlay it writes, its write log."""
+
+    number: int
+    base: Path
+    base_format: str
+    overlay: Path
+    log: Path
 
 
 class VmTarget:
@@ -38,7 +68,7 @@ class VmTarget:
                        "the software flushed (fsync/syncfs) survives")
 
     def __init__(self, workdir: Path, *, kernel: Kernel | None = None, accel: str = "auto",
-                 selector: AccelSelector | None = None, root_mib: int = 256):
+                 selector: AccelSelector | None = None, root_mib: int = 256, record: bool = True):
         self.workdir = workdir
         self.root = Path(GUEST_ROOT)
         seed = workdir / "seed"
@@ -49,8 +79,12 @@ class VmTarget:
         self.disk = build_disk(workdir / "sut.img", DiskLayout(esp_mib=64, root_mib=root_mib), root_tree=seed)
         self.kernel = kernel or default_kernel()
         self.accel: AccelChoice = (selector or AccelSelector()).choose(self.kernel, accel)
+        self.record = record
+        self.generation: Generation | None = None
+        self.marks: list[Mark] = []
         self.machine = Machine(agent_config(self.kernel, self.accel, [DiskSpec(self.disk.path)]), name="sut",
                                crash_on_fault=True, console_log=workdir / "console.log")
+        self.machine.on_fault = lambda point: self.mark(f"fault:{point}")
         self.boots = 0
         try:
             self.power_on()
@@ -64,6 +98,8 @@ class VmTarget:
     def power_on(self) -> None:
         if self.machine.running:
             return
+        if self.record:
+            self._new_generation()
         self.machine.start()
         self.boots += 1
         # Deterministic power cuts: no periodic writeback and no periodic journal commit, so what survives a
@@ -74,6 +110,41 @@ class VmTarget:
         self.machine.succeed(f"mkdir -p {GUEST_ROOT} && "
                              f"mount -t ext4 -o commit={EXT4_COMMIT_SECONDS} {SUT_PARTITION} {GUEST_ROOT}")
 
+    def _new_generation(self) -> None:
+        """The next boot writes a fresh overlay over what the disk holds now, and logs into a fresh file."""
+        number = self.generation.number + 1 if self.generation else 1
+        base, fmt = (self.generation.overlay, "qcow2") if self.generation else (self.disk.path, "raw")
+        overlay, log = self.workdir / f"gen-{number}.qcow2", self.workdir / f"gen-{number}.log"
+        proc = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", fmt,
+                               str(overlay)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise StonelabError(f"{overlay}: qemu-img create failed: {proc.stderr.strip()}")
+        log.write_bytes(b"")
+        self.generation = Generation(number, base, fmt, overlay, log)
+        self.marks = []
+        self.machine.config.disks = [DiskSpec(overlay, format="qcow2", log=log),
+                                     DiskSpec(base, format=fmt, readonly=True)]
+
+    def mark(self, label: str, exit_status: int | None = None) -> Mark | None:
+        """Note the current write-log length under ``label`` (None when not recording)."""
+        if self.generation is None:
+            return None
+        mark = Mark(label, self.generation.log.stat().st_size, exit_status)
+        self.marks.append(mark)
+        return mark
+
+    base_partition = BASE_PARTITION
+
+    @property
+    def root_partition(self) -> tuple[int, int]:
+        """(byte offset, byte length) of the root file system on the disk."""
+        layout = self.disk.layout
+        return layout.root_offset, layout.root_mib * 1024 * 1024
+
+    def run_guest(self, argv: list[str], timeout: float):
+        """Run ``python argv`` in the guest (the project directory, this interpreter)."""
+        return self._python(argv, timeout=timeout)
+
     def _python(self, argv: list[str], env: str = "", timeout: float = COMMAND_TIMEOUT):
         self.power_on()
         command = f"cd {shlex.quote(str(PROJECT_DIR))} && {env}{shlex.quote(sys.executable)} {shlex.join(argv)}"
@@ -83,6 +154,8 @@ class VmTarget:
         argv = ["-m", "stonelab.cli", *args]
         env = f"STONELAB_FAULT={shlex.quote(fault + ':pause')} " if fault else ""
         started = time.monotonic()
+        self.power_on()
+        self.mark("start")
         try:
             result = self._python(argv, env)
         except StonelabError as err:
@@ -92,6 +165,7 @@ class VmTarget:
             self.machine.crash()  # the watcher only sent SIGKILL; make sure QEMU is gone and reaped
             return CommandResult(["stonelab", *args], -9, "", f"power cut at {fault}: {err}",
                                  time.monotonic() - started, crashed=True)
+        self.mark("return", result.exit_code)
         return CommandResult(["stonelab", *args], result.exit_code, result.stdout, result.stderr,
                              time.monotonic() - started)
 
@@ -120,11 +194,11 @@ class VmTarget:
         self.close()
 
 
-def vm_target_factory(kernel: str | None = None, accel: str = "auto"):
+def vm_target_factory(kernel: str | None = None, accel: str = "auto", record: bool = True):
     """One accelerator probe for the whole run, one fresh disk and guest per scenario."""
     selector = AccelSelector()
     image = kernel_from_path(Path(kernel)) if kernel else None
 
     def make(workdir: Path) -> VmTarget:
-        return VmTarget(workdir, kernel=image, accel=accel, selector=selector)
+        return VmTarget(workdir, kernel=image, accel=accel, selector=selector, record=record)
     return make
