@@ -19,6 +19,7 @@ rebuild, in the same guest, every state a power cut could leave.
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from pathlib import Path
 
 from lab.probe import Observation
 from lab.target import COMMAND_TIMEOUT, CommandResult
+from reference_impl import mutants
 from stonelab.errors import StonelabError
 from vm.accel import AccelChoice, AccelSelector
 from vm.disk import DiskLayout, build_disk
@@ -63,7 +65,8 @@ class Generation:
 
 class VmTarget:
     kind = "vm"
-    crash_semantics = ("power cut: QEMU is SIGKILLed the moment the guest announces the fault point; the guest's "
+    crash_semantics = ("optimistic power-loss model (every submitted write survives; see docs/CRASH.md) — "
+                       "power cut: QEMU is SIGKILLed the moment the guest announces the fault point; the guest's "
                        "page cache is lost and, with periodic writeback and journal commits disabled, exactly what "
                        "the software flushed (fsync/syncfs) survives")
 
@@ -107,8 +110,9 @@ class VmTarget:
         # write. This is also how Asterinas behaves (it has no writeback thread).
         self.machine.succeed("echo 0 > /proc/sys/vm/dirty_writeback_centisecs && "
                              "echo 360000 > /proc/sys/vm/dirty_expire_centisecs")
+        barrier = ",barrier=0" if mutants.active("no-flush") else ""  # a seeded bug: fsync without FLUSH
         self.machine.succeed(f"mkdir -p {GUEST_ROOT} && "
-                             f"mount -t ext4 -o commit={EXT4_COMMIT_SECONDS} {SUT_PARTITION} {GUEST_ROOT}")
+                             f"mount -t ext4 -o commit={EXT4_COMMIT_SECONDS}{barrier} {SUT_PARTITION} {GUEST_ROOT}")
 
     def _new_generation(self) -> None:
         """The next boot writes a fresh overlay over what the disk holds now, and logs into a fresh file."""
@@ -147,6 +151,9 @@ class VmTarget:
 
     def _python(self, argv: list[str], env: str = "", timeout: float = COMMAND_TIMEOUT):
         self.power_on()
+        mutant = os.environ.get(mutants.ENV_VAR)
+        if mutant:  # the lab's own tests seed bugs in the system under test (reference_impl/mutants.py)
+            env = f"{mutants.ENV_VAR}={shlex.quote(mutant)} {env}"
         command = f"cd {shlex.quote(str(PROJECT_DIR))} && {env}{shlex.quote(sys.executable)} {shlex.join(argv)}"
         return self.machine.execute(command, timeout)
 

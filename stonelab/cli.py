@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "reference_impl.stone.cli",
     "reference_impl.cli",
     "lab.cli",
+    "lab.crash.cli",
     "lab.kernel.cli",
     "reference_impl.boot.cli",
     "vm.cli",

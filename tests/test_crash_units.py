@@ -3,6 +3,8 @@ guest gets, the scenario step, the recorded disk's QEMU arguments."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import struct
 from pathlib import Path
 
@@ -156,3 +158,43 @@ def test_recorded_disk_is_a_blklogwrites_chain_that_keeps_flushes(tmp_path):
     assert "cache.no-flush=off" in top  # a no-flush filter node would drop every FLUSH entry
     with pytest.raises(VmError, match="sends no flushes"):
         DiskSpec(tmp_path / "d", cache="writethrough", log=tmp_path / "l")
+
+
+REPO_SCENARIOS = Path(__file__).resolve().parents[1] / "scenarios"
+
+
+def run_cli(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "stonelab.cli", *argv], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+
+
+def test_cli_refuses_bad_input_in_one_line(tmp_path):
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("name: x\ntarget: vm\nsteps: [recover]\n")
+    not_repro = tmp_path / "r.json"
+    not_repro.write_text('{"format": "something else"}')
+    broken = tmp_path / "b.json"
+    broken.write_text("{")
+    for argv, message in [(("crash", "explore", str(plain)), "no power_loss step to explore"),
+                          (("crash", "explore", str(REPO_SCENARIOS / "crash-reference.yaml"), "--max-states", "0"),
+                           "--max-states must be at least 1"),
+                          (("crash", "replay", str(not_repro)), "not a stonelab crash reproducer"),
+                          (("crash", "replay", str(broken)), "not JSON"),
+                          (("crash", "replay", str(tmp_path / "missing.json")), "cannot read the reproducer")]:
+        proc = run_cli(*argv)
+        assert proc.returncode == 2, (argv, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr, proc.stderr
+
+
+def test_replay_names_a_missing_recording_and_a_corrupt_log(tmp_path):
+    from lab.crash.replay import Reproducer, replay, write_reproducer
+    repro = write_reproducer(tmp_path / "repro.json", Reproducer(
+        base="recording/base.raw", log="recording/gen1.log", partition=[0, 1 << 20], model="volatile-cache",
+        granularity="request", cut=1, boundary=0, persisted=[], after_return=True, oracle={}, recovery=[]))
+    with pytest.raises(Exception, match="base.raw is missing"):
+        replay(repro)
+    (tmp_path / "recording").mkdir()
+    (tmp_path / "recording" / "base.raw").write_bytes(b"")
+    (tmp_path / "recording" / "gen1.log").write_bytes(b"\x01" * 600)
+    with pytest.raises(RecordingError, match=r"gen1.log: offset 0: bad magic"):
+        replay(repro)

@@ -70,6 +70,7 @@ class Exploration:
     failing_states: int = 0
     seconds: float = 0.0
     guest_seconds: float = 0.0
+    phase_seconds: dict[str, float] = field(default_factory=dict)  # mean per state, in the guest
 
     @property
     def states_per_minute(self) -> float:
@@ -147,6 +148,10 @@ def explore(target, start_bytes: int, end_bytes: int, exit_status: int, oracle: 
         for v in violations:
             found.setdefault((v.invariant, v.detail), []).append(state)
     result.states = len(states)
+    phases = Counter()
+    for outcome in lines:
+        phases.update(outcome.get("phases") or {})
+    result.phase_seconds = {k: round(v / len(lines), 3) for k, v in phases.items()} if lines else {}
     result.per_boundary = dict(sorted(Counter(f"flush boundary at entry {s.boundary}" for s in states).items()))
     result.per_kind = dict(Counter(s.kind for s in states))
     for number, ((invariant, detail), shown) in enumerate(sorted(found.items())):
