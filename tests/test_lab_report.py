@@ -47,3 +47,22 @@ def test_terminal(tmp_path):
     print_terminal(_report(), console)
     text = console.export_text()
     assert "1 passed, 1 failed, 0 errors" in text and "staging_empty" in text
+
+
+def test_crash_state_section_in_json_and_html(tmp_path):
+    exploration = {"model": "volatile-cache", "model_description": "volatile write cache", "states": 7,
+                   "per_boundary": {"flush boundary at entry 12": 4, "flush boundary at entry 20": 3},
+                   "states_per_minute": 30.0,
+                   "violations": [{"invariant": "durable_success", "detail": "reported success <b>", "states": 2,
+                                   "boundary": 12, "cut": 25, "write_set": "#13 #15", "after_return": True,
+                                   "reproducer": "reports/crash/x/repro-000.json"}]}
+    step = StepResult(1, "power_loss", "explored", 9.0, "stonelab install b.stone", crash=exploration)
+    result = ScenarioResult("crashy", "scenarios/c.yaml", "", "vm", "moss-compat", "exchange", "", steps=[step])
+    report = RunReport([result])
+    json_path, _, html_path = write_all(report, tmp_path)
+    data = json.loads(json_path.read_text())
+    assert data["scenarios"][0]["steps"][0]["crash"]["per_boundary"]["flush boundary at entry 12"] == 4
+    page = html_path.read_text()
+    assert "crash states of step 1: 7 checked, model volatile-cache" in page
+    assert "flush boundary at entry 20" in page and "#13 #15" in page and "repro-000.json" in page
+    assert "reported success &lt;b&gt;" in page
