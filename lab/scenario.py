@@ -30,7 +30,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from lab.invariants import INVARIANTS
+from lab.invariants import CRASH_STATE_INVARIANTS, INVARIANTS
 from lab.packages import PackageDecl
 from lab.steps import REGISTRY, Loc, ParseContext, Step, StepArgError
 from lab.target import TargetKind
@@ -47,8 +47,8 @@ class ScenarioError(StonelabError):
 
 
 def _known_invariant(name: str) -> str:
-    if name not in INVARIANTS:
-        raise ValueError(f"unknown invariant {name!r}; known: {', '.join(INVARIANTS)}")
+    if name not in INVARIANTS and name not in CRASH_STATE_INVARIANTS:
+        raise ValueError(f"unknown invariant {name!r}; known: {', '.join([*INVARIANTS, *CRASH_STATE_INVARIANTS])}")
     return name
 
 
