@@ -208,7 +208,7 @@ def run_scenario(scenario: Scenario, *, workdir: Path | None = None, target: str
         result.verdict, result.reason = Verdict.NOT_APPLICABLE, scenario.not_applicable
         return result
     try:
-        _run_steps(scenario, result, kind, workdir, vm_factory)
+        _run_steps(scenario, result, kind, workdir, vm_factory, crash_defaults, crash_overrides)
     except StonelabError as err:
         result.verdict, result.reason = Verdict.ERROR, f"lab error: {err}"
     except Exception as err:  # a bug in the lab: report it, keep running the other scenarios
@@ -221,7 +221,8 @@ def run_scenario(scenario: Scenario, *, workdir: Path | None = None, target: str
 
 
 def _run_steps(scenario: Scenario, result: ScenarioResult, kind: TargetKind, workdir: Path | None,
-               vm_factory: TargetFactory | None) -> None:
+               vm_factory: TargetFactory | None, crash_defaults: ExploreOptions | None,
+               crash_overrides: dict | None) -> None:
     if kind == TargetKind.VM and vm_factory is None:
         from lab.vm_target import vm_target_factory
         vm_factory = vm_target_factory()

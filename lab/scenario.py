@@ -145,6 +145,11 @@ def load_scenarios(path: str | Path) -> list[Scenario]:
         steps = _parse_steps(doc, spec.steps, packages)
     except RecursionError:
         raise ScenarioError(doc.located(("steps",), "steps: a YAML alias refers to itself")) from None
+    if spec.target == TargetKind.HOST:
+        explored = next((s for s in steps if s.kind == "power_loss" and s.arg.explore), None)
+        if explored is not None:
+            raise ScenarioError(doc.located(("target",), "target: power_loss explore checks the crash states of a "
+                                                         "recorded virtual disk: the scenario needs target vm (or any)"))
     return [_cell(spec, doc.path, packages, steps, mode, swap) for mode, swap in _combinations(spec)]
 
 

@@ -9,12 +9,13 @@ import struct
 from pathlib import Path
 
 import pytest
+import yaml
 
 from lab.crash.enumerate import Window, cut_points, enumerate_states
 from lab.crash.explore import build_job
 from lab.crash.logwrites import LogFlag, RecordingError, read_log
 from lab.crash.model import CrashState, Granularity, Model, PowerLoss, Unit
-from lab.scenario import ScenarioError, parse_scenario
+from lab.scenario import ScenarioError, load_scenario
 
 SECTOR = 512
 MAGIC = 0x6A736677736872
@@ -129,23 +130,28 @@ def test_job_clips_to_the_partition_and_shares_the_common_prefix(tmp_path):
     assert data[start:start + length] == b"f" * SECTOR
 
 
-def scenario(step: dict, **top) -> dict:
-    return {"name": "x", "packages": {"a": {"name": "a", "version": "1"}}, "steps": [step], **top}
+def scenario(tmp_path: Path, step: dict, **top) -> Path:
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({"name": "x", "packages": {"a": {"name": "a", "version": "1"}}, "steps": [step],
+                                    **top}))
+    return path
 
 
-def test_power_loss_step_parses_and_refuses_bad_input():
-    parsed = parse_scenario(scenario({"power_loss": {"during": {"install": ["a"]}, "explore": True,
-                                                     "model": "optimistic", "max_states": 5}}), Path("s.yaml"))
+def test_power_loss_step_parses_and_refuses_bad_input(tmp_path):
+    parsed = load_scenario(scenario(tmp_path, {"power_loss": {"during": {"install": ["a"]}, "explore": True,
+                                                              "model": "optimistic", "max_states": 5}}))
     arg = parsed.steps[0].arg
-    assert arg["during"].kind == "install" and arg["model"] is Model.OPTIMISTIC and arg["max_states"] == 5
-    bad = [({"power_loss": {"during": {"install": ["a"]}, "explore": False}}, {}, "only explore: true"),
-           ({"power_loss": {"during": {"install": ["a"]}, "model": "cache"}}, {}, "steps[0].power_loss.model"),
-           ({"power_loss": {"during": "verify"}}, {}, "can only explore a transaction"),
-           ({"power_loss": {"during": {"install": ["a"]}, "when": 1}}, {}, "unknown field(s) when"),
-           ({"power_loss": {"during": {"install": ["a"]}}}, {"target": "host"}, "needs target vm")]
+    assert arg.during.kind == "install" and arg.model is Model.OPTIMISTIC and arg.max_states == 5
+    bad = [({"power_loss": {"during": {"install": ["a"]}, "explore": False}}, {}, "needs `at: random`"),
+           ({"power_loss": {"during": {"install": ["a"]}, "explore": True, "model": "cache"}}, {},
+            "steps[0].power_loss.model"),
+           ({"power_loss": {"during": "verify", "explore": True}}, {}, "can only interrupt a transaction"),
+           ({"power_loss": {"during": {"install": ["a"]}, "explore": True, "when": 1}}, {}, "unknown field 'when'"),
+           ({"power_loss": {"during": {"install": ["a"]}, "explore": True, "max_states": 0}}, {}, "max_states"),
+           ({"power_loss": {"during": {"install": ["a"]}, "explore": True}}, {"target": "host"}, "needs target vm")]
     for step, top, message in bad:
         with pytest.raises(ScenarioError, match=re.escape(message)):
-            parse_scenario(scenario(step, **top), Path("s.yaml"))
+            load_scenario(scenario(tmp_path, step, **top))
 
 
 def test_recorded_disk_is_a_blklogwrites_chain_that_keeps_flushes(tmp_path):
