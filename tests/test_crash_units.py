@@ -14,7 +14,9 @@ from lab.crash.enumerate import Window, cut_points, enumerate_states
 from lab.crash.explore import build_job
 from lab.crash.logwrites import LogFlag, RecordingError, read_log
 from lab.crash.model import CrashState, Granularity, Model, PowerLoss, Unit
-from lab.scenario import ScenarioError, parse_scenario
+from lab.crash.explore import ExploreOptions
+from lab.crash.step import step_options
+from lab.scenario import ScenarioError, load_scenarios
 
 SECTOR = 512
 MAGIC = 0x6A736677736872
@@ -130,23 +132,34 @@ def test_job_clips_to_the_partition_and_shares_the_common_prefix(tmp_path):
     assert data[start:start + length] == b"f" * SECTOR
 
 
-def scenario(step: dict, **top) -> dict:
-    return {"name": "x", "packages": {"a": {"name": "a", "version": "1"}}, "steps": [step], **top}
+def scenario_file(tmp_path: Path, step: str, top: str = "") -> Path:
+    path = tmp_path / "s.yaml"
+    path.write_text(f"name: x\n{top}packages:\n  a: {{name: a, version: '1'}}\nsteps:\n  - {step}\n")
+    return path
 
 
-def test_power_loss_step_parses_and_refuses_bad_input():
-    parsed = parse_scenario(scenario({"power_loss": {"during": {"install": ["a"]}, "explore": True,
-                                                     "model": "optimistic", "max_states": 5}}), Path("s.yaml"))
+def test_power_loss_explore_step_parses_and_refuses_bad_input(tmp_path):
+    (parsed,) = load_scenarios(scenario_file(tmp_path, "power_loss: {during: {install: [a]}, explore: true, "
+                                                       "model: optimistic, max_states: 5, seed: 3}"))
     arg = parsed.steps[0].arg
-    assert arg["during"].kind == "install" and arg["model"] is Model.OPTIMISTIC and arg["max_states"] == 5
-    bad = [({"power_loss": {"during": {"install": ["a"]}, "explore": False}}, {}, "only explore: true"),
-           ({"power_loss": {"during": {"install": ["a"]}, "model": "cache"}}, {}, "steps[0].power_loss.model"),
-           ({"power_loss": {"during": "verify"}}, {}, "can only explore a transaction"),
-           ({"power_loss": {"during": {"install": ["a"]}, "when": 1}}, {}, "unknown field(s) when"),
-           ({"power_loss": {"during": {"install": ["a"]}}}, {"target": "host"}, "needs target vm")]
-    for step, top, message in bad:
-        with pytest.raises(ScenarioError, match=re.escape(message)):
-            parse_scenario(scenario(step, **top), Path("s.yaml"))
+    assert arg.during.kind == "install" and arg.model is Model.OPTIMISTIC and arg.max_states == 5 and arg.seed == 3
+    options = step_options(arg, ExploreOptions(), {"seed": 9})
+    assert (options.model, options.max_states, options.seed) == (Model.OPTIMISTIC, 5, 9)  # the CLI wins
+    bad = [("power_loss: {during: {install: [a]}, explore: true, model: cache}", "model"),
+           ("power_loss: {during: {install: [a]}, explore: true, max_states: 0}", "max_states"),
+           ("power_loss: {during: {install: [a]}, at: random, seed: 1, max_states: 4}", "belong to the explore form"),
+           ("power_loss: {during: verify, explore: true}", "can only interrupt a transaction"),
+           ("power_loss: {during: {install: [a]}, explore: true, when: 1}", "when")]
+    for step, message in bad:
+        with pytest.raises(ScenarioError, match=re.escape(message)) as caught:
+            load_scenarios(scenario_file(tmp_path, step))
+        assert str(caught.value).startswith(str(tmp_path / "s.yaml")) and "\n" not in str(caught.value)
+
+
+def test_crash_invariants_are_known_to_scenarios(tmp_path):
+    (parsed,) = load_scenarios(scenario_file(tmp_path, "power_loss: {during: {install: [a]}, explore: true}",
+                                             "expect_violations: [durable_success, recovers, atomic_usr]\n"))
+    assert parsed.expected_for("vm") == ("durable_success", "recovers", "atomic_usr")
 
 
 def test_recorded_disk_is_a_blklogwrites_chain_that_keeps_flushes(tmp_path):

@@ -31,6 +31,7 @@ from lab.packages import build_packages, expected_tree
 from lab.runner import Runner, run_cache_dir
 from lab.scenario import load_scenario
 from lab.vm_target import VmTarget
+from reference_impl.swap import SwapStrategy
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.vm
@@ -48,13 +49,14 @@ def explore_both_models(name: str, kernel, accel, **changes) -> tuple[dict, dict
     the same recorded operation again under the optimistic model; both explorations as dicts."""
     scenario = replace(load_scenario(SCENARIOS / name), **changes)
     with tempfile.TemporaryDirectory(prefix="crash-test-", dir=run_cache_dir()) as tmp:
-        packages = build_packages(scenario.packages, Path(tmp) / "packages")
+        packages, decls = build_packages(scenario.packages, Path(tmp) / "packages")
+        scenario = replace(scenario, packages=decls)
         with VmTarget(Path(tmp) / "target", kernel=kernel, accel=accel.accel) as target:
-            runner = Runner(scenario, target, packages, crash_overrides={"max_states": TEST_STATES})
+            runner = Runner(scenario, target, packages, Path(tmp), crash_overrides={"max_states": TEST_STATES})
             steps = [runner.run_step(step) for step in scenario.steps]
             assert all(s.status != "failed" for s in steps), [s.note for s in steps]
             volatile = steps[-1].crash
-            inner = scenario.steps[-1].arg["during"]
+            inner = scenario.steps[-1].arg.during
             start, end = target.marks[-2], target.marks[-1]
             assert (start.label, end.label) == ("start", "return")
             # the oracle of the explored step, rebuilt from the packages (the runner's model moved on)
@@ -63,7 +65,7 @@ def explore_both_models(name: str, kernel, accel, **changes) -> tuple[dict, dict
             new = expected_tree(list(after.values()))
             oracle = Oracle(expected_tree(before), ExpectedTree("new " + new.label, new.files),
                             end.exit_status == 0, runner.baseline)
-            recovery = ["state", "list", "-D", "{root}", "--mode", scenario.mode, "--swap", scenario.swap]
+            recovery = ["state", "list", "-D", "{root}", "--mode", str(scenario.mode), "--swap", str(scenario.swap)]
             optimistic = explore(target, start.log_bytes, end.log_bytes, end.exit_status, oracle, recovery,
                                  ExploreOptions(model=Model.OPTIMISTIC, max_states=TEST_STATES)).to_dict()
     assert not qemu_children()
@@ -85,7 +87,7 @@ def test_moss_compat_loses_what_it_reported_and_only_a_volatile_cache_shows_all_
 
 @pytest.mark.parametrize("swap", ["exchange", "symlink"])
 def test_reference_holds_in_every_crash_state(kernel, accel, swap):
-    volatile, optimistic = explore_both_models("crash-reference.yaml", kernel, accel, swap=swap)
+    volatile, optimistic = explore_both_models("crash-reference.yaml", kernel, accel, swap=SwapStrategy(swap))
     assert volatile["states"] >= 8
     assert volatile["violations"] == [] and optimistic["violations"] == []
 

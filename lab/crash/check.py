@@ -4,7 +4,7 @@
 reported success survives a crash; any other leaves the old state or the new one — never neither, never a mix.
 Here: when the cut came after the command returned with exit 0, ``/usr`` must be the new tree
 (``durable_success``); otherwise it must be the old or the new tree (``atomic_usr``).  The other invariants are
-the lab's usual ones (``lib/invariants.py``): ``state_id_matches``, ``staging_empty``, ``stateless``,
+the lab's usual ones (``lab/invariants.py``): ``state_id_matches``, ``staging_empty``, ``stateless``,
 ``store_integrity``; ``recovers`` fails when the file system does not mount or the recovery verb fails.
 """
 from __future__ import annotations
@@ -12,9 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from lab import invariants as inv
-from lab.invariants import ExpectedTree, Violation
+from lab.invariants import INVARIANTS, ExpectedTree, Violation
 from lab.probe import Observation
-from lab.scenario import INVARIANTS
 
 CRASH_INVARIANTS = ("recovers", "durable_success")
 
@@ -28,7 +27,7 @@ class Oracle:
     new: ExpectedTree
     succeeded: bool
     baseline: dict[str, list] = field(default_factory=dict)
-    invariants: tuple[str, ...] = INVARIANTS
+    invariants: tuple[str, ...] = tuple(INVARIANTS)
 
     def to_dict(self) -> dict:
         return {"old": {"label": self.old.label, "files": self.old.files},
