@@ -212,3 +212,27 @@ def test_replay_names_a_missing_recording_and_a_corrupt_log(tmp_path):
     (tmp_path / "recording" / "gen1.log").write_bytes(b"\x01" * 600)
     with pytest.raises(RecordingError, match=r"gen1.log: offset 0: bad magic"):
         replay(repro)
+
+
+def test_judge_alice_contract_recovery_and_lab_invariants(tmp_path):
+    import xxhash
+    from dataclasses import asdict
+
+    from lab.crash.check import Oracle, judge
+    from lab.invariants import ExpectedTree
+    from lab.probe import observe
+    (tmp_path / "usr" / "bin").mkdir(parents=True)
+    (tmp_path / "usr" / "bin" / "hello").write_text("one\n")
+    obs = asdict(observe(tmp_path))
+    one = f"{xxhash.xxh3_128_intdigest(b'one' + bytes([10])):032x}"
+    oracle = Oracle(ExpectedTree("{hello-1}", {"bin/hello": ["file", one]}),
+                    ExpectedTree("new {hello-2}", {"bin/hello": ["file", "0" * 32]}), True, {})
+    ok = {"recovery": {"exit": 0, "output": ""}, "observation": obs}
+    assert judge(ok, oracle, after_return=False) == []  # before the return: the old tree is fine
+    (lost,) = judge(ok, oracle, after_return=True)  # after a reported success: it must survive
+    assert lost.invariant == "durable_success" and "old tree {hello-1}" in lost.detail
+    failed = judge({"recovery": {"exit": 2, "output": "stonelab: error: bad"}, "observation": obs}, oracle, False)
+    assert [v.invariant for v in failed] == ["recovers"]
+    (torn,) = judge(dict(ok, observation=dict(obs, usr={})), oracle, False)
+    assert torn.invariant == "atomic_usr"
+    assert judge({"mount_error": "Structure needs cleaning"}, oracle, False)[0].invariant == "recovers"
