@@ -24,7 +24,7 @@ from lab.crash.model import CrashState, Granularity, Model, PowerLoss
 from lab.crash.replay import Reproducer, write_reproducer
 from stonelab.errors import StonelabError
 
-SECONDS_PER_STATE = 20.0  # guest time budget per state (TCG, loaded machine) before the job is declared hung
+SECONDS_PER_STATE = 60.0  # guest time budget per state (TCG on a loaded machine) before the job counts as hung
 
 
 @dataclass(frozen=True)
