@@ -19,7 +19,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lab.crash.explore import ExploreOptions
 from lab.invariants import INVARIANTS, CheckContext, ExpectedTree, Violation
 from lab.packages import PackageDecl, build_packages, expected_tree
 from lab.scenario import Scenario
@@ -44,7 +43,7 @@ class StepResult:
     note: str = ""
     violations: list[Violation] = field(default_factory=list)
     evidence: dict[str, str] = field(default_factory=dict)  # invariant -> what showed it held
-    crash: dict | None = None  # a power_loss explore step's crash-state exploration (lab.crash.explore.Exploration)
+    crash: dict | None = None  # a power_loss explore step's crash states (lab.crash.explore.Exploration)
 
 
 @dataclass
@@ -86,9 +85,10 @@ class Runner:
     ``interrupt``/``interrupted``, ``resolve_state``, ``target``, ``scenario``, ``packages``."""
 
     def __init__(self, scenario: Scenario, target: Target, packages: dict[str, Path], workdir: Path, *,
-                 crash_defaults: ExploreOptions | None = None, crash_overrides: dict | None = None):
-        self.crash_defaults = crash_defaults or ExploreOptions()  # a power_loss explore step's settings
-        self.crash_overrides = crash_overrides or {}  # `stonelab crash explore` flags, over the step's own
+                 crash_defaults=None, crash_overrides: dict | None = None):
+        from lab.crash.explore import ExploreOptions
+        self.crash_defaults = crash_defaults or ExploreOptions()  # power_loss explore: the run's settings
+        self.crash_overrides = crash_overrides or {}  # ... and the command line's, which win over the step's
         self.scenario = scenario
         self.target = target
         self.packages = packages
@@ -172,7 +172,7 @@ class Runner:
         self.booted = None
         for name in only or self.scenario.invariants:
             if name not in INVARIANTS:
-                continue  # judged on crash states only (CRASH_STATE_INVARIANTS, lab/crash/check.py)
+                continue  # judged on crash states only (lab.crash.check.CRASH_INVARIANTS)
             outcome = INVARIANTS[name].check(ctx)
             if outcome.held:
                 result.evidence[name] = outcome.evidence
@@ -190,10 +190,9 @@ TargetFactory = Callable[[Path], Target]
 
 
 def run_scenario(scenario: Scenario, *, workdir: Path | None = None, target: str | None = None,
-                 vm_factory: TargetFactory | None = None, crash_defaults: ExploreOptions | None = None,
+                 vm_factory: TargetFactory | None = None, crash_defaults=None,
                  crash_overrides: dict | None = None) -> ScenarioResult:
     """Run one scenario: where it is pinned (``target: host|vm`` in its file), else on ``target`` (default host).
-    ``crash_defaults``/``crash_overrides``: settings of its ``power_loss: {explore: true}`` steps (lab.crash).
 
     Never raises for a failure of the system under test (verdict ``fail``) nor for a broken lab (verdict
     ``error``: a StonelabError's message, or any other exception with its traceback); only KeyboardInterrupt
@@ -208,7 +207,8 @@ def run_scenario(scenario: Scenario, *, workdir: Path | None = None, target: str
         result.verdict, result.reason = Verdict.NOT_APPLICABLE, scenario.not_applicable
         return result
     try:
-        _run_steps(scenario, result, kind, workdir, vm_factory, crash_defaults, crash_overrides)
+        _run_steps(scenario, result, kind, workdir, vm_factory,
+                   {"crash_defaults": crash_defaults, "crash_overrides": crash_overrides})
     except StonelabError as err:
         result.verdict, result.reason = Verdict.ERROR, f"lab error: {err}"
     except Exception as err:  # a bug in the lab: report it, keep running the other scenarios
@@ -221,8 +221,7 @@ def run_scenario(scenario: Scenario, *, workdir: Path | None = None, target: str
 
 
 def _run_steps(scenario: Scenario, result: ScenarioResult, kind: TargetKind, workdir: Path | None,
-               vm_factory: TargetFactory | None, crash_defaults: ExploreOptions | None,
-               crash_overrides: dict | None) -> None:
+               vm_factory: TargetFactory | None, crash: dict) -> None:
     if kind == TargetKind.VM and vm_factory is None:
         from lab.vm_target import vm_target_factory
         vm_factory = vm_target_factory()
@@ -235,8 +234,7 @@ def _run_steps(scenario: Scenario, result: ScenarioResult, kind: TargetKind, wor
         with make(Path(tmp) / "target") as sut:
             result.crash_semantics = sut.crash_semantics
             result.environment = sut.describe()
-            runner = Runner(scenario, sut, packages, Path(tmp), crash_defaults=crash_defaults,
-                            crash_overrides=crash_overrides)
+            runner = Runner(scenario, sut, packages, Path(tmp), **crash)
             for step in scenario.steps:
                 step_result = runner.run_step(step)
                 result.steps.append(step_result)

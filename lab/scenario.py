@@ -30,7 +30,8 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from lab.invariants import CRASH_STATE_INVARIANTS, INVARIANTS
+from lab.crash.check import CRASH_INVARIANTS
+from lab.invariants import INVARIANTS
 from lab.packages import PackageDecl
 from lab.steps import REGISTRY, Loc, ParseContext, Step, StepArgError
 from lab.target import TargetKind
@@ -47,8 +48,8 @@ class ScenarioError(StonelabError):
 
 
 def _known_invariant(name: str) -> str:
-    if name not in INVARIANTS and name not in CRASH_STATE_INVARIANTS:
-        raise ValueError(f"unknown invariant {name!r}; known: {', '.join([*INVARIANTS, *CRASH_STATE_INVARIANTS])}")
+    if name not in INVARIANTS and name not in CRASH_INVARIANTS:
+        raise ValueError(f"unknown invariant {name!r}; known: {', '.join([*INVARIANTS, *CRASH_INVARIANTS])}")
     return name
 
 
@@ -145,11 +146,9 @@ def load_scenarios(path: str | Path) -> list[Scenario]:
         steps = _parse_steps(doc, spec.steps, packages)
     except RecursionError:
         raise ScenarioError(doc.located(("steps",), "steps: a YAML alias refers to itself")) from None
-    if spec.target == TargetKind.HOST:
-        explored = next((s for s in steps if s.kind == "power_loss" and s.arg.explore), None)
-        if explored is not None:
-            raise ScenarioError(doc.located(("target",), "target: power_loss explore checks the crash states of a "
-                                                         "recorded virtual disk: the scenario needs target vm (or any)"))
+    if spec.target == TargetKind.HOST and any(s.kind == "power_loss" and s.arg.explore for s in steps):
+        raise ScenarioError(doc.located(("target",), "target: power_loss explore checks the crash states of a "
+                                                     "recorded virtual disk: the scenario needs target vm (or any)"))
     return [_cell(spec, doc.path, packages, steps, mode, swap) for mode, swap in _combinations(spec)]
 
 

@@ -42,10 +42,10 @@ from reference_impl.boot.esp import MtoolsEsp
 
 GUEST_ROOT = "/mnt/sut"
 SUT_PARTITION = "/dev/vda2"
+BASE_PARTITION = "/dev/vdb2"  # the generation's starting image, read-only (recording targets only)
 GUEST_DISK = "/dev/vda"
 LOADER_CONF = "loader/loader.conf"
 UEFI_BOOT_TIMEOUT = 600  # OVMF + systemd-boot + the kernel under TCG on a loaded 2-core CI machine
-BASE_PARTITION = "/dev/vdb2"  # the generation's starting image, read-only (recording targets only)
 EXT4_COMMIT_SECONDS = 3600
 
 
@@ -99,7 +99,7 @@ class VmTarget:
         self.accel: AccelChoice = (selector or AccelSelector()).choose(self.kernel, accel)
         self.record = record
         self.generation: Generation | None = None
-        self._flattened = False
+        self._flattened = False  # the next generation starts from the raw image, not the last overlay
         self.marks: list[Mark] = []
         self.machine = Machine(agent_config(self.kernel, self.accel, [DiskSpec(self.disk.path)]), name="sut",
                                crash_on_fault=True, console_log=workdir / "console.log")
@@ -127,11 +127,10 @@ class VmTarget:
         # write. This is also how Asterinas behaves (it has no writeback thread).
         self.machine.succeed("echo 0 > /proc/sys/vm/dirty_writeback_centisecs && "
                              "echo 360000 > /proc/sys/vm/dirty_expire_centisecs")
-        options = [f"commit={EXT4_COMMIT_SECONDS}"] if self.root_fs == "ext4" else []
-        if mutants.active("no-flush") and self.root_fs == "ext4":
-            options.append("barrier=0")  # a seeded bug: fsync/syncfs write out but never send a cache FLUSH
-        flags = f"-o {','.join(options)} " if options else ""
-        self.machine.succeed(f"mkdir -p {GUEST_ROOT} && mount -t {self.root_fs} {flags}{SUT_PARTITION} {GUEST_ROOT}")
+        options = f"-o commit={EXT4_COMMIT_SECONDS}" if self.root_fs == "ext4" else ""
+        if self.root_fs == "ext4" and mutants.active("no-flush"):
+            options += ",barrier=0"  # a seeded bug: fsync and syncfs without a cache FLUSH
+        self.machine.succeed(f"mkdir -p {GUEST_ROOT} && mount -t {self.root_fs} {options} {SUT_PARTITION} {GUEST_ROOT}")
 
     def _new_generation(self) -> None:
         """The next boot writes a fresh overlay over what the disk holds now, and logs into a fresh file."""
@@ -275,7 +274,7 @@ class VmTarget:
         if self.machine.running:
             self.machine.succeed(f"sync && umount {GUEST_ROOT}")
             self.machine.shutdown()
-        disk = self._flatten()
+        disk = self._flatten()  # a recording target's latest writes are in its overlay chain
         fat = MtoolsEsp(disk, self.disk.layout.esp_offset)
         original = fat.read(LOADER_CONF) or b""
         lines = [ln for ln in original.decode().splitlines() if not ln.startswith("default ")]
