@@ -43,6 +43,7 @@ class ScenarioResult:
     swap: str
     crash_semantics: str
     environment: str = ""
+    system: str = "reference"  # the system under test (lab.systems.SYSTEMS)
     steps: list[StepResult] = field(default_factory=list)
     expected_violations: list[str] = field(default_factory=list)
     verdict: str = "pass"  # pass | fail | error
@@ -226,6 +227,9 @@ TargetFactory = Callable[[Path], Target]
 def run_scenario(scenario: Scenario, *, workdir: Path | None = None, target: str | None = None,
                  vm_factory: TargetFactory | None = None) -> ScenarioResult:
     """Run one scenario: where it is pinned (``target: host|vm`` in its file), else on ``target`` (default host)."""
+    if scenario.system != "reference":
+        from lab.systems.run import run_system_scenario
+        return run_system_scenario(scenario, workdir=workdir)
     started = time.monotonic()
     kind = scenario.target if scenario.target != "any" else (target or "host")
     result = ScenarioResult(scenario.name, str(scenario.path), scenario.description, kind,
@@ -253,7 +257,7 @@ def run_scenario(scenario: Scenario, *, workdir: Path | None = None, target: str
         result.seconds = time.monotonic() - started
         return result
     result.seconds = time.monotonic() - started
-    _judge(result)
+    judge(result)
     return result
 
 
@@ -264,7 +268,8 @@ def run_cache_dir() -> Path:
     return path
 
 
-def _judge(result: ScenarioResult) -> None:
+def judge(result: ScenarioResult) -> None:
+    """Set the verdict: steps behaved and the violations observed are exactly the expected ones."""
     failed = [s for s in result.steps if s.status == "failed"]
     observed, expected = set(result.observed_violations), set(result.expected_violations)
     if failed:

@@ -81,6 +81,7 @@ class Scenario:
     # invariants the scenario is written to catch failing, per target ("*": any target)
     expect_violations: dict[str, tuple[str, ...]] = field(default_factory=dict)
     tags: tuple[str, ...] = ()
+    system: str = "reference"  # lab.systems.SYSTEMS: reference (mode: reference|moss-compat), nix, ostree
 
     def expected_for(self, target: str) -> tuple[str, ...]:
         return self.expect_violations.get(target, self.expect_violations.get("*", ()))
@@ -102,7 +103,7 @@ def parse_scenario(data: object, path: Path) -> Scenario:
     if not isinstance(data, dict):
         raise fail("top level", "expected a mapping")
     allowed = {"name", "description", "target", "swap", "mode", "packages", "steps", "invariants",
-               "expect_violations", "tags"}
+               "expect_violations", "tags", "system"}
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise fail("top level", f"unknown field(s) {', '.join(unknown)}")
@@ -112,22 +113,43 @@ def parse_scenario(data: object, path: Path) -> Scenario:
     for key, choices in (("target", TARGETS), ("swap", SWAPS), ("mode", MODES)):
         if key in data and data[key] not in choices:
             raise fail(key, f"{data[key]!r} is not one of {', '.join(choices)}")
+    system, known_invariants = _parse_system(data, fail)
     packages = _parse_packages(data.get("packages") or {}, fail)
     steps_raw = data.get("steps")
     if not isinstance(steps_raw, list) or not steps_raw:
         raise fail("steps", "required, a non-empty list")
     steps = [_parse_step(raw, i, packages, fail) for i, raw in enumerate(steps_raw)]
-    invariants = tuple(data.get("invariants") or INVARIANTS)
+    from lab.systems.run import check_steps  # lab.systems builds on this module
+    check_steps(system, steps, fail)
+    invariants = tuple(data.get("invariants") or known_invariants)
     expected = _parse_expected(data.get("expect_violations"), fail)
     for label, names in (("invariants", invariants), *(("expect_violations", v) for v in expected.values())):
-        bad = [n for n in names if n not in INVARIANTS]
+        bad = [n for n in names if n not in known_invariants]
         if bad:
-            raise fail(label, f"unknown invariant(s) {', '.join(map(str, bad))}; known: {', '.join(INVARIANTS)}")
+            raise fail(label, f"unknown invariant(s) {', '.join(map(str, bad))} for system {system!r}; "
+                              f"known: {', '.join(known_invariants)}")
     return Scenario(
         name=name, path=path, description=str(data.get("description") or ""), target=data.get("target", "any"),
         swap=data.get("swap", "auto"), mode=data.get("mode", "reference"), packages=packages, steps=steps,
-        invariants=invariants, expect_violations=expected, tags=tuple(data.get("tags") or ()),
+        invariants=invariants, expect_violations=expected, tags=tuple(data.get("tags") or ()), system=system,
     )
+
+
+def _parse_system(data: dict, fail) -> tuple[str, tuple[str, ...]]:
+    """The system under test and the invariants it can be judged by; ``mode``/``swap`` are the reference's."""
+    from lab.systems import SYSTEMS  # lab.systems builds on this module
+    system = data.get("system", "reference")
+    if system not in SYSTEMS:
+        raise fail("system", f"{system!r} is not one of {', '.join(SYSTEMS)}")
+    if system == "reference":
+        return system, INVARIANTS
+    for key in ("mode", "swap"):
+        if key in data:
+            raise fail(key, f"applies to the reference implementation only, not to system {system!r}")
+    if data.get("target", "any") == "vm":
+        raise fail("target", f"system {system!r} runs on the host target (in a guest only through the crash "
+                             "engine)")
+    return system, ("atomic_usr", *SYSTEMS[system][0].invariant_names)
 
 
 def _parse_expected(raw: object, fail) -> dict[str, tuple[str, ...]]:

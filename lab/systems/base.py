@@ -137,8 +137,15 @@ class SystemUnderTest(Protocol):
     def verify(self) -> CommandResult:
         """The system's own integrity check (exit 0: it found nothing wrong)."""
 
+    def corrupt_store(self) -> str:
+        """Damage one stored file after the system registered it (a lab fault); returns its root-relative
+        path."""
+
     def state(self) -> SystemState:
         """Read the current state from the root."""
+
+    def cleanup(self) -> None:
+        """Undo what keeps the root from being deleted like any directory (OSTree's immutable deployments)."""
 
     def invariants(self, state: SystemState) -> list[Violation]:
         """The system's structural invariants on ``state`` (its own check included)."""

@@ -6,9 +6,10 @@ per generation holding the union tree of its packages, the way a NixOS system cl
 /nix/store/…`` (NixOS's generation mechanism: a symlink replaced by ``rename(2)``).
 
 Store paths are built offline on the lab's side: ``nix-store --store SOURCE --add TREE`` into a private source
-store in the work directory (the host's own ``/nix`` is never touched), then the operation proper is what a
-NixOS upgrade does on the target: ``nix copy --from SOURCE --to ROOT`` and ``nix-env --store ROOT -p PROFILE
---set PATH``. Nix runs single-user as root, with no daemon, no sandbox and no substituters (facts:
+store in the work directory (the host's own ``/nix`` is never touched), published to a local binary cache
+(``nix copy --to file://WORKDIR/cache``, which a guest can read from a read-only share); the operation proper is
+what a NixOS upgrade does on the target: ``nix copy --from file://…/cache --to ROOT`` (NAR unpacked into the
+store, then registered in the database) and ``nix-env --store ROOT -p PROFILE --set PATH``. Nix runs single-user as root, with no daemon, no sandbox and no substituters (facts:
 ``../shared/docs/real-systems.md``; NixOS/nix manual, "nix-env", "nix copy", "nix store verify").
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
 
+from lab.faults import corrupt_largest_file
 from lab.invariants import Violation
 from lab.packages import PackageDecl
 from lab.probe import walk
@@ -51,6 +53,7 @@ class NixSystem:
         self.workdir = workdir
         self.run = run
         self.source = workdir / "source-store"
+        self.cache = f"file://{workdir / 'cache'}"
         self.profile = root / PROFILE
         self._trees = itertools.count(1)
         home = workdir / "home"
@@ -69,7 +72,11 @@ class NixSystem:
         added = self._nix("nix-store", "--store", str(self.source), "--add", str(tree))
         if not added.ok:
             raise SetupError(f"nix-store --add {tree}: {added.summary()}")
-        return added.stdout.strip().splitlines()[-1]
+        path = added.stdout.strip().splitlines()[-1]
+        published = self._nix("nix", "copy", "--from", str(self.source), "--to", self.cache, path)
+        if not published.ok:
+            raise SetupError(f"nix copy --to {self.cache}: {published.summary()}")
+        return path
 
     # --- operations -----------------------------------------------------------------------------------------
     def install(self, added: Sequence[PackageDecl], result: Sequence[PackageDecl]) -> CommandResult:
@@ -81,7 +88,7 @@ class NixSystem:
     def set_generation(self, path: str) -> CommandResult:
         """The upgrade proper: copy the closure into the SUT store, then a new profile generation naming it."""
         return run_sequence(self.run, [
-            ["nix", "copy", "--no-check-sigs", "--from", str(self.source), "--to", str(self.root), path],
+            ["nix", "copy", "--no-check-sigs", "--from", self.cache, "--to", str(self.root), path],
             ["nix-env", "--store", str(self.root), "-p", str(self.profile), "--set", path],
         ], env=self.env)
 
@@ -105,6 +112,17 @@ class NixSystem:
 
     def verify(self) -> CommandResult:
         return self._nix("nix", "store", "verify", "--all", "--no-trust", "--store", str(self.root))
+
+    def corrupt_store(self) -> str:
+        """Flip the first byte of the largest file of the current generation's store path (after
+        registration: what NixOS/nix#1218 reports); returns its path relative to the root."""
+        current = self.state().current_generation()
+        if current is None:
+            raise SetupError(f"{self.root}: no generation to corrupt")
+        return corrupt_largest_file(self.in_root(current.ref), self.root)
+
+    def cleanup(self) -> None:
+        """Nothing: a chroot store is ordinary files."""
 
     # --- reading the state ----------------------------------------------------------------------------------
     def state(self) -> SystemState:

@@ -26,6 +26,7 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+from lab.faults import corrupt_largest_file
 from lab.invariants import Violation
 from lab.packages import PackageDecl
 from lab.probe import walk
@@ -118,6 +119,15 @@ class OstreeSystem:
 
     def verify(self) -> CommandResult:
         return self.run(["ostree", "fsck", f"--repo={self.repo}"])
+
+    def corrupt_store(self) -> str:
+        """Flip the first byte of the largest content object of the repository (hard-linked into the
+        deployments); returns its path relative to the root."""
+        return corrupt_largest_file(self.repo / "objects", self.root, "*.file")
+
+    def cleanup(self) -> None:
+        """Delete the sysroot (see :func:`remove_root`): its deployments are immutable."""
+        remove_root(self.root, self.run)
 
     def status(self) -> CommandResult:
         return self.run(["ostree", "admin", f"--sysroot={self.root}", "status"])

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lab import invariants as inv
+from lab.faults import corrupt_largest_asset
 from lab.invariants import Violation
 from lab.packages import PackageDecl, build_packages
 from lab.probe import observe
@@ -71,6 +72,12 @@ class ReferenceSystem:
 
     def verify(self) -> CommandResult:
         return self.stonelab("state", "verify")
+
+    def corrupt_store(self) -> str:
+        return corrupt_largest_asset(self.root)
+
+    def cleanup(self) -> None:
+        """Nothing: the root is ordinary files."""
 
     def state(self) -> SystemState:
         obs = observe(self.root, check_store=False)

@@ -1,0 +1,187 @@
+"""Run a scenario against a system under test through the :mod:`lab.systems` interface.
+
+The scenario's steps become the interface's operations (``install`` → install, ``remove`` → remove,
+``activate: N`` → switch, ``activate: previous`` → rollback, ``prune: N`` → gc, ``verify`` → the system's own
+check); after each step the lab reads the system's state and judges it: ``atomic_usr`` (the generation a boot
+would use holds exactly one package set the lab created — the oracle is the packages' declared files, never the
+system's own bookkeeping) and the system's structural invariants (:meth:`SystemUnderTest.invariants`).
+A step kind or operation the system lacks is refused when the scenario is loaded (:func:`check_steps`).
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from lab import invariants as inv
+from lab.invariants import ExpectedTree, Violation
+from lab.packages import PackageDecl, expected_tree
+from lab.probe import Observation
+from lab.runner import ScenarioResult, StepResult, judge
+from lab.systems import make_system, operations_of, require
+from lab.systems.base import Operation, SystemUnderTest, UnsupportedOperation
+from lab.target import CommandResult
+from stonelab.errors import StonelabError
+
+# step kinds that exist only for the reference implementation: its named fault points
+REFERENCE_ONLY_STEPS = {"crash": "fault points exist only in the reference implementation",
+                        "recover": "recovery after a fault point exists only in the reference implementation"}
+
+
+def operation_of(kind: str, arg: object) -> Operation | None:
+    """The interface operation a step needs (None: the step needs none, e.g. ``expect_usr``)."""
+    if kind == "activate":
+        return Operation.ROLLBACK if arg == "previous" else Operation.SWITCH
+    return {"install": Operation.INSTALL, "remove": Operation.REMOVE, "prune": Operation.GC,
+            "verify": Operation.VERIFY}.get(kind)
+
+
+def check_steps(system: str, steps: list, fail: Callable[[str, str], Exception]) -> None:
+    """Raise ``fail(where, problem)`` for the first step system ``system`` cannot run (steps: objects with
+    ``kind``, ``arg``, ``index``)."""
+    if system == "reference":
+        return
+    for step in steps:
+        kind, arg = step.kind, step.arg
+        if kind == "expect_fail":
+            kind, arg = arg.kind, arg.arg
+        where = f"steps[{step.index}]"
+        if kind in REFERENCE_ONLY_STEPS:
+            raise fail(where, f"{kind!r} is not available for system {system!r}: {REFERENCE_ONLY_STEPS[kind]}")
+        operation = operation_of(kind, arg)
+        if operation is not None and operation not in operations_of(system):
+            has = ", ".join(sorted(operations_of(system)))
+            raise fail(where, f"system {system!r} has no {operation.value!r} operation (it has {has})")
+
+
+class SystemRunner:
+    """Runs steps on one system; keeps the lab's model: which package set each generation was made with."""
+
+    def __init__(self, scenario, system: SystemUnderTest):
+        self.scenario = scenario
+        self.system = system
+        self.installed: dict[str, PackageDecl] = {}
+        self.by_ref: dict[str, dict[str, PackageDecl]] = {}
+
+    def run_step(self, step) -> StepResult:
+        started = time.monotonic()
+        result = StepResult(step.index, step.describe(), "ok", 0.0)
+        try:
+            if step.kind == "expect_fail":
+                outcome, _ = self._operate(step.arg)
+                self._record(result, outcome)
+                if outcome.ok:
+                    raise _StepFailed(f"{step.arg.describe()} succeeded but was expected to fail")
+                result.note = outcome.summary()
+                acceptable = [self._tree(self.installed)]
+            elif step.kind == "expect_usr":
+                acceptable = [expected_tree([self.scenario.packages[k] for k in keys]) for keys in step.arg]
+            elif step.kind == "corrupt_store":
+                result.note = f"overwrote the first byte of /{self.system.corrupt_store()}"
+                acceptable = [self._tree(self.installed)]
+            else:
+                outcome, after = self._operate(step)
+                self._record(result, outcome)
+                if not outcome.ok:
+                    raise _StepFailed(f"{result.command}: {outcome.summary()}")
+                acceptable = self._after(after)
+        except _StepFailed as err:
+            result.status, result.note = "failed", str(err)
+            acceptable = [self._tree(self.installed)]
+        except UnsupportedOperation as err:
+            result.status, result.note = "failed", str(err)
+            acceptable = [self._tree(self.installed)]
+        result.violations = self.check(acceptable)
+        result.seconds = time.monotonic() - started
+        return result
+
+    def _operate(self, step) -> tuple[CommandResult, dict[str, PackageDecl] | None]:
+        """Run the step's operation; returns its result and the package set it should leave (None: the
+        generation it switches to tells)."""
+        operation = operation_of(step.kind, step.arg)
+        if operation is None:
+            raise _StepFailed(f"step {step.kind} is no operation")
+        require(self.system, operation, f"steps[{step.index}]")
+        after = dict(self.installed)
+        if operation is Operation.INSTALL:
+            added = [self.scenario.packages[k] for k in step.arg]
+            after.update({d.name: d for d in added})
+            return self.system.install(added, list(after.values())), after
+        if operation is Operation.REMOVE:
+            for name in step.arg:
+                after.pop(str(name), None)
+            return self.system.remove([str(n) for n in step.arg], list(after.values())), after
+        if operation is Operation.SWITCH:
+            return self.system.switch(int(step.arg)), None
+        if operation is Operation.ROLLBACK:
+            return self.system.rollback(), None
+        if operation is Operation.GC:
+            return self.system.gc(int(step.arg)), after
+        return self.system.verify(), after
+
+    def _after(self, after: dict[str, PackageDecl] | None) -> list[ExpectedTree]:
+        if after is not None:
+            self.installed = after
+            return [self._tree(after)]
+        current = self.system.state().current_generation()
+        if current is None or current.ref not in self.by_ref:
+            ref = current.ref if current else "none"
+            return [ExpectedTree(f"a generation the lab created (current: {ref})", {"\0": ["unknown"]})]
+        self.installed = dict(self.by_ref[current.ref])
+        return [self._tree(self.installed)]
+
+    def check(self, acceptable: list[ExpectedTree]) -> list[Violation]:
+        """Judge the system now: the enabled invariants on its state against ``acceptable`` trees."""
+        state = self.system.state()
+        enabled = set(self.scenario.invariants)
+        violations: list[Violation] = []
+        if "atomic_usr" in enabled:
+            found, _matched = inv.atomic_usr(Observation(usr=state.tree), acceptable)
+            violations += found
+        violations += [v for v in self.system.invariants(state) if v.invariant in enabled]
+        current = state.current_generation()
+        if current is not None and not any(v.invariant == "atomic_usr" for v in violations):
+            self.by_ref[current.ref] = dict(self.installed)
+        return violations
+
+    @staticmethod
+    def _tree(installed: dict[str, PackageDecl]) -> ExpectedTree:
+        return expected_tree(list(installed.values()))
+
+    @staticmethod
+    def _record(result: StepResult, outcome: CommandResult) -> None:
+        result.command = " ".join(outcome.argv)
+        result.output = (outcome.stdout + outcome.stderr).strip()[-2000:]
+
+
+class _StepFailed(Exception):
+    pass
+
+
+def run_system_scenario(scenario, *, workdir: Path | None = None) -> ScenarioResult:
+    """Run ``scenario`` (``system:`` other than the reference) on this machine in a temporary root."""
+    started = time.monotonic()
+    result = ScenarioResult(scenario.name, str(scenario.path), scenario.description, "host", "-", "-",
+                            "no crash steps (power loss in these systems needs the crash engine)",
+                            system=scenario.system, expected_violations=sorted(scenario.expected_for("host")))
+    try:
+        with tempfile.TemporaryDirectory(prefix="stonelab-sut-", dir=workdir) as tmp:
+            system = make_system(scenario.system, Path(tmp) / "root", Path(tmp) / "work")
+            try:
+                system.prepare()
+                result.environment = f"host, {scenario.system} on {system.root}"
+                runner = SystemRunner(scenario, system)
+                for step in scenario.steps:
+                    result.steps.append(runner.run_step(step))
+                    if result.steps[-1].status == "failed":
+                        break
+            finally:
+                system.cleanup()
+    except StonelabError as err:
+        result.verdict, result.reason = "error", str(err)
+        result.seconds = time.monotonic() - started
+        return result
+    result.seconds = time.monotonic() - started
+    judge(result)
+    return result

@@ -1,0 +1,71 @@
+"""Scenarios that name a system: validation (an operation the system lacks is one line, exit 2) and the default
+suite's Nix and OSTree scenarios run end to end on real roots, calibration scenarios included."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lab.runner import run_scenario
+from lab.scenario import ScenarioError, load_scenario, parse_scenario
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = {"a": {"name": "a", "version": "1", "files": {"bin/a": "one\n"}}}
+
+
+def scenario(**fields):
+    return {"name": "x", "packages": PACKAGES, "steps": [{"install": ["a"]}], **fields}
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"system": "ostree", "steps": [{"install": ["a"]}, {"activate": 1}]},
+     "steps[1]: system 'ostree' has no 'switch' operation (it has gc, install, remove, rollback, verify)"),
+    ({"system": "ostree", "steps": [{"expect_fail": {"activate": 1}}]}, "system 'ostree' has no 'switch'"),
+    ({"system": "nix", "steps": [{"crash": {"at": "swap.before", "during": {"install": ["a"]}}}]},
+     "steps[0]: 'crash' is not available for system 'nix'"),
+    ({"system": "guix"}, "system: 'guix' is not one of reference, nix, ostree"),
+    ({"system": "nix", "mode": "moss-compat"}, "mode: applies to the reference implementation only"),
+    ({"system": "nix", "target": "vm"}, "target: system 'nix' runs on the host target"),
+    ({"system": "nix", "invariants": ["staging_empty"]}, "unknown invariant(s) staging_empty for system 'nix'"),
+    ({"system": "ostree", "expect_violations": ["nix_db_valid"]}, "unknown invariant(s) nix_db_valid"),
+])
+def test_what_a_system_cannot_do_is_one_line(fields, message):
+    with pytest.raises(ScenarioError) as err:
+        parse_scenario(scenario(**fields), Path("scenarios/x.yaml"))
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert str(err.value).startswith("scenarios/x.yaml: ")
+
+
+def test_system_defaults_and_invariants():
+    nix = parse_scenario(scenario(system="nix"), Path("x.yaml"))
+    assert nix.system == "nix"
+    assert nix.invariants == ("atomic_usr", "nix_store_verified", "nix_db_valid", "nix_profile_complete")
+    assert parse_scenario(scenario(), Path("x.yaml")).system == "reference"
+
+
+def test_cli_check_refuses_in_one_line(tmp_path: Path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nsystem: ostree\npackages: {a: {name: a, version: '1'}}\n"
+                   "steps: [{install: [a]}, {activate: 2}]\n")
+    proc = subprocess.run([sys.executable, "-m", "stonelab.cli", "scenario", "check", str(bad)],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "has no 'switch' operation" in proc.stderr
+
+
+@pytest.mark.parametrize("name, binary", [
+    ("nix-generations", "nix-env"), ("nix-corrupt-store-detected", "nix-env"),
+    ("ostree-deployments", "ostree"), ("ostree-corrupt-object-detected", "ostree"),
+])
+def test_default_system_scenarios_pass(name: str, binary: str, tmp_path: Path):
+    if shutil.which(binary) is None:
+        pytest.skip(f"{binary} is absent (tools/debian-packages.txt)")
+    loaded = load_scenario(REPO / "scenarios" / f"{name}.yaml")
+    assert "default" in loaded.tags
+    result = run_scenario(loaded, workdir=tmp_path)
+    assert result.verdict == "pass", result.reason
+    assert result.system == loaded.system
+    assert list(tmp_path.iterdir()) == [], "the scenario left files behind"
