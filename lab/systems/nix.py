@@ -42,13 +42,14 @@ INVARIANTS = ("nix_store_verified", "nix_db_valid", "nix_profile_complete")
 
 
 class NixSystem:
-    """Nix on ``root``; ``workdir`` (lab side) holds the source store, the trees and a private HOME."""
+    """Nix on ``root``; ``workdir`` (lab side) holds the source store, the binary cache and the trees;
+    ``scratch`` (writable where the commands run; default ``workdir/home``) is Nix's HOME and caches."""
 
     name = "nix"
     operations = frozenset(Operation)
     invariant_names = INVARIANTS
 
-    def __init__(self, root: Path, workdir: Path, run: CommandRunner = run_local):
+    def __init__(self, root: Path, workdir: Path, run: CommandRunner = run_local, *, scratch: Path | None = None):
         self.root = root
         self.workdir = workdir
         self.run = run
@@ -56,14 +57,15 @@ class NixSystem:
         self.cache = f"file://{workdir / 'cache'}"
         self.profile = root / PROFILE
         self._trees = itertools.count(1)
-        home = workdir / "home"
-        self.env = {"NIX_CONFIG": NIX_SETTINGS, "NIX_CONF_DIR": str(workdir / "nix-conf"), "HOME": str(home),
+        home = scratch or workdir / "home"
+        self.home = home
+        self.env = {"NIX_CONFIG": NIX_SETTINGS, "NIX_CONF_DIR": str(home / "nix-conf"), "HOME": str(home),
                     "XDG_CACHE_HOME": str(home / ".cache"), "XDG_CONFIG_HOME": str(home / ".config"),
                     "XDG_DATA_HOME": str(home / ".local/share"), "NIX_REMOTE": ""}
 
     # --- set-up on the lab's side ---------------------------------------------------------------------------
     def prepare(self) -> None:
-        for path in (self.root, self.workdir / "nix-conf", self.workdir / "home"):
+        for path in (self.root, self.home / "nix-conf"):
             path.mkdir(parents=True, exist_ok=True)
 
     def stage(self, result: Sequence[PackageDecl]) -> str:
@@ -210,6 +212,7 @@ class NixSystem:
         return problems
 
     def _nix(self, *argv: str) -> CommandResult:
+        self.home.mkdir(parents=True, exist_ok=True)
         return self.run(list(argv), env=self.env)
 
 
