@@ -29,9 +29,10 @@ def operations_of(name: str) -> frozenset[Operation]:
 
 
 def make_system(name: str, root: Path, workdir: Path, *, mode: str = "reference", swap: str = "auto",
-                run: CommandRunner = run_local) -> SystemUnderTest:
-    """The adapter for system ``name`` on ``root`` (``mode``/``swap`` only matter to the reference)."""
+                run: CommandRunner = run_local, scratch: Path | None = None) -> SystemUnderTest:
+    """The adapter for system ``name`` on ``root``: ``workdir`` on this machine (built packages, source
+    store/repository), ``scratch`` writable where ``run`` runs; ``mode``/``swap`` only matter to the reference."""
     cls, _package = SYSTEMS[name]
     if cls is ReferenceSystem:
         return ReferenceSystem(root, workdir, run, mode=mode, swap=swap)
-    return cls(root, workdir, run)
+    return cls(root, workdir, run, scratch=scratch)

@@ -32,7 +32,7 @@ CRASH_INVARIANTS = ("atomic_usr", "durable_success")
 def observe_system(system: str, root: Path, scratch: Path, run: CommandRunner = run_local) -> dict:
     """The state of system ``system`` on ``root`` and its own invariants, JSON-ready:
     ``{"tree", "current", "generations": [[number, ref]], "violations": [{"invariant", "detail"}]}``."""
-    sut = make_system(system, root, scratch, run=run)
+    sut = make_system(system, root, scratch, run=run, scratch=scratch)
     state = sut.state()
     return {"tree": state.tree, "current": state.current,
             "generations": [[g.number, g.ref] for g in state.generations],

@@ -69,13 +69,15 @@ class NixSystem:
             path.mkdir(parents=True, exist_ok=True)
 
     def stage(self, result: Sequence[PackageDecl]) -> str:
-        """Build the generation holding ``result`` in the source store; returns its store path."""
+        """Build the generation holding ``result`` in the source store and publish it to the binary cache, on
+        this machine (whatever runs the operations); returns its store path."""
         tree = write_tree(self.workdir / "trees" / str(next(self._trees)) / "lab-system", result)
-        added = self._nix("nix-store", "--store", str(self.source), "--add", str(tree))
+        env = dict(self.env, HOME=str(self.workdir / "stage-home"), XDG_CACHE_HOME=str(self.workdir / "stage-home"))
+        added = run_local(["nix-store", "--store", str(self.source), "--add", str(tree)], env=env)
         if not added.ok:
             raise SetupError(f"nix-store --add {tree}: {added.summary()}")
         path = added.stdout.strip().splitlines()[-1]
-        published = self._nix("nix", "copy", "--from", str(self.source), "--to", self.cache, path)
+        published = run_local(["nix", "copy", "--from", str(self.source), "--to", self.cache, path], env=env)
         if not published.ok:
             raise SetupError(f"nix copy --to {self.cache}: {published.summary()}")
         return path

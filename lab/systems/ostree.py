@@ -47,13 +47,14 @@ INVARIANTS = ("ostree_fsck", "ostree_status", "ostree_loader_complete")
 
 
 class OstreeSystem:
-    """OSTree on ``root`` (the sysroot); ``workdir`` (lab side) holds the source repository and the trees."""
+    """OSTree on ``root`` (the sysroot); ``workdir`` (on this machine; read-only is enough where the operations
+    run) holds the source repository and the trees; ``scratch`` is unused (OSTree keeps no per-user state)."""
 
     name = "ostree"
     operations = frozenset(Operation) - {Operation.SWITCH}
     invariant_names = INVARIANTS
 
-    def __init__(self, root: Path, workdir: Path, run: CommandRunner = run_local):
+    def __init__(self, root: Path, workdir: Path, run: CommandRunner = run_local, *, scratch: Path | None = None):
         self.root = root
         self.workdir = workdir
         self.run = run
@@ -69,8 +70,8 @@ class OstreeSystem:
             ["ostree", "admin", "init-fs", str(self.root)],
             ["ostree", "admin", f"--sysroot={self.root}", "os-init", OS_NAME],
             ["ostree", f"--repo={self.repo}", "config", "set", "sysroot.bootloader", "none"],
-            ["ostree", "init", f"--repo={self.source}", "--mode=archive"],
         ]), "prepare")
+        self._check(run_local(["ostree", "init", f"--repo={self.source}", "--mode=archive"]), "init")
 
     def stage(self, result: Sequence[PackageDecl]) -> str:
         """Commit the tree holding ``result`` (plus the kernel scaffolding) to the source repository's branch;
@@ -81,25 +82,25 @@ class OstreeSystem:
         for rel, content in SCAFFOLDING.items():
             (usr / rel).parent.mkdir(parents=True, exist_ok=True)
             (usr / rel).write_text(content)
-        committed = self.run(["ostree", f"--repo={self.source}", "commit", "-b", BRANCH, f"--tree=dir={base}",
-                              "--subject", f"lab generation {base.name}"])
+        committed = run_local(["ostree", f"--repo={self.source}", "commit", "-b", BRANCH, f"--tree=dir={base}",
+                               "--subject", f"lab generation {base.name}"])
         self._check(committed, "commit")
         return committed.stdout.strip().splitlines()[-1]
 
     # --- operations -----------------------------------------------------------------------------------------
     def install(self, added: Sequence[PackageDecl], result: Sequence[PackageDecl]) -> CommandResult:
-        self.stage(result)
-        return self.deploy()
+        return self.deploy(self.stage(result))
 
     def remove(self, names: Sequence[str], result: Sequence[PackageDecl]) -> CommandResult:
-        self.stage(result)
-        return self.deploy()
+        return self.deploy(self.stage(result))
 
-    def deploy(self) -> CommandResult:
-        """The upgrade proper: pull the branch's new commit into the sysroot, deploy it as the new default."""
+    def deploy(self, commit: str) -> CommandResult:
+        """The upgrade proper: pull ``commit`` into the sysroot's repository, deploy it as the new default.
+        By checksum, not by branch: a guest reading the source repository over a caching 9p mount could see a
+        stale branch ref, never a stale new object."""
         return run_sequence(self.run, [
-            ["ostree", f"--repo={self.repo}", "pull-local", str(self.source), BRANCH],
-            ["ostree", "admin", f"--sysroot={self.root}", "deploy", f"--os={OS_NAME}", BRANCH],
+            ["ostree", f"--repo={self.repo}", "pull-local", str(self.source), commit],
+            ["ostree", "admin", f"--sysroot={self.root}", "deploy", f"--os={OS_NAME}", commit],
         ])
 
     def switch(self, number: int) -> CommandResult:
