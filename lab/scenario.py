@@ -35,7 +35,9 @@ STEP_KINDS = {
     "corrupt_store": "overwrite one asset of the store with other bytes",
     "expect_usr": "list of package sets: /usr must match exactly one of them",
     "expect_fail": "a step that must fail with a non-zero exit and a one-line error",
+    "power_cut": "{after: STEP}: a real system's STEP runs in the guest, the power is cut the moment it returns",
 }
+FILESYSTEMS = ("ext4", "ext2")  # the SUT root in the guest (ext2: Asterinas 0.18.1's only persistent root)
 INVARIANTS = ("atomic_usr", "staging_empty", "stateless", "store_integrity", "state_id_matches")
 TARGETS = ("any", "host", "vm")  # any: wherever the run puts it (`stonelab run --target`, default host)
 SWAPS = ("auto", "exchange", "symlink")
@@ -82,6 +84,7 @@ class Scenario:
     expect_violations: dict[str, tuple[str, ...]] = field(default_factory=dict)
     tags: tuple[str, ...] = ()
     system: str = "reference"  # lab.systems.SYSTEMS: reference (mode: reference|moss-compat), nix, ostree
+    filesystem: str = "ext4"  # the SUT root's file system on the vm target (lab.systems.guest.RootFilesystem)
 
     def expected_for(self, target: str) -> tuple[str, ...]:
         return self.expect_violations.get(target, self.expect_violations.get("*", ()))
@@ -103,14 +106,14 @@ def parse_scenario(data: object, path: Path) -> Scenario:
     if not isinstance(data, dict):
         raise fail("top level", "expected a mapping")
     allowed = {"name", "description", "target", "swap", "mode", "packages", "steps", "invariants",
-               "expect_violations", "tags", "system"}
+               "expect_violations", "tags", "system", "filesystem"}
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise fail("top level", f"unknown field(s) {', '.join(unknown)}")
     name = data.get("name")
     if not isinstance(name, str) or not name:
         raise fail("name", "required, a non-empty string")
-    for key, choices in (("target", TARGETS), ("swap", SWAPS), ("mode", MODES)):
+    for key, choices in (("target", TARGETS), ("swap", SWAPS), ("mode", MODES), ("filesystem", FILESYSTEMS)):
         if key in data and data[key] not in choices:
             raise fail(key, f"{data[key]!r} is not one of {', '.join(choices)}")
     system, known_invariants = _parse_system(data, fail)
@@ -120,7 +123,7 @@ def parse_scenario(data: object, path: Path) -> Scenario:
         raise fail("steps", "required, a non-empty list")
     steps = [_parse_step(raw, i, packages, fail) for i, raw in enumerate(steps_raw)]
     from lab.systems.run import check_steps  # lab.systems builds on this module
-    check_steps(system, steps, fail)
+    check_steps(system, data.get("target", "any"), steps, fail)
     invariants = tuple(data.get("invariants") or known_invariants)
     expected = _parse_expected(data.get("expect_violations"), fail)
     for label, names in (("invariants", invariants), *(("expect_violations", v) for v in expected.values())):
@@ -132,6 +135,7 @@ def parse_scenario(data: object, path: Path) -> Scenario:
         name=name, path=path, description=str(data.get("description") or ""), target=data.get("target", "any"),
         swap=data.get("swap", "auto"), mode=data.get("mode", "reference"), packages=packages, steps=steps,
         invariants=invariants, expect_violations=expected, tags=tuple(data.get("tags") or ()), system=system,
+        filesystem=data.get("filesystem", "ext4"),
     )
 
 
@@ -146,10 +150,10 @@ def _parse_system(data: dict, fail) -> tuple[str, tuple[str, ...]]:
     for key in ("mode", "swap"):
         if key in data:
             raise fail(key, f"applies to the reference implementation only, not to system {system!r}")
-    if data.get("target", "any") == "vm":
-        raise fail("target", f"system {system!r} runs on the host target (in a guest only through the crash "
-                             "engine)")
-    return system, ("atomic_usr", *SYSTEMS[system][0].invariant_names)
+    if "filesystem" in data and data.get("target") != "vm":
+        raise fail("filesystem", "the root's file system is chosen on the vm target only (target: vm)")
+    from lab.systems.crashcheck import CRASH_INVARIANTS
+    return system, (*CRASH_INVARIANTS, *SYSTEMS[system][0].invariant_names)
 
 
 def _parse_expected(raw: object, fail) -> dict[str, tuple[str, ...]]:
@@ -221,6 +225,14 @@ def _parse_step(raw: object, index: int, packages: dict[str, PackageDecl], fail)
         arg = {"at": str(arg["at"]), "during": inner}
     elif kind == "expect_fail":
         arg = _parse_step(arg, index, packages, fail)
+    elif kind == "power_cut":
+        if not isinstance(arg, dict) or set(arg) != {"after"}:
+            raise fail(where, "power_cut needs {after: STEP}")
+        inner = _parse_step(arg["after"], index, packages, fail)
+        if inner.kind not in ("install", "remove", "prune"):
+            raise fail(where, f"power_cut follows an operation that makes a generation (install, remove, prune), "
+                              f"not {inner.kind!r}")
+        arg = {"after": inner}
     elif kind == "expect_usr":
         if not isinstance(arg, list) or not all(isinstance(s, list) for s in arg):
             raise fail(where, "expect_usr takes a list of package-key lists")

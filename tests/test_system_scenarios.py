@@ -28,7 +28,14 @@ def scenario(**fields):
      "steps[0]: 'crash' is not available for system 'nix'"),
     ({"system": "guix"}, "system: 'guix' is not one of reference, nix, ostree"),
     ({"system": "nix", "mode": "moss-compat"}, "mode: applies to the reference implementation only"),
-    ({"system": "nix", "target": "vm"}, "target: system 'nix' runs on the host target"),
+    ({"system": "nix", "filesystem": "ext2"}, "filesystem: the root's file system is chosen on the vm target only"),
+    ({"system": "nix", "steps": [{"power_cut": {"after": {"install": ["a"]}}}]},
+     "steps[0]: power_cut needs the vm target (target: vm)"),
+    ({"system": "nix", "target": "vm", "steps": [{"power_cut": {"after": {"activate": 1}}}]},
+     "power_cut follows an operation that makes a generation"),
+    ({"steps": [{"power_cut": {"after": {"install": ["a"]}}}], "target": "vm"},
+     "power_cut is for real systems; the reference is cut at its fault points"),
+    ({"system": "ostree", "target": "vm", "filesystem": "xfs"}, "filesystem: 'xfs' is not one of ext4, ext2"),
     ({"system": "nix", "invariants": ["staging_empty"]}, "unknown invariant(s) staging_empty for system 'nix'"),
     ({"system": "ostree", "expect_violations": ["nix_db_valid"]}, "unknown invariant(s) nix_db_valid"),
 ])
@@ -42,7 +49,8 @@ def test_what_a_system_cannot_do_is_one_line(fields, message):
 def test_system_defaults_and_invariants():
     nix = parse_scenario(scenario(system="nix"), Path("x.yaml"))
     assert nix.system == "nix"
-    assert nix.invariants == ("atomic_usr", "nix_store_verified", "nix_db_valid", "nix_profile_complete")
+    assert nix.invariants == ("atomic_usr", "durable_success", "nix_store_verified", "nix_db_valid",
+                              "nix_profile_complete")
     assert parse_scenario(scenario(), Path("x.yaml")).system == "reference"
 
 

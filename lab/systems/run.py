@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from contextlib import ExitStack
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,9 +19,10 @@ from lab import invariants as inv
 from lab.invariants import ExpectedTree, Violation
 from lab.packages import PackageDecl, expected_tree
 from lab.probe import Observation
-from lab.runner import ScenarioResult, StepResult, judge
+from lab.runner import ScenarioResult, StepResult, judge, run_cache_dir
 from lab.systems import make_system, operations_of, require
 from lab.systems.base import Operation, SystemUnderTest, UnsupportedOperation
+from lab.systems.crashcheck import judge_system_state
 from lab.target import CommandResult
 from stonelab.errors import StonelabError
 
@@ -37,16 +39,23 @@ def operation_of(kind: str, arg: object) -> Operation | None:
             "verify": Operation.VERIFY}.get(kind)
 
 
-def check_steps(system: str, steps: list, fail: Callable[[str, str], Exception]) -> None:
-    """Raise ``fail(where, problem)`` for the first step system ``system`` cannot run (steps: objects with
-    ``kind``, ``arg``, ``index``)."""
-    if system == "reference":
-        return
+def check_steps(system: str, target: str, steps: list, fail: Callable[[str, str], Exception]) -> None:
+    """Raise ``fail(where, problem)`` for the first step system ``system`` cannot run on ``target`` (steps:
+    objects with ``kind``, ``arg``, ``index``)."""
     for step in steps:
         kind, arg = step.kind, step.arg
+        where = f"steps[{step.index}]"
+        if kind == "power_cut":
+            if system == "reference":
+                raise fail(where, "power_cut is for real systems; the reference is cut at its fault points "
+                                  "(crash: {at: POINT, during: STEP})")
+            if target != "vm":
+                raise fail(where, "power_cut needs the vm target (target: vm)")
+            kind, arg = arg["after"].kind, arg["after"].arg
+        if system == "reference":
+            continue
         if kind == "expect_fail":
             kind, arg = arg.kind, arg.arg
-        where = f"steps[{step.index}]"
         if kind in REFERENCE_ONLY_STEPS:
             raise fail(where, f"{kind!r} is not available for system {system!r}: {REFERENCE_ONLY_STEPS[kind]}")
         operation = operation_of(kind, arg)
@@ -77,6 +86,10 @@ class SystemRunner:
                 acceptable = [self._tree(self.installed)]
             elif step.kind == "expect_usr":
                 acceptable = [expected_tree([self.scenario.packages[k] for k in keys]) for keys in step.arg]
+            elif step.kind == "power_cut":
+                self._power_cut(step, result)
+                result.seconds = time.monotonic() - started
+                return result
             elif step.kind == "corrupt_store":
                 result.note = f"overwrote the first byte of /{self.system.corrupt_store()}"
                 acceptable = [self._tree(self.installed)]
@@ -95,6 +108,29 @@ class SystemRunner:
         result.violations = self.check(acceptable)
         result.seconds = time.monotonic() - started
         return result
+
+    def _power_cut(self, step, result: StepResult) -> None:
+        """Run the operation in the guest, cut the power the moment it returns, boot, judge the crash state with
+        ALICE's contract against the old and the new package set."""
+        old_installed = dict(self.installed)
+        outcome, after = self._operate(step.arg["after"])
+        self._record(result, outcome)
+        self.system.guest.cut()
+        result.status = "crashed"
+        new = self._tree(after if after is not None else old_installed)
+        new = ExpectedTree("new " + new.label, new.files)
+        fsck = self.system.guest.fsck()
+        observed = self.system.observe()
+        result.violations = judge_system_state(observed, self._tree(old_installed), new, succeeded=outcome.ok,
+                                               after_return=True, enabled=self.scenario.invariants)
+        _found, matched = inv.atomic_usr(Observation(usr=observed["tree"]), [new])
+        if matched is not None and after is not None:
+            self.installed = after
+        current = dict(observed["generations"]).get(observed["current"])
+        if current is not None and not any(v.invariant == "atomic_usr" for v in result.violations):
+            self.by_ref[current] = dict(self.installed)
+        result.note = (f"cut after exit {outcome.returncode}; after reboot the current generation holds "
+                       f"{'the new' if matched is not None else 'another'} tree; {fsck}")
 
     def _operate(self, step) -> tuple[CommandResult, dict[str, PackageDecl] | None]:
         """Run the step's operation; returns its result and the package set it should leave (None: the
@@ -159,18 +195,25 @@ class _StepFailed(Exception):
     pass
 
 
-def run_system_scenario(scenario, *, workdir: Path | None = None) -> ScenarioResult:
-    """Run ``scenario`` (``system:`` other than the reference) on this machine in a temporary root."""
+def run_system_scenario(scenario, *, workdir: Path | None = None, target: str | None = None) -> ScenarioResult:
+    """Run ``scenario`` (``system:`` other than the reference): on this machine in a temporary root, or with
+    ``target: vm`` in a guest whose SUT disk has the scenario's ``filesystem``."""
     started = time.monotonic()
-    result = ScenarioResult(scenario.name, str(scenario.path), scenario.description, "host", "-", "-",
-                            "no crash steps (power loss in these systems needs the crash engine)",
-                            system=scenario.system, expected_violations=sorted(scenario.expected_for("host")))
+    kind = "vm" if scenario.target == "vm" else "host"
+    result = ScenarioResult(scenario.name, str(scenario.path), scenario.description, kind, "-", "-",
+                            "no power cuts on the host target", system=scenario.system,
+                            expected_violations=sorted(scenario.expected_for(kind)))
+    if kind == "vm":
+        workdir = workdir or run_cache_dir()  # the guest reads the source store/repository from there
     try:
-        with tempfile.TemporaryDirectory(prefix="stonelab-sut-", dir=workdir) as tmp:
-            system = make_system(scenario.system, Path(tmp) / "root", Path(tmp) / "work")
+        with tempfile.TemporaryDirectory(prefix="stonelab-sut-", dir=workdir) as tmp, ExitStack() as stack:
+            system = _system_on(kind, scenario, Path(tmp), stack)
+            result.crash_semantics = getattr(getattr(system, "guest", None), "crash_semantics",
+                                             result.crash_semantics)
             try:
                 system.prepare()
-                result.environment = f"host, {scenario.system} on {system.root}"
+                result.environment = (system.guest.describe() if kind == "vm"
+                                      else f"host, {scenario.system} on {system.root}")
                 runner = SystemRunner(scenario, system)
                 for step in scenario.steps:
                     result.steps.append(runner.run_step(step))
@@ -185,3 +228,15 @@ def run_system_scenario(scenario, *, workdir: Path | None = None) -> ScenarioRes
     result.seconds = time.monotonic() - started
     judge(result)
     return result
+
+
+def _system_on(kind: str, scenario, tmp: Path, stack: ExitStack) -> SystemUnderTest:
+    if kind == "host":
+        return make_system(scenario.system, tmp / "root", tmp / "work")
+    from lab.systems.guest import GUEST_SCRATCH, GuestRunner, GuestSystem, SystemGuest
+    from lab.vm_target import GUEST_ROOT
+    guest = stack.enter_context(SystemGuest(tmp / "vm", filesystem=scenario.filesystem))
+    scratch = GUEST_SCRATCH / scenario.system
+    inner = make_system(scenario.system, Path(GUEST_ROOT) / scenario.system, tmp / "work",
+                        run=GuestRunner(guest.machine), scratch=scratch)
+    return GuestSystem(inner, guest, scratch)
