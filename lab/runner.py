@@ -44,6 +44,7 @@ class ScenarioResult:
     crash_semantics: str
     environment: str = ""
     system: str = "reference"  # the system under test (lab.systems.SYSTEMS)
+    upstream: str = ""  # the upstream report(s) the expected violations reproduce
     steps: list[StepResult] = field(default_factory=list)
     expected_violations: list[str] = field(default_factory=list)
     verdict: str = "pass"  # pass | fail | error
@@ -233,7 +234,8 @@ def run_scenario(scenario: Scenario, *, workdir: Path | None = None, target: str
     started = time.monotonic()
     kind = scenario.target if scenario.target != "any" else (target or "host")
     result = ScenarioResult(scenario.name, str(scenario.path), scenario.description, kind,
-                            scenario.mode, scenario.swap, "", expected_violations=sorted(scenario.expected_for(kind)))
+                            scenario.mode, scenario.swap, "", expected_violations=sorted(scenario.expected_for(kind)),
+                            upstream=scenario.upstream)
     if kind == "vm" and vm_factory is None:
         from lab.vm_target import vm_target_factory
         vm_factory = vm_target_factory()
@@ -283,3 +285,5 @@ def judge(result: ScenarioResult) -> None:
     else:
         result.verdict = "pass"
         result.reason = ("caught as expected: " + ", ".join(sorted(expected))) if expected else "all invariants held"
+        if expected and result.upstream:
+            result.reason = f"upstream gap reproduced ({result.upstream}): {', '.join(sorted(expected))}"

@@ -85,6 +85,7 @@ class Scenario:
     tags: tuple[str, ...] = ()
     system: str = "reference"  # lab.systems.SYSTEMS: reference (mode: reference|moss-compat), nix, ostree
     filesystem: str = "ext4"  # the SUT root's file system on the vm target (lab.systems.guest.RootFilesystem)
+    upstream: str = ""  # the upstream report(s) the expected violations reproduce, e.g. "NixOS/nix#1218"
 
     def expected_for(self, target: str) -> tuple[str, ...]:
         return self.expect_violations.get(target, self.expect_violations.get("*", ()))
@@ -106,7 +107,7 @@ def parse_scenario(data: object, path: Path) -> Scenario:
     if not isinstance(data, dict):
         raise fail("top level", "expected a mapping")
     allowed = {"name", "description", "target", "swap", "mode", "packages", "steps", "invariants",
-               "expect_violations", "tags", "system", "filesystem"}
+               "expect_violations", "tags", "system", "filesystem", "upstream"}
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise fail("top level", f"unknown field(s) {', '.join(unknown)}")
@@ -135,7 +136,7 @@ def parse_scenario(data: object, path: Path) -> Scenario:
         name=name, path=path, description=str(data.get("description") or ""), target=data.get("target", "any"),
         swap=data.get("swap", "auto"), mode=data.get("mode", "reference"), packages=packages, steps=steps,
         invariants=invariants, expect_violations=expected, tags=tuple(data.get("tags") or ()), system=system,
-        filesystem=data.get("filesystem", "ext4"),
+        filesystem=data.get("filesystem", "ext4"), upstream=str(data.get("upstream") or ""),
     )
 
 

@@ -220,5 +220,5 @@ class NixSystem:
 
 def _store_verify_problem(result: CommandResult) -> str:
     lines = [line for line in (result.stderr + result.stdout).splitlines()
-             if "checking" not in line and line.strip()]
+             if line.strip() and "checking" not in line and not line.startswith("warning:")]
     return "nix store verify --all --no-trust: " + ("; ".join(lines[:3]) or result.summary())

@@ -110,9 +110,11 @@ class SystemRunner:
         return result
 
     def _power_cut(self, step, result: StepResult) -> None:
-        """Run the operation in the guest, cut the power the moment it returns, boot, judge the crash state with
-        ALICE's contract against the old and the new package set."""
+        """Settle the disk (``sync``: the state before the operation is durable, so the cut judges this operation
+        alone), run the operation in the guest, cut the power the moment it returns, boot, judge the crash state
+        with ALICE's contract against the old and the new package set."""
         old_installed = dict(self.installed)
+        self.system.guest.settle()
         outcome, after = self._operate(step.arg["after"])
         self._record(result, outcome)
         self.system.guest.cut()
@@ -201,7 +203,7 @@ def run_system_scenario(scenario, *, workdir: Path | None = None, target: str | 
     started = time.monotonic()
     kind = "vm" if scenario.target == "vm" else "host"
     result = ScenarioResult(scenario.name, str(scenario.path), scenario.description, kind, "-", "-",
-                            "no power cuts on the host target", system=scenario.system,
+                            "no power cuts on the host target", system=scenario.system, upstream=scenario.upstream,
                             expected_violations=sorted(scenario.expected_for(kind)))
     if kind == "vm":
         workdir = workdir or run_cache_dir()  # the guest reads the source store/repository from there
