@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP_SYS := $(VENV)/.system-packages
 STAMP_PY  := $(VENV)/.installed
 
-.PHONY: run test setup bench clean
+.PHONY: run test setup bench fuzz clean
 
 setup: $(STAMP_SYS) $(STAMP_PY)
 
@@ -31,6 +31,11 @@ bench: setup
 	$(PY) bench/stone.py
 	$(PY) bench/blit.py
 	$(PY) bench/boot.py
+
+# The long randomized campaign over the parsers of untrusted input (make test runs a short derandomized one).
+# FUZZ_ARGS=--inputs N --jobs N --seed N --target T ...
+fuzz: setup
+	$(PY) tools/fuzz.py $(FUZZ_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .hypothesis

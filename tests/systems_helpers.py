@@ -7,11 +7,11 @@ from pathlib import Path
 from lab.invariants import tree_difference
 from lab.packages import PackageDecl, expected_tree
 
-HELLO_1 = PackageDecl("hello-1", "hello", "1", files={"bin/hello": "#!/bin/sh\necho one\n", "share/hello/empty": ""},
+HELLO_1 = PackageDecl(key="hello-1", name="hello", version="1",
+                      files={"bin/hello": "#!/bin/sh\necho one\n", "share/hello/empty": ""}, symlinks={"bin/hi": "hello"})
+HELLO_2 = PackageDecl(key="hello-2", name="hello", version="2", files={"bin/hello": "#!/bin/sh\necho two\n"},
                       symlinks={"bin/hi": "hello"})
-HELLO_2 = PackageDecl("hello-2", "hello", "2", files={"bin/hello": "#!/bin/sh\necho two\n"},
-                      symlinks={"bin/hi": "hello"})
-BASE = PackageDecl("base", "base", "1", files={"lib/libbase.so.1": "ELF base\n"})
+BASE = PackageDecl(key="base", name="base", version="1", files={"lib/libbase.so.1": "ELF base\n"})
 
 
 def difference(tree: dict, decls: list[PackageDecl]) -> str:

@@ -35,6 +35,21 @@ from lab.target import COMMAND_TIMEOUT, CommandResult
 from stonelab.errors import StonelabError
 
 
+class SystemName(enum.StrEnum):
+    """The systems a scenario can name (``system:``); the reference takes ``mode: reference|moss-compat``."""
+
+    REFERENCE = "reference"
+    NIX = "nix"
+    OSTREE = "ostree"
+
+
+class RootFilesystem(enum.StrEnum):
+    """The SUT root's file system in a guest (``filesystem:``, vm target only)."""
+
+    EXT4 = "ext4"  # journaled (data=ordered), journal commit only when something forces it
+    EXT2 = "ext2"  # no journal: Asterinas 0.18.1's only persistent root file system
+
+
 class Operation(enum.StrEnum):
     """The verbs a scenario can ask of any system (see the module table)."""
 

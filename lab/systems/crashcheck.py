@@ -23,10 +23,10 @@ from pathlib import Path
 from lab import invariants as inv
 from lab.invariants import ExpectedTree, Violation
 from lab.probe import Observation
-from lab.systems import make_system
+from lab.systems import CRASH_INVARIANTS, make_system
 from lab.systems.base import CommandRunner, run_local
 
-CRASH_INVARIANTS = ("atomic_usr", "durable_success")
+__all__ = ["CRASH_INVARIANTS", "judge_system_state", "observe_system"]
 
 
 def observe_system(system: str, root: Path, scratch: Path, run: CommandRunner = run_local) -> dict:

@@ -14,7 +14,6 @@ Asterinas 0.18.1 setup), their commands run by the guest agent, and a power cut 
 """
 from __future__ import annotations
 
-import enum
 import json
 import shlex
 import time
@@ -22,19 +21,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from lab.invariants import Violation
-from lab.systems.base import Generation, SystemState, SystemUnderTest
+from lab.systems.base import Generation, RootFilesystem, SystemState, SystemUnderTest
 from lab.target import COMMAND_TIMEOUT, CommandResult
 from lab.vm_target import EXT4_COMMIT_SECONDS, GUEST_ROOT, SUT_PARTITION, VmTarget
 from stonelab.errors import StonelabError
 
 GUEST_SCRATCH = Path("/tmp/stonelab-sut-scratch")
-
-
-class RootFilesystem(enum.StrEnum):
-    """The SUT root's file system in the guest."""
-
-    EXT4 = "ext4"  # journaled (data=ordered), journal commit only when something forces it
-    EXT2 = "ext2"  # no journal: Asterinas 0.18.1's only persistent root file system
 
 
 class GuestRunner:

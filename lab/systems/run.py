@@ -19,16 +19,15 @@ from lab import invariants as inv
 from lab.invariants import ExpectedTree, Violation
 from lab.packages import PackageDecl, expected_tree
 from lab.probe import Observation
-from lab.runner import ScenarioResult, StepResult, judge, run_cache_dir
+from lab.runner import ScenarioResult, StepResult, run_cache_dir
 from lab.systems import make_system, operations_of, require
 from lab.systems.base import Operation, SystemUnderTest, UnsupportedOperation
 from lab.systems.crashcheck import judge_system_state
 from lab.target import CommandResult
-from stonelab.errors import StonelabError
 
-# step kinds that exist only for the reference implementation: its named fault points
-REFERENCE_ONLY_STEPS = {"crash": "fault points exist only in the reference implementation",
-                        "recover": "recovery after a fault point exists only in the reference implementation"}
+# the step kinds a real system takes (the others drive the reference's fault points, boot manager, ESP…)
+SYSTEM_STEPS = ("install", "remove", "activate", "prune", "verify", "expect_usr", "expect_fail", "corrupt_store",
+                "power_cut")
 
 
 def operation_of(kind: str, arg: object) -> Operation | None:
@@ -39,25 +38,26 @@ def operation_of(kind: str, arg: object) -> Operation | None:
             "verify": Operation.VERIFY}.get(kind)
 
 
-def check_steps(system: str, target: str, steps: list, fail: Callable[[str, str], Exception]) -> None:
-    """Raise ``fail(where, problem)`` for the first step system ``system`` cannot run on ``target`` (steps:
-    objects with ``kind``, ``arg``, ``index``)."""
+def check_steps(system: str, target: str, steps: list, fail: Callable[[int, str], Exception]) -> None:
+    """Raise ``fail(step index, problem)`` for the first step system ``system`` cannot run on ``target``
+    (steps: objects with ``kind``, ``arg``, ``index``)."""
     for step in steps:
         kind, arg = step.kind, step.arg
-        where = f"steps[{step.index}]"
+        where = step.index
         if kind == "power_cut":
             if system == "reference":
                 raise fail(where, "power_cut is for real systems; the reference is cut at its fault points "
                                   "(crash: {at: POINT, during: STEP})")
             if target != "vm":
                 raise fail(where, "power_cut needs the vm target (target: vm)")
-            kind, arg = arg["after"].kind, arg["after"].arg
+            kind, arg = arg.after.kind, arg.after.arg
         if system == "reference":
             continue
         if kind == "expect_fail":
             kind, arg = arg.kind, arg.arg
-        if kind in REFERENCE_ONLY_STEPS:
-            raise fail(where, f"{kind!r} is not available for system {system!r}: {REFERENCE_ONLY_STEPS[kind]}")
+        if kind not in SYSTEM_STEPS:
+            raise fail(where, f"step {kind!r} is for the reference implementation only; system {system!r} takes "
+                              f"{', '.join(SYSTEM_STEPS)}")
         operation = operation_of(kind, arg)
         if operation is not None and operation not in operations_of(system):
             has = ", ".join(sorted(operations_of(system)))
@@ -115,7 +115,7 @@ class SystemRunner:
         with ALICE's contract against the old and the new package set."""
         old_installed = dict(self.installed)
         self.system.guest.settle()
-        outcome, after = self._operate(step.arg["after"])
+        outcome, after = self._operate(step.arg.after)
         self._record(result, outcome)
         self.system.guest.cut()
         result.status = "crashed"
@@ -197,39 +197,29 @@ class _StepFailed(Exception):
     pass
 
 
-def run_system_scenario(scenario, *, workdir: Path | None = None, target: str | None = None) -> ScenarioResult:
-    """Run ``scenario`` (``system:`` other than the reference): on this machine in a temporary root, or with
-    ``target: vm`` in a guest whose SUT disk has the scenario's ``filesystem``."""
-    started = time.monotonic()
-    kind = "vm" if scenario.target == "vm" else "host"
-    result = ScenarioResult(scenario.name, str(scenario.path), scenario.description, kind, "-", "-",
-                            "no power cuts on the host target", system=scenario.system, upstream=scenario.upstream,
-                            expected_violations=sorted(scenario.expected_for(kind)))
+def run_system_steps(scenario, result: ScenarioResult, kind: str, workdir: Path | None) -> None:
+    """Run the steps of ``scenario`` (a real system) into ``result``: on this machine in a temporary root, or on
+    the vm target in a guest whose SUT disk has the scenario's ``filesystem``. Raises StonelabError when the lab
+    cannot set the system up (the caller's ``error`` verdict)."""
+    kind = "vm" if str(kind) == "vm" else "host"
+    result.crash_semantics = "no power cuts on the host target"
     if kind == "vm":
         workdir = workdir or run_cache_dir()  # the guest reads the source store/repository from there
-    try:
-        with tempfile.TemporaryDirectory(prefix="stonelab-sut-", dir=workdir) as tmp, ExitStack() as stack:
-            system = _system_on(kind, scenario, Path(tmp), stack)
-            result.crash_semantics = getattr(getattr(system, "guest", None), "crash_semantics",
-                                             result.crash_semantics)
-            try:
-                system.prepare()
-                result.environment = (system.guest.describe() if kind == "vm"
-                                      else f"host, {scenario.system} on {system.root}")
-                runner = SystemRunner(scenario, system)
-                for step in scenario.steps:
-                    result.steps.append(runner.run_step(step))
-                    if result.steps[-1].status == "failed":
-                        break
-            finally:
-                system.cleanup()
-    except StonelabError as err:
-        result.verdict, result.reason = "error", str(err)
-        result.seconds = time.monotonic() - started
-        return result
-    result.seconds = time.monotonic() - started
-    judge(result)
-    return result
+    with tempfile.TemporaryDirectory(prefix="stonelab-sut-", dir=workdir) as tmp, ExitStack() as stack:
+        system = _system_on(kind, scenario, Path(tmp), stack)
+        if kind == "vm":
+            result.crash_semantics = system.guest.crash_semantics
+        try:
+            system.prepare()
+            result.environment = (system.guest.describe() if kind == "vm"
+                                  else f"host, {scenario.system} on {system.root}")
+            runner = SystemRunner(scenario, system)
+            for step in scenario.steps:
+                result.steps.append(runner.run_step(step))
+                if result.steps[-1].status == "failed":
+                    break
+        finally:
+            system.cleanup()
 
 
 def _system_on(kind: str, scenario, tmp: Path, stack: ExitStack) -> SystemUnderTest:
