@@ -83,4 +83,8 @@ def test_default_system_scenarios_pass(name: str, binary: str, tmp_path: Path):
     result = run_scenario(loaded, workdir=tmp_path)
     assert result.verdict == "pass", result.reason
     assert result.system == loaded.system
+    install = result.steps[0]
+    assert install.evidence["atomic_usr"].startswith("generation ")
+    held = set(loaded.invariants) - set(loaded.expected_for("host")) - {"durable_success"}
+    assert held <= set(install.evidence), "an invariant that held left no evidence in the report"
     assert list(tmp_path.iterdir()) == [], "the scenario left files behind"

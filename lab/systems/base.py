@@ -124,11 +124,13 @@ def run_local(argv: Sequence[str], *, env: Mapping[str, str] | None = None,
 
 class SystemUnderTest(Protocol):
     """One transactional system on one root. ``name`` is what a scenario's ``system:`` says; ``operations``
-    the verbs it has; ``invariant_names`` the invariants :meth:`invariants` can report."""
+    the verbs it has; ``invariant_names`` the invariants :meth:`invariants` can report, ``evidence`` what each
+    checked when it held."""
 
     name: str
     operations: frozenset[Operation]
     invariant_names: tuple[str, ...]
+    evidence: dict[str, str]
     root: Path
 
     def prepare(self) -> None:

@@ -107,6 +107,7 @@ class GuestSystem:
         self.name = inner.name
         self.operations = inner.operations
         self.invariant_names = inner.invariant_names
+        self.evidence = inner.evidence
         self.root = inner.root
         self._violations: list[Violation] = []
 

@@ -39,6 +39,12 @@ PROFILE = "nix/var/nix/profiles/system"
 _LINK = re.compile(r"^system-(\d+)-link$")
 
 INVARIANTS = ("nix_store_verified", "nix_db_valid", "nix_profile_complete")
+# what each invariant checked when it held (the report's evidence)
+EVIDENCE = {"nix_store_verified": "nix store verify --all --no-trust: every registered path hashes to its NAR hash",
+            "nix_db_valid": f"db/schema holds {SCHEMA_VERSION}; nix path-info --all reads the database; SQLite "
+                            "quick_check ok",
+            "nix_profile_complete": "profiles/system names a generation link; every generation names a registered "
+                                    "store path present in the store"}
 
 
 class NixSystem:
@@ -48,6 +54,7 @@ class NixSystem:
     name = "nix"
     operations = frozenset(Operation)
     invariant_names = INVARIANTS
+    evidence = EVIDENCE
 
     def __init__(self, root: Path, workdir: Path, run: CommandRunner = run_local, *, scratch: Path | None = None):
         self.root = root

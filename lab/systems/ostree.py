@@ -44,6 +44,11 @@ SCAFFOLDING = {f"lib/modules/{KERNEL_VERSION}/vmlinuz": f"stonelab test kernel {
 _OSTREE_ARG = re.compile(r"(?:^|\s)ostree=(\S+)")
 
 INVARIANTS = ("ostree_fsck", "ostree_status", "ostree_loader_complete")
+# what each invariant checked when it held (the report's evidence)
+EVIDENCE = {"ostree_fsck": "ostree fsck: every object of every commit matches its checksum",
+            "ostree_status": "ostree admin status exit 0",
+            "ostree_loader_complete": "boot/loader names loader.0|1 with one entry per deployment; every entry's "
+                                      "linux/initrd exists and its ostree= leads to a deployment"}
 
 
 class OstreeSystem:
@@ -53,6 +58,7 @@ class OstreeSystem:
     name = "ostree"
     operations = frozenset(Operation) - {Operation.SWITCH}
     invariant_names = INVARIANTS
+    evidence = EVIDENCE
 
     def __init__(self, root: Path, workdir: Path, run: CommandRunner = run_local, *, scratch: Path | None = None):
         self.root = root

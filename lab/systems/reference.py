@@ -21,6 +21,9 @@ from lab.target import CommandResult
 
 MODES = ("reference", "moss-compat")
 INVARIANTS = ("staging_empty", "state_id_matches", "store_integrity")
+EVIDENCE = {"staging_empty": "/.moss/root/staging is empty",
+            "state_id_matches": "/usr/.stateID names a state of the database",
+            "store_integrity": "every asset hashes to its name; no partial asset"}
 
 
 class ReferenceSystem:
@@ -28,6 +31,7 @@ class ReferenceSystem:
 
     operations = frozenset(Operation)
     invariant_names = INVARIANTS
+    evidence = EVIDENCE
 
     def __init__(self, root: Path, workdir: Path, run: CommandRunner = run_local, *, mode: str = "reference",
                  swap: str = "auto"):

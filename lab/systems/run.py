@@ -105,7 +105,7 @@ class SystemRunner:
         except UnsupportedOperation as err:
             result.status, result.note = "failed", str(err)
             acceptable = [self._tree(self.installed)]
-        result.violations = self.check(acceptable)
+        result.violations = self.check(acceptable, result)
         result.seconds = time.monotonic() - started
         return result
 
@@ -169,16 +169,23 @@ class SystemRunner:
         self.installed = dict(self.by_ref[current.ref])
         return [self._tree(self.installed)]
 
-    def check(self, acceptable: list[ExpectedTree]) -> list[Violation]:
-        """Judge the system now: the enabled invariants on its state against ``acceptable`` trees."""
+    def check(self, acceptable: list[ExpectedTree], result: StepResult) -> list[Violation]:
+        """Judge the system now: the enabled invariants on its state against ``acceptable`` trees; the evidence of
+        those that held goes to ``result``."""
         state = self.system.state()
         enabled = set(self.scenario.invariants)
         violations: list[Violation] = []
-        if "atomic_usr" in enabled:
-            found, _matched = inv.atomic_usr(Observation(usr=state.tree), acceptable)
-            violations += found
-        violations += [v for v in self.system.invariants(state) if v.invariant in enabled]
         current = state.current_generation()
+        if "atomic_usr" in enabled:
+            found, matched = inv.atomic_usr(Observation(usr=state.tree), acceptable)
+            violations += found
+            if matched is not None:
+                result.evidence["atomic_usr"] = (f"generation {current.ref if current else '(none)'} holds exactly "
+                                                 f"{matched.label}")
+        violations += [v for v in self.system.invariants(state) if v.invariant in enabled]
+        failed = {v.invariant for v in violations}
+        result.evidence.update({name: text for name, text in self.system.evidence.items()
+                                if name in enabled and name not in failed})
         if current is not None and not any(v.invariant == "atomic_usr" for v in violations):
             self.by_ref[current.ref] = dict(self.installed)
         return violations
