@@ -71,6 +71,10 @@ class VmTarget:
         # write. This is also how Asterinas behaves (it has no writeback thread).
         self.machine.succeed("echo 0 > /proc/sys/vm/dirty_writeback_centisecs && "
                              "echo 360000 > /proc/sys/vm/dirty_expire_centisecs")
+        self.mount_root()
+
+    def mount_root(self) -> None:
+        """Mount the SUT partition at GUEST_ROOT (ext4, journal commits only when something forces them)."""
         self.machine.succeed(f"mkdir -p {GUEST_ROOT} && "
                              f"mount -t ext4 -o commit={EXT4_COMMIT_SECONDS} {SUT_PARTITION} {GUEST_ROOT}")
 

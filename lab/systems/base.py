@@ -21,6 +21,7 @@ A *generation* is the lab's neutral word for a moss state, a Nix profile generat
 from __future__ import annotations
 
 import enum
+import itertools
 import os
 import subprocess
 import time
@@ -166,6 +167,21 @@ class SystemUnderTest(Protocol):
 
     def invariants(self, state: SystemState) -> list[Violation]:
         """The system's structural invariants on ``state`` (its own check included)."""
+
+
+class RootedSystem:
+    """What the real-system adapters share: the root they judge, the lab's work directory (where generations
+    are built, on this machine), the runner of their commands, and numbered tree directories."""
+
+    def __init__(self, root: Path, workdir: Path, run: CommandRunner = run_local):
+        self.root = root
+        self.workdir = workdir
+        self.run = run
+        self._trees = itertools.count(1)
+
+    def new_tree_dir(self) -> Path:
+        """A fresh directory name below ``workdir/trees`` for the next generation's tree."""
+        return self.workdir / "trees" / str(next(self._trees))
 
 
 def require(system: SystemUnderTest, operation: Operation, where: str = "") -> None:

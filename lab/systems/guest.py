@@ -23,7 +23,7 @@ from pathlib import Path
 from lab.invariants import Violation
 from lab.systems.base import Generation, RootFilesystem, SystemState, SystemUnderTest
 from lab.target import COMMAND_TIMEOUT, CommandResult
-from lab.vm_target import EXT4_COMMIT_SECONDS, GUEST_ROOT, SUT_PARTITION, VmTarget
+from lab.vm_target import GUEST_ROOT, SUT_PARTITION, VmTarget
 from stonelab.errors import StonelabError
 
 GUEST_SCRATCH = Path("/tmp/stonelab-sut-scratch")
@@ -62,15 +62,9 @@ class SystemGuest(VmTarget):
     def describe(self) -> str:
         return f"{super().describe()}, SUT root {self.filesystem} (writeback off)"
 
-    def power_on(self) -> None:
+    def mount_root(self) -> None:
         if self.filesystem is RootFilesystem.EXT4:
-            return super().power_on()
-        if self.machine.running:
-            return
-        self.machine.start()
-        self.boots += 1
-        self.machine.succeed("echo 0 > /proc/sys/vm/dirty_writeback_centisecs && "
-                             "echo 360000 > /proc/sys/vm/dirty_expire_centisecs")
+            return super().mount_root()
         if not self._formatted:  # the disk builder makes ext4; the first boot makes it ext2
             self.machine.succeed(f"mkfs.ext2 -q -F {SUT_PARTITION}")
             self._formatted = True
@@ -81,8 +75,7 @@ class SystemGuest(VmTarget):
         self.power_on()
         self.machine.succeed(f"umount {GUEST_ROOT}")
         result = self.machine.execute(f"e2fsck -fn {SUT_PARTITION}", 120)
-        mount = "-t ext2" if self.filesystem is RootFilesystem.EXT2 else f"-t ext4 -o commit={EXT4_COMMIT_SECONDS}"
-        self.machine.succeed(f"mount {mount} {SUT_PARTITION} {GUEST_ROOT}")
+        self.mount_root()
         problems = [line for line in result.stdout.splitlines() if "?" in line or "ERROR" in line.upper()]
         return f"e2fsck exit {result.exit_code}" + (f": {problems[0]}" if problems else "")
 

@@ -9,12 +9,11 @@ Store paths are built offline on the lab's side: ``nix-store --store SOURCE --ad
 store in the work directory (the host's own ``/nix`` is never touched), published to a local binary cache
 (``nix copy --to file://WORKDIR/cache``, which a guest can read from a read-only share); the operation proper is
 what a NixOS upgrade does on the target: ``nix copy --from file://…/cache --to ROOT`` (NAR unpacked into the
-store, then registered in the database) and ``nix-env --store ROOT -p PROFILE --set PATH``. Nix runs single-user as root, with no daemon, no sandbox and no substituters (facts:
-``../shared/docs/real-systems.md``; NixOS/nix manual, "nix-env", "nix copy", "nix store verify").
+store, then registered in the database) and ``nix-env --store ROOT -p PROFILE --set PATH``. Nix runs single-user
+as root, with no daemon, no sandbox and no substituters (facts: ``../shared/docs/real-systems.md``; NixOS/nix manual, "nix-env", "nix copy", "nix store verify").
 """
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import re
@@ -26,8 +25,7 @@ from lab.faults import corrupt_largest_file
 from lab.invariants import Violation
 from lab.packages import PackageDecl
 from lab.probe import walk
-from lab.systems.base import (CommandRunner, Generation, Operation, SetupError, SystemState, require,
-                              run_local,
+from lab.systems.base import (CommandRunner, Generation, Operation, RootedSystem, SetupError, SystemState, run_local,
                               run_sequence, write_tree)
 from lab.target import CommandResult
 
@@ -47,7 +45,7 @@ EVIDENCE = {"nix_store_verified": "nix store verify --all --no-trust: every regi
                                     "store path present in the store"}
 
 
-class NixSystem:
+class NixSystem(RootedSystem):
     """Nix on ``root``; ``workdir`` (lab side) holds the source store, the binary cache and the trees;
     ``scratch`` (writable where the commands run; default ``workdir/home``) is Nix's HOME and caches."""
 
@@ -57,13 +55,10 @@ class NixSystem:
     evidence = EVIDENCE
 
     def __init__(self, root: Path, workdir: Path, run: CommandRunner = run_local, *, scratch: Path | None = None):
-        self.root = root
-        self.workdir = workdir
-        self.run = run
+        super().__init__(root, workdir, run)
         self.source = workdir / "source-store"
         self.cache = f"file://{workdir / 'cache'}"
         self.profile = root / PROFILE
-        self._trees = itertools.count(1)
         home = scratch or workdir / "home"
         self.home = home
         self.env = {"NIX_CONFIG": NIX_SETTINGS, "NIX_CONF_DIR": str(home / "nix-conf"), "HOME": str(home),
@@ -78,7 +73,7 @@ class NixSystem:
     def stage(self, result: Sequence[PackageDecl]) -> str:
         """Build the generation holding ``result`` in the source store and publish it to the binary cache, on
         this machine (whatever runs the operations); returns its store path."""
-        tree = write_tree(self.workdir / "trees" / str(next(self._trees)) / "lab-system", result)
+        tree = write_tree(self.new_tree_dir() / "lab-system", result)
         env = dict(self.env, HOME=str(self.workdir / "stage-home"), XDG_CACHE_HOME=str(self.workdir / "stage-home"))
         added = run_local(["nix-store", "--store", str(self.source), "--add", str(tree)], env=env)
         if not added.ok:

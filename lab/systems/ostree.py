@@ -19,7 +19,6 @@ becomes the default, with a new entry set and a loader swap. Deployment director
 """
 from __future__ import annotations
 
-import itertools
 import os
 import re
 import shutil
@@ -30,9 +29,8 @@ from lab.faults import corrupt_largest_file
 from lab.invariants import Violation
 from lab.packages import PackageDecl
 from lab.probe import walk
-from lab.systems.base import (CommandRunner, Generation, Operation, SetupError, SystemState, require,
-                              run_local,
-                              run_sequence, write_tree)
+from lab.systems.base import (CommandRunner, Generation, Operation, RootedSystem, SetupError, SystemState, require,
+                              run_local, run_sequence, write_tree)
 from lab.target import CommandResult
 
 OS_NAME = "lab"
@@ -51,7 +49,7 @@ EVIDENCE = {"ostree_fsck": "ostree fsck: every object of every commit matches it
                                       "linux/initrd exists and its ostree= leads to a deployment"}
 
 
-class OstreeSystem:
+class OstreeSystem(RootedSystem):
     """OSTree on ``root`` (the sysroot); ``workdir`` (on this machine; read-only is enough where the operations
     run) holds the source repository and the trees; ``scratch`` is unused (OSTree keeps no per-user state)."""
 
@@ -61,12 +59,9 @@ class OstreeSystem:
     evidence = EVIDENCE
 
     def __init__(self, root: Path, workdir: Path, run: CommandRunner = run_local, *, scratch: Path | None = None):
-        self.root = root
-        self.workdir = workdir
-        self.run = run
+        super().__init__(root, workdir, run)
         self.source = workdir / "source-repo"
         self.repo = root / "ostree" / "repo"
-        self._trees = itertools.count(1)
 
     # --- set-up ---------------------------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -82,7 +77,7 @@ class OstreeSystem:
     def stage(self, result: Sequence[PackageDecl]) -> str:
         """Commit the tree holding ``result`` (plus the kernel scaffolding) to the source repository's branch;
         returns the commit checksum."""
-        base = self.workdir / "trees" / str(next(self._trees))
+        base = self.new_tree_dir()
         usr = write_tree(base / "usr", result)
         (usr / "etc").mkdir(exist_ok=True)  # the default /etc a deployment's /etc merge starts from
         for rel, content in SCAFFOLDING.items():
