@@ -88,3 +88,21 @@ def test_default_system_scenarios_pass(name: str, binary: str, tmp_path: Path):
     held = set(loaded.invariants) - set(loaded.expected_for("host")) - {"durable_success"}
     assert held <= set(install.evidence), "an invariant that held left no evidence in the report"
     assert list(tmp_path.iterdir()) == [], "the scenario left files behind"
+
+
+def test_expected_violations_with_an_upstream_report_read_as_reproduced():
+    from lab.runner import ScenarioResult, StepResult, judge
+    from lab.invariants import Violation
+
+    def result(upstream: str) -> ScenarioResult:
+        step = StepResult(0, "power_cut", "crashed", 1.0, violations=[Violation("durable_success", "old tree")])
+        return ScenarioResult("x", "x.yaml", "", "vm", "-", "-", "", steps=[step], system="nix",
+                              expected_violations=["durable_success"], upstream=upstream)
+
+    reproduced = result("NixOS/nix#1218")
+    judge(reproduced)
+    assert reproduced.verdict == "pass"
+    assert reproduced.reason == "upstream gap reproduced (NixOS/nix#1218): caught durable_success"
+    calibration = result("")
+    judge(calibration)
+    assert calibration.verdict == "pass" and calibration.reason == "caught as expected: durable_success"
