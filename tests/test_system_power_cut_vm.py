@@ -1,5 +1,6 @@
 """Real systems in a guest: both upgraded on one ext4 SUT disk, the power cut the moment both returned, the
-crash state judged after a real reboot. Two boots for both systems (a few minutes under TCG).
+crash state judged after a real reboot. Two boots for both systems (a few minutes under TCG). OSTree upgrades
+first: it syncs the whole file system, which would also make Nix's earlier writes durable.
 
 What this shows (and would stop showing if the lab broke): Nix 2.8 loses the new generation although it reported
 success (the profile symlink's rename was never flushed) and keeps the new store path registered with contents
@@ -39,7 +40,7 @@ def test_a_power_cut_after_success(tmp_path: Path):
     with tempfile.TemporaryDirectory(dir=run_cache_dir()) as tmp, \
             SystemGuest(Path(tmp) / "vm", filesystem=RootFilesystem.EXT4) as guest:
         systems = {}
-        for name in ("nix", "ostree"):
+        for name in ("ostree", "nix"):
             inner = make_system(name, Path(GUEST_ROOT) / name, Path(tmp) / name, run=GuestRunner(guest.machine),
                                 scratch=GUEST_SCRATCH / name)
             systems[name] = GuestSystem(inner, guest, GUEST_SCRATCH / name)

@@ -76,8 +76,12 @@ class SystemGuest(VmTarget):
         self.machine.succeed(f"umount {GUEST_ROOT}")
         result = self.machine.execute(f"e2fsck -fn {SUT_PARTITION}", 120)
         self.mount_root()
-        problems = [line for line in result.stdout.splitlines() if "?" in line or "ERROR" in line.upper()]
-        return f"e2fsck exit {result.exit_code}" + (f": {problems[0]}" if problems else "")
+        lines = [line.strip() for line in result.stdout.splitlines() if line.strip()]
+        # a problem is the line asking to fix it, or the line before a bare "Fix? no"
+        problems = [(lines[i - 1] if line.startswith("Fix?") and i else line) for i, line in enumerate(lines)
+                    if "?" in line]
+        shown = "; ".join(dict.fromkeys(problems[:3]))
+        return f"e2fsck exit {result.exit_code}" + (f": {shown}" if shown else " (clean)")
 
     def settle(self) -> None:
         """``sync`` in the guest: everything written so far is on the disk."""
