@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from lab.report import RunReport, print_terminal, write_all
 from lab.runner import run_scenario
@@ -23,6 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--target", choices=[TargetKind.HOST, TargetKind.VM], help="where scenarios not pinned to a target run (default host)")
     run.add_argument("--kernel", help="guest kernel for the vm target (default: the newest /boot/vmlinuz-*)")
     run.add_argument("--accel", choices=["auto", "kvm", "tcg"], default="auto", help="vm target accelerator")
+    run.add_argument("--personality", metavar="PROFILE",
+                     help="emulate a kernel profile (e.g. asterinas-0.18.1) on the vm target: seccomp filter, its root fs")
     run.set_defaults(func=cmd_run)
 
     scenario = sub.add_parser("scenario", help="work with scenario files")
@@ -41,14 +44,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     console = Console()
     results = []
     vm_factory = None
+    if args.personality:
+        from lab.kernel.profile import load_profile
+        load_profile(args.personality)  # a bad name is a one-line error before anything boots
+        args.target = TargetKind.VM
     if args.target == TargetKind.VM or any(s.target == TargetKind.VM for s in scenarios):  # one accelerator probe per run
         from lab.vm_target import vm_target_factory
-        vm_factory = vm_target_factory(args.kernel, args.accel)
+        vm_factory = vm_target_factory(args.kernel, args.accel, args.personality)
     for scenario in scenarios:
-        with console.status(f"running {scenario.name}"):
+        with console.status(escape(f"running {scenario.name}")):
             results.append(run_scenario(scenario, target=args.target, vm_factory=vm_factory))
         last = results[-1]
-        console.print(f"{last.verdict:5} {scenario.name} ({last.seconds:.1f}s) {last.reason}")
+        console.print(escape(f"{last.verdict:5} {scenario.name} ({last.seconds:.1f}s) {last.reason}"))
     report = RunReport(results)
     print_terminal(report, console)
     for path in write_all(report, args.report_dir):

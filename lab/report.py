@@ -10,6 +10,7 @@ from pathlib import Path
 
 from junitparser import Error, Failure, JUnitXml, Skipped, TestCase, TestSuite
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from lab.runner import ScenarioResult
@@ -78,9 +79,9 @@ def print_terminal(report: RunReport, console: Console | None = None) -> None:
         table.add_column(column, overflow="fold")
     style = {Verdict.PASS: "green", Verdict.FAIL: "red", Verdict.ERROR: "yellow", Verdict.NOT_APPLICABLE: "dim"}
     for r in report.results:
-        table.add_row(r.name, r.system, r.target, r.mode, f"[{style[r.verdict]}]{r.verdict}[/]",
+        table.add_row(escape(r.name), r.system, r.target, r.mode, f"[{style[r.verdict]}]{r.verdict}[/]",
                       f"{', '.join(r.observed_violations) or '-'} ({', '.join(r.expected_violations) or '-'})",
-                      r.reason)
+                      escape(r.reason))
     console.print(table)
     counts = report.counts()
     console.print(f"{counts['pass']} passed, {counts['fail']} failed, {counts['error']} errors, "

@@ -99,6 +99,7 @@ class ScenarioFile(_Strict):
     expect_violations: Expectation | None = None
     tags: list[str] = Field(default_factory=list)
     upstream: str = ""
+    esp: bool = False
     matrix: MatrixAxes | None = None
     cells: list[Cell] = Field(default_factory=list)
     system: SystemName = SystemName.REFERENCE
@@ -125,8 +126,14 @@ class Scenario:
     upstream: str = ""
     not_applicable: str = ""
     family: str = ""  # the file's scenario name, shared by every cell of a matrix
+    esp: bool = False  # transactions synchronise boot entries on the target's system disk (--esp)
     system: SystemName = SystemName.REFERENCE  # the system under test (lab.systems)
     filesystem: RootFilesystem = RootFilesystem.EXT4  # the SUT root's file system on the vm target (real systems)
+
+    @property
+    def uses_esp(self) -> bool:
+        """The scenario touches the system disk's ESP (so the lab observes it after every step)."""
+        return self.esp or any(getattr(s.spec, "uses_esp", False) for s in self.steps)
 
     def expected_for(self, target: str) -> tuple[str, ...]:
         return self.expect_violations.get(target, self.expect_violations.get("*", ()))
@@ -141,8 +148,13 @@ def load_scenarios(path: str | Path) -> list[Scenario]:
         spec = ScenarioFile.model_validate(doc.data)
     except ValidationError as err:
         raise ScenarioError(_first_error(doc, err)) from None
+    except RecursionError:
+        raise ScenarioError(doc.located((), "a YAML alias refers to itself")) from None
     packages = {key: decl.model_copy(update={"key": key}) for key, decl in spec.packages.items()}
-    steps = _parse_steps(doc, spec.steps, packages)
+    try:
+        steps = _parse_steps(doc, spec.steps, packages)
+    except RecursionError:
+        raise ScenarioError(doc.located(("steps",), "steps: a YAML alias refers to itself")) from None
     _check_system(doc, spec, steps)
     return [_cell(spec, doc.path, packages, steps, mode, swap) for mode, swap in _combinations(spec)]
 
@@ -188,7 +200,8 @@ def _cell(spec: ScenarioFile, path: Path, packages: dict[str, PackageDecl], step
         name=name, path=path, description=spec.description, target=spec.target, swap=swap, mode=mode,
         packages=packages, steps=steps, invariants=tuple(spec.invariants or _default_invariants(spec.system)),
         expect_violations=_expectation(expected), tags=tuple(spec.tags), upstream=upstream,
-        not_applicable=not_applicable, family=spec.name, system=spec.system, filesystem=spec.filesystem)
+        not_applicable=not_applicable, family=spec.name, esp=spec.esp, system=spec.system,
+        filesystem=spec.filesystem)
 
 
 def _default_invariants(system: SystemName) -> tuple[str, ...]:

@@ -28,6 +28,7 @@ class PowerCut(StepKind):
                "after a reboot the crash state is judged with ALICE's contract (durable_success, atomic_usr)")
     example = "power_cut: {after: {install: [hello-2]}}"
     arg_type = PowerCutArgs
+    real_systems_only = True  # system: nix|ostree on the vm target (checked when the scenario is loaded)
 
     @classmethod
     def check(cls, value: PowerCutArgs, ctx, loc):

@@ -56,19 +56,10 @@ class SystemGuest(VmTarget):
 
     def __init__(self, workdir: Path, filesystem: RootFilesystem = RootFilesystem.EXT4, **kwargs):
         self.filesystem = RootFilesystem(filesystem)
-        self._formatted = False
-        super().__init__(workdir, **kwargs)
+        super().__init__(workdir, root_fs=str(self.filesystem), **kwargs)
 
     def describe(self) -> str:
         return f"{super().describe()}, SUT root {self.filesystem} (writeback off)"
-
-    def mount_root(self) -> None:
-        if self.filesystem is RootFilesystem.EXT4:
-            return super().mount_root()
-        if not self._formatted:  # the disk builder makes ext4; the first boot makes it ext2
-            self.machine.succeed(f"mkfs.ext2 -q -F {SUT_PARTITION}")
-            self._formatted = True
-        self.machine.succeed(f"mkdir -p {GUEST_ROOT} && mount -t ext2 {SUT_PARTITION} {GUEST_ROOT}")
 
     def fsck(self) -> str:
         """e2fsck -n of the (unmounted) SUT partition after a cut: what the file system itself lost, one line."""

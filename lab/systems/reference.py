@@ -54,7 +54,7 @@ class ReferenceSystem:
                          "--swap", self.swap])
 
     def install(self, added: Sequence[PackageDecl], result: Sequence[PackageDecl]) -> CommandResult:
-        built = build_packages({d.key: d for d in added}, self.workdir / "packages")
+        built, _decls = build_packages({d.key: d for d in added}, self.workdir / "packages")
         return self.stonelab("install", *(str(built[d.key]) for d in added))
 
     def remove(self, names: Sequence[str], result: Sequence[PackageDecl]) -> CommandResult:
