@@ -7,6 +7,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
+from lab.crash.explore import ExploreOptions
 from lab.report import RunReport, print_terminal, write_all
 from lab.runner import run_scenario
 from lab.scenario import load_scenarios, load_suite
@@ -53,7 +54,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         vm_factory = vm_target_factory(args.kernel, args.accel, args.personality)
     for scenario in scenarios:
         with console.status(escape(f"running {scenario.name}")):
-            results.append(run_scenario(scenario, target=args.target, vm_factory=vm_factory))
+            crash = ExploreOptions(out_dir=args.report_dir / "crash" / scenario.name)  # reproducers
+            results.append(run_scenario(scenario, target=args.target, vm_factory=vm_factory, crash_defaults=crash))
         last = results[-1]
         console.print(escape(f"{last.verdict:5} {scenario.name} ({last.seconds:.1f}s) {last.reason}"))
     report = RunReport(results)

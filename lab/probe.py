@@ -11,6 +11,7 @@ import os
 import sqlite3
 import stat
 import sys
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -77,7 +78,9 @@ def observe(root: Path, *, check_store: bool = True) -> Observation:
     db = moss / "db" / "state"
     if db.exists():
         try:
-            with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+            # closing(): a connection is a reference cycle (its statement cache), so it would stay open until
+            # the garbage collector runs — and keep the file system busy for an unmount
+            with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
                 obs.db_states = [row[0] for row in conn.execute("SELECT id FROM state ORDER BY id")]
         except sqlite3.Error:
             obs.db_states = []

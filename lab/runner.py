@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lab.crash.explore import ExploreOptions
 from lab.invariants import INVARIANTS, CheckContext, ExpectedTree, Violation
 from lab.packages import PackageDecl, build_packages, expected_tree
 from lab.scenario import Scenario
@@ -36,13 +37,14 @@ __all__ = ["Runner", "ScenarioResult", "StepFailure", "StepResult", "run_scenari
 class StepResult:
     index: int
     description: str
-    status: str  # ok | failed | crashed
+    status: str  # ok | failed | crashed | explored
     seconds: float
     command: str = ""
     output: str = ""
     note: str = ""
     violations: list[Violation] = field(default_factory=list)
     evidence: dict[str, str] = field(default_factory=dict)  # invariant -> what showed it held
+    crash: dict | None = None  # a power_loss explore step's crash-state exploration (lab.crash.explore.Exploration)
 
 
 @dataclass
@@ -84,7 +86,10 @@ class Runner:
     """Runs one scenario's steps on one target; what step classes use: ``pm``, ``record``, ``model``,
     ``interrupt``/``interrupted``, ``resolve_state``, ``target``, ``scenario``, ``packages``."""
 
-    def __init__(self, scenario: Scenario, target: Target, packages: dict[str, Path], workdir: Path):
+    def __init__(self, scenario: Scenario, target: Target, packages: dict[str, Path], workdir: Path, *,
+                 crash_defaults: ExploreOptions | None = None, crash_overrides: dict | None = None):
+        self.crash_defaults = crash_defaults or ExploreOptions()  # a power_loss explore step's settings
+        self.crash_overrides = crash_overrides or {}  # `stonelab crash explore` flags, over the step's own
         self.scenario = scenario
         self.target = target
         self.packages = packages
@@ -167,6 +172,8 @@ class Runner:
         self.last_trace = None
         self.booted = None
         for name in only or self.scenario.invariants:
+            if name not in INVARIANTS:
+                continue  # judged on crash states only (CRASH_STATE_INVARIANTS, lab/crash/check.py)
             outcome = INVARIANTS[name].check(ctx)
             if outcome.held:
                 result.evidence[name] = outcome.evidence
@@ -184,8 +191,10 @@ TargetFactory = Callable[[Path], Target]
 
 
 def run_scenario(scenario: Scenario, *, workdir: Path | None = None, target: str | None = None,
-                 vm_factory: TargetFactory | None = None) -> ScenarioResult:
+                 vm_factory: TargetFactory | None = None, crash_defaults: ExploreOptions | None = None,
+                 crash_overrides: dict | None = None) -> ScenarioResult:
     """Run one scenario: where it is pinned (``target: host|vm`` in its file), else on ``target`` (default host).
+    ``crash_defaults``/``crash_overrides``: settings of its ``power_loss: {explore: true}`` steps (lab.crash).
 
     Never raises for a failure of the system under test (verdict ``fail``) nor for a broken lab (verdict
     ``error``: a StonelabError's message, or any other exception with its traceback); only KeyboardInterrupt
@@ -205,7 +214,7 @@ def run_scenario(scenario: Scenario, *, workdir: Path | None = None, target: str
             from lab.systems.run import run_system_steps  # a real system: lab.systems builds on this module
             run_system_steps(scenario, result, kind, workdir)
         else:
-            _run_steps(scenario, result, kind, workdir, vm_factory)
+            _run_steps(scenario, result, kind, workdir, vm_factory, crash_defaults, crash_overrides)
     except StonelabError as err:
         result.verdict, result.reason = Verdict.ERROR, f"lab error: {err}"
     except Exception as err:  # a bug in the lab: report it, keep running the other scenarios
@@ -218,7 +227,8 @@ def run_scenario(scenario: Scenario, *, workdir: Path | None = None, target: str
 
 
 def _run_steps(scenario: Scenario, result: ScenarioResult, kind: TargetKind, workdir: Path | None,
-               vm_factory: TargetFactory | None) -> None:
+               vm_factory: TargetFactory | None, crash_defaults: ExploreOptions | None,
+               crash_overrides: dict | None) -> None:
     if kind == TargetKind.VM and vm_factory is None:
         from lab.vm_target import vm_target_factory
         vm_factory = vm_target_factory()
@@ -231,7 +241,8 @@ def _run_steps(scenario: Scenario, result: ScenarioResult, kind: TargetKind, wor
         with make(Path(tmp) / "target") as sut:
             result.crash_semantics = sut.crash_semantics
             result.environment = sut.describe()
-            runner = Runner(scenario, sut, packages, Path(tmp))
+            runner = Runner(scenario, sut, packages, Path(tmp), crash_defaults=crash_defaults,
+                            crash_overrides=crash_overrides)
             for step in scenario.steps:
                 step_result = runner.run_step(step)
                 result.steps.append(step_result)

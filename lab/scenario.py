@@ -30,7 +30,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from lab.invariants import INVARIANTS
+from lab.invariants import CRASH_STATE_INVARIANTS, INVARIANTS
 from lab.packages import PackageDecl
 from lab.steps import REGISTRY, Loc, ParseContext, Step, StepArgError
 from lab.systems import CRASH_INVARIANTS, SYSTEMS, RootFilesystem, SystemName, invariants_of
@@ -48,7 +48,7 @@ class ScenarioError(StonelabError):
 
 
 # every invariant any system is judged by (which apply to a scenario's system is checked after the model)
-_ALL_INVARIANTS = tuple(dict.fromkeys([*INVARIANTS, *CRASH_INVARIANTS,
+_ALL_INVARIANTS = tuple(dict.fromkeys([*INVARIANTS, *CRASH_STATE_INVARIANTS, *CRASH_INVARIANTS,
                                        *(n for cls, _ in SYSTEMS.values() for n in cls.invariant_names)]))
 
 
@@ -155,6 +155,11 @@ def load_scenarios(path: str | Path) -> list[Scenario]:
         steps = _parse_steps(doc, spec.steps, packages)
     except RecursionError:
         raise ScenarioError(doc.located(("steps",), "steps: a YAML alias refers to itself")) from None
+    if spec.target == TargetKind.HOST:
+        explored = next((s for s in steps if s.kind == "power_loss" and s.arg.explore), None)
+        if explored is not None:
+            raise ScenarioError(doc.located(("target",), "target: power_loss explore checks the crash states of a "
+                                                         "recorded virtual disk: the scenario needs target vm (or any)"))
     _check_system(doc, spec, steps)
     return [_cell(spec, doc.path, packages, steps, mode, swap) for mode, swap in _combinations(spec)]
 

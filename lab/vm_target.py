@@ -8,17 +8,29 @@ volatile state die with it.  Periodic writeback and ext4's periodic journal comm
 so the outcome does not depend on timers: what survives is what the software under test flushed.  The next step
 powers the machine on again, and the journal replay and the package manager's recovery face whatever the disk
 holds.
+
+Recording (``record=True``, the default): each boot is a *generation*.  The guest's system disk is a qcow2 overlay
+over the image the boot started from (kept untouched, and attached read-only as the guest's second disk,
+``/dev/vdb``), and QEMU's blklogwrites driver logs every write and flush of the boot into ``gen-N.log``.  The
+log's length is read at each timeline mark — a command starts, returns (with its exit status), a fault point is
+announced — so the crash engine (``lab/crash``) knows which writes had been issued at each moment and can
+rebuild, in the same guest, every state a power cut could leave.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import shlex
+import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from lab.probe import Observation
 from lab.target import COMMAND_TIMEOUT, CommandResult, TargetKind
+from reference_impl import mutants
 from stonelab.errors import StonelabError
 from vm.accel import AccelChoice, AccelSelector
 from vm.disk import DiskLayout, build_disk
@@ -33,18 +45,40 @@ SUT_PARTITION = "/dev/vda2"
 GUEST_DISK = "/dev/vda"
 LOADER_CONF = "loader/loader.conf"
 UEFI_BOOT_TIMEOUT = 600  # OVMF + systemd-boot + the kernel under TCG on a loaded 2-core CI machine
+BASE_PARTITION = "/dev/vdb2"  # the generation's starting image, read-only (recording targets only)
 EXT4_COMMIT_SECONDS = 3600
+
+
+@dataclass(frozen=True)
+class Mark:
+    """A moment of the lab's timeline in the current generation's write log: ``log_bytes`` long at that time."""
+
+    label: str  # start | return | fault:<point>
+    log_bytes: int
+    exit_status: int | None = None
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One boot of a recording target: the image it started from, the overlay it writes, its write log."""
+
+    number: int
+    base: Path
+    base_format: str
+    overlay: Path
+    log: Path
 
 
 class VmTarget:
     kind = TargetKind.VM
-    crash_semantics = ("power cut: QEMU is SIGKILLed the moment the guest announces the fault point; the guest's "
+    crash_semantics = ("optimistic power-loss model (every submitted write survives; see docs/CRASH.md) — "
+                       "power cut: QEMU is SIGKILLed the moment the guest announces the fault point; the guest's "
                        "page cache is lost and, with periodic writeback and journal commits disabled, exactly what "
                        "the software flushed (fsync/syncfs) survives")
 
     def __init__(self, workdir: Path, *, kernel: Kernel | None = None, accel: str = "auto",
                  selector: AccelSelector | None = None, root_mib: int = 256, personality: str | None = None,
-                 root_fs: str = "ext4"):
+                 record: bool = True, root_fs: str = "ext4"):
         self.workdir = workdir
         # a kernel personality (lab.kernel.emulate): the package manager runs under its seccomp filter, on the
         # profile's persistent root filesystem; otherwise ``root_fs`` (ext4, or ext2 as on Asterinas)
@@ -63,8 +97,13 @@ class VmTarget:
                                root_fs=self.root_fs)
         self.kernel = kernel or default_kernel()
         self.accel: AccelChoice = (selector or AccelSelector()).choose(self.kernel, accel)
+        self.record = record
+        self.generation: Generation | None = None
+        self._flattened = False
+        self.marks: list[Mark] = []
         self.machine = Machine(agent_config(self.kernel, self.accel, [DiskSpec(self.disk.path)]), name="sut",
                                crash_on_fault=True, console_log=workdir / "console.log")
+        self.machine.on_fault = lambda point: self.mark(f"fault:{point}")
         self.boots = 0
         try:
             self.power_on()
@@ -79,6 +118,8 @@ class VmTarget:
     def power_on(self) -> None:
         if self.machine.running:
             return
+        if self.record:
+            self._new_generation()
         self.machine.start()
         self.boots += 1
         # Deterministic power cuts: no periodic writeback and no periodic journal commit, so what survives a
@@ -90,11 +131,69 @@ class VmTarget:
 
     def mount_root(self) -> None:
         """Mount the SUT partition at GUEST_ROOT (ext4: journal commits only when something forces them)."""
-        options = f"-o commit={EXT4_COMMIT_SECONDS}" if self.root_fs == "ext4" else ""
-        self.machine.succeed(f"mkdir -p {GUEST_ROOT} && mount -t {self.root_fs} {options} {SUT_PARTITION} {GUEST_ROOT}")
+        options = [f"commit={EXT4_COMMIT_SECONDS}"] if self.root_fs == "ext4" else []
+        if mutants.active("no-flush") and self.root_fs == "ext4":
+            options.append("barrier=0")  # a seeded bug: fsync/syncfs write out but never send a cache FLUSH
+        flags = f"-o {','.join(options)} " if options else ""
+        self.machine.succeed(f"mkdir -p {GUEST_ROOT} && mount -t {self.root_fs} {flags}{SUT_PARTITION} {GUEST_ROOT}")
+
+    def _new_generation(self) -> None:
+        """The next boot writes a fresh overlay over what the disk holds now, and logs into a fresh file."""
+        number = self.generation.number + 1 if self.generation else 1
+        chained = self.generation is not None and not self._flattened
+        base, fmt = (self.generation.overlay, "qcow2") if chained else (self.disk.path, "raw")
+        self._flattened = False
+        overlay, log = self.workdir / f"gen-{number}.qcow2", self.workdir / f"gen-{number}.log"
+        proc = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", fmt,
+                               str(overlay)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise StonelabError(f"{overlay}: qemu-img create failed: {proc.stderr.strip()}")
+        log.write_bytes(b"")
+        self.generation = Generation(number, base, fmt, overlay, log)
+        self.marks = []
+        self.machine.config.disks = [DiskSpec(overlay, format="qcow2", log=log),
+                                     DiskSpec(base, format=fmt, readonly=True)]
+
+    def mark(self, label: str, exit_status: int | None = None) -> Mark | None:
+        """Note the current write-log length under ``label`` (None when not recording)."""
+        if self.generation is None:
+            return None
+        mark = Mark(label, self.generation.log.stat().st_size, exit_status)
+        self.marks.append(mark)
+        return mark
+
+    base_partition = BASE_PARTITION
+
+    @property
+    def root_partition(self) -> tuple[int, int]:
+        """(byte offset, byte length) of the root file system on the disk."""
+        layout = self.disk.layout
+        return layout.root_offset, layout.root_mib * 1024 * 1024
+
+    def run_guest(self, argv: list[str], timeout: float):
+        """Run ``python argv`` in the guest (the project directory, this interpreter)."""
+        return self._python(argv, timeout=timeout)
+
+    def _flatten(self) -> Path:
+        """The disk as it is now, as one raw image (what OVMF and mtools read): the recording's overlay chain is
+        converted into ``gen-<n>-flat.img``, which the next generation starts from. Raises StonelabError when
+        qemu-img fails."""
+        if self.generation is None:
+            return self.disk.path
+        flat = self.workdir / f"gen-{self.generation.number}-flat.img"
+        proc = subprocess.run(["qemu-img", "convert", "-q", "-f", "qcow2", "-O", "raw",
+                               str(self.generation.overlay), str(flat)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise StonelabError(f"{flat}: qemu-img convert failed: {proc.stderr.strip()}")
+        self.disk = dataclasses.replace(self.disk, path=flat)
+        self._flattened = True
+        return flat
 
     def _python(self, argv: list[str], env: str = "", timeout: float = COMMAND_TIMEOUT):
         self.power_on()
+        mutant = os.environ.get(mutants.ENV_VAR)
+        if mutant:  # the lab's own tests seed bugs in the system under test (reference_impl/mutants.py)
+            env = f"{mutants.ENV_VAR}={shlex.quote(mutant)} {env}"
         command = f"cd {shlex.quote(str(PROJECT_DIR))} && {env}{shlex.quote(sys.executable)} {shlex.join(argv)}"
         return self.machine.execute(command, timeout)
 
@@ -107,6 +206,8 @@ class VmTarget:
         prefix += "".join(f"{k}={shlex.quote(v)} " for k, v in (env or {}).items())
         # trace: the host root is read-only in the guest, so the ALICE check judges host-target runs only
         started = time.monotonic()
+        self.power_on()
+        self.mark("start")
         try:
             result = self._python(argv, prefix)
         except StonelabError as err:
@@ -117,6 +218,7 @@ class VmTarget:
             self.machine.crash()  # the watcher only sent SIGKILL; make sure QEMU is gone and reaped
             return CommandResult(["stonelab", *args], -9, "", f"power cut at {fault}: {err}",
                                  time.monotonic() - started, crashed=True)
+        self.mark("return", result.exit_code)
         return CommandResult(["stonelab", *args], result.exit_code, result.stdout, result.stderr,
                              time.monotonic() - started)
 
@@ -177,11 +279,12 @@ class VmTarget:
         if self.machine.running:
             self.machine.succeed(f"sync && umount {GUEST_ROOT}")
             self.machine.shutdown()
-        fat = MtoolsEsp(self.disk.path, self.disk.layout.esp_offset)
+        disk = self._flatten()
+        fat = MtoolsEsp(disk, self.disk.layout.esp_offset)
         original = fat.read(LOADER_CONF) or b""
         lines = [ln for ln in original.decode().splitlines() if not ln.startswith("default ")]
         fat.write_atomic(LOADER_CONF, "\n".join([f"default {entry}", *lines, ""]).encode())
-        config = uefi_config(self.accel, DiskSpec(self.disk.path), agent=False, share_host_root=False)
+        config = uefi_config(self.accel, DiskSpec(disk), agent=False, share_host_root=False)
         try:
             with Machine(config, name="sut-uefi", transport="console",
                          console_log=self.workdir / f"uefi-{self.boots}.log") as firmware:
@@ -215,11 +318,13 @@ class VmTarget:
         self.close()
 
 
-def vm_target_factory(kernel: str | None = None, accel: str = "auto", personality: str | None = None):
+def vm_target_factory(kernel: str | None = None, accel: str = "auto", personality: str | None = None,
+                      record: bool = True):
     """One accelerator probe for the whole run, one fresh disk and guest per scenario."""
     selector = AccelSelector()
     image = kernel_from_path(Path(kernel)) if kernel else None
 
     def make(workdir: Path) -> VmTarget:
-        return VmTarget(workdir, kernel=image, accel=accel, selector=selector, personality=personality)
+        return VmTarget(workdir, kernel=image, accel=accel, selector=selector, personality=personality,
+                        record=record)
     return make

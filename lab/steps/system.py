@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from lab.crash.model import Granularity, Model
 from lab.steps import StepArgError, StepFailure, StepKind, check_package_keys, register
 from lab.steps.faults import InterruptingStep
 from lab.steps.transactions import Command, TransactionStep
@@ -163,7 +164,8 @@ class Sync(TransactionStep):
 
 class PowerLossArgs(BaseModel):
     """Either a cut at a seeded moment (``at: random, seed: S``) during a transaction, or — the crash engine's
-    form — ``explore: true``: every crash state of the transaction (lab/crash)."""
+    form — ``explore: true``: every crash state of the transaction (lab/crash), optionally with ``model``,
+    ``granularity``, ``max_states`` and ``seed`` (the sampling seed)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -171,6 +173,9 @@ class PowerLossArgs(BaseModel):
     at: Literal["random"] | None = None
     seed: int | None = None
     explore: bool = False
+    model: Model | None = None
+    granularity: Granularity | None = None
+    max_states: Annotated[int, Field(ge=1)] | None = None
 
     @model_validator(mode="after")
     def _one_form(self) -> PowerLossArgs:
@@ -178,6 +183,8 @@ class PowerLossArgs(BaseModel):
             raise ValueError("give either `at: random, seed: S` or `explore: true`, not both")
         if not self.explore and (self.at is None or self.seed is None):
             raise ValueError("needs `at: random` and `seed: S` (or `explore: true`)")
+        if not self.explore and (self.model or self.granularity or self.max_states):
+            raise ValueError("model, granularity and max_states belong to the `explore: true` form")
         return self
 
 
@@ -185,7 +192,9 @@ class PowerLossArgs(BaseModel):
 class PowerLoss(InterruptingStep):
     name = "power_loss"
     summary = ("cut the power during a transaction at a seeded moment that is not a fault point: after the N-th "
-               "system call that changes the disk, N drawn from the seed over a calibration run on a copy")
+               "system call that changes the disk, N drawn from the seed over a calibration run on a copy; or, with "
+               "`explore: true` (vm target), check every crash state the power-loss model allows during it "
+               "(lab/crash, docs/CRASH.md)")
     example = "power_loss: {at: random, seed: 7, during: {install: [hello-2]}}"
     arg_type = PowerLossArgs
 
@@ -198,7 +207,8 @@ class PowerLoss(InterruptingStep):
     def run(cls, runner, step, result) -> list:
         arg: PowerLossArgs = step.arg
         if arg.explore:
-            raise StepArgError((), "power_loss: explore needs the crash engine (lab/crash), not in this build")
+            from lab.crash.step import run_power_loss
+            return run_power_loss(runner, step, result)
         cmd = arg.during.spec.command(runner, arg.during.arg)
         total = runner.target.count_mutations(runner.pm_args(cmd.verb, *cmd.rest))
         moment = random.Random(arg.seed).randint(1, max(total, 1))

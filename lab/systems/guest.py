@@ -56,7 +56,8 @@ class SystemGuest(VmTarget):
 
     def __init__(self, workdir: Path, filesystem: RootFilesystem = RootFilesystem.EXT4, **kwargs):
         self.filesystem = RootFilesystem(filesystem)
-        super().__init__(workdir, root_fs=str(self.filesystem), **kwargs)
+        # no write recording: this cut keeps every write the guest submitted (one state, after success)
+        super().__init__(workdir, root_fs=str(self.filesystem), record=False, **kwargs)
 
     def describe(self) -> str:
         return f"{super().describe()}, SUT root {self.filesystem} (writeback off)"
