@@ -52,7 +52,8 @@ def write_json(report: RunReport, path: Path) -> Path:
 def write_junit(report: RunReport, path: Path) -> Path:
     suite = TestSuite("stonelab")
     for result in report.results:
-        case = TestCase(result.name, classname=f"stonelab.{result.target}.{result.mode}", time=result.seconds)
+        case = TestCase(result.name, classname=f"stonelab.{result.target}.{result.system}.{result.mode}",
+                        time=result.seconds)
         if result.verdict == Verdict.FAIL:
             case.result = [Failure(result.reason)]
         elif result.verdict == Verdict.ERROR:
@@ -74,11 +75,11 @@ def write_junit(report: RunReport, path: Path) -> Path:
 def print_terminal(report: RunReport, console: Console | None = None) -> None:
     console = console or Console()
     table = Table(title="stonelab", show_lines=False)
-    for column in ("scenario", "target", "mode", "verdict", "violations (expected)", "why"):
+    for column in ("scenario", "system", "target", "mode", "verdict", "violations (expected)", "why"):
         table.add_column(column, overflow="fold")
     style = {Verdict.PASS: "green", Verdict.FAIL: "red", Verdict.ERROR: "yellow", Verdict.NOT_APPLICABLE: "dim"}
     for r in report.results:
-        table.add_row(escape(r.name), r.target, r.mode, f"[{style[r.verdict]}]{r.verdict}[/]",
+        table.add_row(escape(r.name), r.system, r.target, r.mode, f"[{style[r.verdict]}]{r.verdict}[/]",
                       f"{', '.join(r.observed_violations) or '-'} ({', '.join(r.expected_violations) or '-'})",
                       escape(r.reason))
     console.print(table)
@@ -106,7 +107,8 @@ def write_html(report: RunReport, path: Path) -> Path:
             f"<td>{s.seconds:.2f}s</td></tr>" for s in r.steps)
         rows.append(
             f"<details class='{_css(r.verdict)}'><summary><b>{esc(r.name)}</b> — {esc(r.verdict)} — {esc(r.reason)}"
-            f"</summary><p>{esc(r.description)}</p><p>target {esc(r.target)} ({esc(r.environment)}), mode {esc(r.mode)}, swap "
+            f"</summary><p>{esc(r.description)}</p><p>system {esc(r.system)}, target {esc(r.target)} "
+            f"({esc(r.environment)}), mode {esc(r.mode)}, swap "
             f"{esc(r.swap)}; crashes: {esc(r.crash_semantics)}</p><p>expected violations: "
             f"{esc(', '.join(r.expected_violations) or 'none')}; observed: "
             f"{esc(', '.join(r.observed_violations) or 'none')}</p>"

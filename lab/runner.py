@@ -63,6 +63,7 @@ class ScenarioResult:
     seconds: float = 0.0
     upstream: str = ""
     traceback: str = ""  # set when the lab itself broke (verdict error)
+    system: str = "reference"  # the system under test (lab.systems.SystemName)
 
     @property
     def observed_violations(self) -> list[str]:
@@ -202,20 +203,25 @@ def run_scenario(scenario: Scenario, *, workdir: Path | None = None, target: str
     kind = TargetKind(scenario.target if scenario.target != TargetKind.ANY else (target or TargetKind.HOST))
     result = ScenarioResult(scenario.name, str(scenario.path), scenario.description, str(kind),
                             str(scenario.mode), str(scenario.swap), "",
-                            expected_violations=sorted(scenario.expected_for(kind)), upstream=scenario.upstream)
+                            expected_violations=sorted(scenario.expected_for(kind)), upstream=scenario.upstream,
+                            system=str(scenario.system))
     if scenario.not_applicable:
         result.verdict, result.reason = Verdict.NOT_APPLICABLE, scenario.not_applicable
         return result
     try:
-        _run_steps(scenario, result, kind, workdir, vm_factory,
-                   {"crash_defaults": crash_defaults, "crash_overrides": crash_overrides})
+        if scenario.system != "reference":
+            from lab.systems.run import run_system_steps  # a real system: lab.systems builds on this module
+            run_system_steps(scenario, result, kind, workdir)
+        else:
+            _run_steps(scenario, result, kind, workdir, vm_factory,
+                       {"crash_defaults": crash_defaults, "crash_overrides": crash_overrides})
     except StonelabError as err:
         result.verdict, result.reason = Verdict.ERROR, f"lab error: {err}"
     except Exception as err:  # a bug in the lab: report it, keep running the other scenarios
         result.verdict, result.reason = Verdict.ERROR, f"lab error: {type(err).__name__}: {err}"
         result.traceback = traceback.format_exc()
     else:
-        _judge(result)
+        judge(result)
     result.seconds = time.monotonic() - started
     return result
 
@@ -249,7 +255,10 @@ def run_cache_dir() -> Path:
     return path
 
 
-def _judge(result: ScenarioResult) -> None:
+def judge(result: ScenarioResult) -> None:
+    """The verdict: the steps behaved and the violations observed are exactly the expected ones; expected
+    violations of upstream's sequence (moss-compat) or of a scenario naming an upstream report are an
+    "upstream gap reproduced"."""
     failed = [s for s in result.steps if s.status == "failed"]
     observed, expected = set(result.observed_violations), set(result.expected_violations)
     if failed:
@@ -261,7 +270,7 @@ def _judge(result: ScenarioResult) -> None:
     elif expected - observed:
         result.verdict = Verdict.FAIL
         result.reason = f"expected to catch {', '.join(sorted(expected - observed))}, but it held"
-    elif expected and result.mode == Mode.MOSS_COMPAT:
+    elif expected and (result.mode == Mode.MOSS_COMPAT or result.upstream):
         result.verdict = Verdict.PASS
         where = f" ({result.upstream})" if result.upstream else ""
         result.reason = f"upstream gap reproduced{where}: caught {', '.join(sorted(expected))}"

@@ -78,12 +78,12 @@ class VmTarget:
 
     def __init__(self, workdir: Path, *, kernel: Kernel | None = None, accel: str = "auto",
                  selector: AccelSelector | None = None, root_mib: int = 256, personality: str | None = None,
-                 record: bool = True):
+                 record: bool = True, root_fs: str = "ext4"):
         self.workdir = workdir
         # a kernel personality (lab.kernel.emulate): the package manager runs under its seccomp filter, on the
-        # profile's persistent root filesystem
+        # profile's persistent root filesystem; otherwise ``root_fs`` (ext4, or ext2 as on Asterinas)
         self.personality = personality
-        self.root_fs = "ext4"
+        self.root_fs = root_fs
         if personality:
             from lab.kernel.profile import load_profile
             self.root_fs = load_profile(personality).persistent_root or "ext4"
@@ -127,10 +127,15 @@ class VmTarget:
         # write. This is also how Asterinas behaves (it has no writeback thread).
         self.machine.succeed("echo 0 > /proc/sys/vm/dirty_writeback_centisecs && "
                              "echo 360000 > /proc/sys/vm/dirty_expire_centisecs")
-        options = f"-o commit={EXT4_COMMIT_SECONDS}" if self.root_fs == "ext4" else ""
-        if self.root_fs == "ext4" and mutants.active("no-flush"):
-            options += ",barrier=0"  # a seeded bug: fsync and syncfs without a cache FLUSH
-        self.machine.succeed(f"mkdir -p {GUEST_ROOT} && mount -t {self.root_fs} {options} {SUT_PARTITION} {GUEST_ROOT}")
+        self.mount_root()
+
+    def mount_root(self) -> None:
+        """Mount the SUT partition at GUEST_ROOT (ext4: journal commits only when something forces them)."""
+        options = [f"commit={EXT4_COMMIT_SECONDS}"] if self.root_fs == "ext4" else []
+        if mutants.active("no-flush") and self.root_fs == "ext4":
+            options.append("barrier=0")  # a seeded bug: fsync/syncfs write out but never send a cache FLUSH
+        flags = f"-o {','.join(options)} " if options else ""
+        self.machine.succeed(f"mkdir -p {GUEST_ROOT} && mount -t {self.root_fs} {flags}{SUT_PARTITION} {GUEST_ROOT}")
 
     def _new_generation(self) -> None:
         """The next boot writes a fresh overlay over what the disk holds now, and logs into a fresh file."""

@@ -14,10 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from lab import invariants as inv
-from lab.invariants import INVARIANTS, CheckContext, ExpectedTree, Violation
+from lab.invariants import CRASH_STATE_INVARIANTS, INVARIANTS, CheckContext, ExpectedTree, Violation
 from lab.probe import Observation
 
-CRASH_INVARIANTS = ("recovers", "durable_success")
+CRASH_INVARIANTS = tuple(CRASH_STATE_INVARIANTS)
 
 
 @dataclass(frozen=True)
