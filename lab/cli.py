@@ -5,7 +5,9 @@ import argparse
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
+from lab.crash.explore import ExploreOptions
 from lab.report import RunReport, print_terminal, write_all
 from lab.runner import run_scenario
 from lab.scenario import load_scenarios, load_suite
@@ -51,10 +53,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         from lab.vm_target import vm_target_factory
         vm_factory = vm_target_factory(args.kernel, args.accel, args.personality)
     for scenario in scenarios:
-        with console.status(f"running {scenario.name}"):
-            results.append(run_scenario(scenario, target=args.target, vm_factory=vm_factory))
+        with console.status(escape(f"running {scenario.name}")):
+            crash = ExploreOptions(out_dir=args.report_dir / "crash" / scenario.name)  # reproducers
+            results.append(run_scenario(scenario, target=args.target, vm_factory=vm_factory, crash_defaults=crash))
         last = results[-1]
-        console.print(f"{last.verdict:5} {scenario.name} ({last.seconds:.1f}s) {last.reason}")
+        console.print(escape(f"{last.verdict:5} {scenario.name} ({last.seconds:.1f}s) {last.reason}"))
     report = RunReport(results)
     print_terminal(report, console)
     for path in write_all(report, args.report_dir):

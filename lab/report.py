@@ -10,6 +10,7 @@ from pathlib import Path
 
 from junitparser import Error, Failure, JUnitXml, Skipped, TestCase, TestSuite
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from lab.runner import ScenarioResult
@@ -77,9 +78,9 @@ def print_terminal(report: RunReport, console: Console | None = None) -> None:
         table.add_column(column, overflow="fold")
     style = {Verdict.PASS: "green", Verdict.FAIL: "red", Verdict.ERROR: "yellow", Verdict.NOT_APPLICABLE: "dim"}
     for r in report.results:
-        table.add_row(r.name, r.target, r.mode, f"[{style[r.verdict]}]{r.verdict}[/]",
+        table.add_row(escape(r.name), r.target, r.mode, f"[{style[r.verdict]}]{r.verdict}[/]",
                       f"{', '.join(r.observed_violations) or '-'} ({', '.join(r.expected_violations) or '-'})",
-                      r.reason)
+                      escape(r.reason))
     console.print(table)
     counts = report.counts()
     console.print(f"{counts['pass']} passed, {counts['fail']} failed, {counts['error']} errors, "
@@ -111,6 +112,7 @@ def write_html(report: RunReport, path: Path) -> Path:
             f"{esc(', '.join(r.observed_violations) or 'none')}</p>"
             f"<table><tr><th>#</th><th>step</th><th>status</th><th>command</th><th>note</th><th>violations</th>"
             f"<th>held (evidence)</th><th>time</th></tr>{steps}</table>"
+            + "".join(crash_section(s) for s in r.steps if s.crash)
             + (f"<p>the lab itself broke:</p><pre>{esc(r.traceback)}</pre>" if r.traceback else "")
             + "</details>")
     counts = report.counts()
@@ -125,6 +127,22 @@ tr.failed{{background:#fde}}</style></head><body>
 {''.join(rows)}</body></html>"""
     path.write_text(page)
     return path
+
+
+def crash_section(step) -> str:
+    """HTML for a power_loss step's exploration: model, states per flush boundary, violations with write sets."""
+    esc, crash = html.escape, step.crash
+    boundaries = "".join(f"<tr><td>{esc(b)}</td><td>{n}</td></tr>" for b, n in crash["per_boundary"].items())
+    violations = "".join(
+        f"<tr><td>{esc(v['invariant'])}</td><td>{esc(v['detail'])}</td><td>{v['states']}</td>"
+        f"<td>boundary {v['boundary']}, cut {v['cut']}{' (after return)' if v['after_return'] else ''}</td>"
+        f"<td><code>{esc(v['write_set'])}</code></td><td>{esc(v.get('reproducer') or '-')}</td></tr>"
+        for v in crash["violations"]) or "<tr><td colspan=6>none</td></tr>"
+    return (f"<h4>crash states of step {step.index}: {crash['states']} checked, model {esc(crash['model'])}</h4>"
+            f"<p>{esc(crash['model_description'])}; {crash['states_per_minute']} states/min</p>"
+            f"<table><tr><th>flush boundary</th><th>states</th></tr>{boundaries}</table>"
+            f"<table><tr><th>invariant</th><th>violation</th><th>states</th><th>smallest state</th>"
+            f"<th>write set</th><th>reproducer</th></tr>{violations}</table>")
 
 
 def write_all(report: RunReport, directory: Path) -> list[Path]:

@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "reference_impl.stone.cli",
     "reference_impl.cli",
     "lab.cli",
+    "lab.crash.cli",
     "lab.kernel.cli",
     "reference_impl.boot.cli",
     "vm.cli",
@@ -35,8 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+    """Run one command; ``parser``: a parser built earlier by build_parser (a process that runs many commands,
+    such as the crash engine's guest worker, builds it once)."""
+    parser = parser or build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -58,3 +58,22 @@ def test_a_lab_error_carries_its_traceback(tmp_path):
     (error,) = case.result
     assert isinstance(error, Error) and "KeyError" in error.message and "Traceback" in error.text
     assert "Traceback (most recent call last)" in paths[2].read_text()
+
+
+def test_crash_state_section_in_json_and_html(tmp_path):
+    exploration = {"model": "volatile-cache", "model_description": "volatile write cache", "states": 7,
+                   "per_boundary": {"flush boundary at entry 12": 4, "flush boundary at entry 20": 3},
+                   "states_per_minute": 30.0,
+                   "violations": [{"invariant": "durable_success", "detail": "reported success <b>", "states": 2,
+                                   "boundary": 12, "cut": 25, "write_set": "#13 #15", "after_return": True,
+                                   "reproducer": "reports/crash/x/repro-000.json"}]}
+    step = StepResult(1, "power_loss", "explored", 9.0, "stonelab install b.stone", crash=exploration)
+    result = ScenarioResult("crashy", "scenarios/c.yaml", "", "vm", "moss-compat", "exchange", "", steps=[step])
+    report = RunReport([result])
+    json_path, _, html_path = write_all(report, tmp_path)
+    data = json.loads(json_path.read_text())
+    assert data["scenarios"][0]["steps"][0]["crash"]["per_boundary"]["flush boundary at entry 12"] == 4
+    page = html_path.read_text()
+    assert "crash states of step 1: 7 checked, model volatile-cache" in page
+    assert "flush boundary at entry 20" in page and "#13 #15" in page and "repro-000.json" in page
+    assert "reported success &lt;b&gt;" in page

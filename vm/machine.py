@@ -182,6 +182,7 @@ class Machine:
         self._pidfd: int | None = None
         self.boots: list[dict] = []
         self.exit_status: int | None = None
+        self.on_fault: Callable[[str], None] | None = None  # called on a fault marker, before a power cut
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     @property
@@ -260,6 +261,8 @@ class Machine:
                 time.sleep(0.02)
 
     def _on_fault(self, point: str) -> None:
+        if self.on_fault is not None:
+            self.on_fault(point)
         if self.crash_on_fault:
             self._power_cut()  # only the signal here; the caller's thread reaps (waitpid is not thread-safe)
 
