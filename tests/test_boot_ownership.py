@@ -10,8 +10,8 @@ from reference_impl.boot import MtoolsEsp, boot_status, sync_boot
 from reference_impl.boot.ownership import (EntryToken, choose_token, configured_token, installation_id, is_ours,
                                            record_path)
 from stonelab.cli import main
-from tests.test_boot_helpers import ESP_START, add_state_rows, drop_state, esp_listing, esp_read, make_disk, \
-    make_root, make_tree
+from tests.test_boot_helpers import ESP_START, crash_mid_sync, drop_state, esp_listing, esp_read, make_disk, \
+    make_root
 
 ROOT_A = "root=PARTUUID=00000000-0000-4000-8000-00000000000a"
 ROOT_B = "root=PARTUUID=00000000-0000-4000-8000-00000000000b"
@@ -108,12 +108,7 @@ def test_kernel_files_copied_before_a_crash_are_owned_and_cleaned_later(tmp_path
     entries, and that state's removal, the next sync still knows the files are its own."""
     root = make_root(tmp_path / "root", {1: "6.8.0"}, active=1)
     disk = make_disk(tmp_path / "disk.img")
-    sync_boot(root, esp=disk, root_arg=ROOT_A, bootloader=bootloader)
-    make_tree(root / ".moss/root/2/usr", 2, "6.9.0")
-    add_state_rows(root, [2])
-    with pytest.raises(OSError, match="boot.mid"):
-        sync_boot(root, esp=disk, root_arg=ROOT_A, bootloader=bootloader, target=2,
-                  environ={"STONELAB_FAULT": "boot.mid:eio"})
+    crash_mid_sync(root, disk, ROOT_A, bootloader, "6.9.0")
     assert "EFI/aerynos/6.9.0/vmlinuz" in esp_listing(disk)
     assert "EFI/aerynos/6.9.0/vmlinuz" in esp_read(disk, record_path(ROOT_A)).decode().splitlines()
     drop_state(root, 2)
