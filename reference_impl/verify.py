@@ -12,6 +12,7 @@ import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from reference_impl import mutants
 from reference_impl.blit import BlitOptions, blit
 from reference_impl.client import Client, inside_usr, merged_layout, read_package
 from reference_impl.installation import STATE_ID_FILE
@@ -108,7 +109,7 @@ def _verify_tree(tree: Path, entries: list[LayoutEntry], state_id: int) -> list[
             key = (st.st_dev, st.st_ino)
             if key not in hashed:
                 hashed[key] = hash_file(path)
-            if hashed[key] != entry.digest:
+            if hashed[key] != entry.digest and not mutants.active("skip-asset-hash-check"):
                 problems.append(Problem("wrong-content", f"/usr/{target}",
                                         f"hashes to {hashed[key] or 0:032x}, expected {entry.digest:032x}", state_id))
         elif kind is LayoutType.SYMLINK:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import xxhash
 
+from reference_impl import mutants
 from reference_impl.boot.esp import EspError
 from reference_impl.boot.states import BootState, Kernel
 
@@ -106,6 +107,8 @@ def plan_boot(states: list[BootState], root_arg: str, bootloader: Path | None,
     default = next((e.name for e in entries if e.state_id == target), entries[0].name if entries else None)
     # An exact default (not blsforme's "<os-id>*" glob, which picks the highest kernel version rather than the
     # state just activated — moss #586).
+    if default and mutants.active("glob-default-entry"):
+        default = default.split("-")[0] + "*"  # blsforme's "<os-id>*" (moss #586)
     loader_conf = f"default {default}\ntimeout 3\n" if default else "timeout 3\n"
     return BootPlan(files, entries, loader_conf, default)
 

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from reference_impl import mutants
 from reference_impl.boot.device import (mount_of, parse_volume_spec, read_mountinfo, root_argument_for_path,
                                         root_argument_for_spec, volume_of_mount)
 from reference_impl.boot.entries import (BOOTLOADER_PATHS, ENTRIES_DIR, LOADER_CONF, BootPlan, entry_files,
@@ -276,6 +277,8 @@ def _apply(esp: EspTarget, plan: BootPlan, root_arg: str, report: SyncReport, en
     early = [p for p in stale_files if p.casefold() not in kept_refs]
     for path in early:
         remove(path)
+    if mutants.active("boot-entry-before-kernel", environ):
+        writes, late = late, writes
     for path, source in writes:
         esp.write_atomic(path, source)
         report.written.append(path)
