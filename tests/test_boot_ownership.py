@@ -80,7 +80,8 @@ def test_two_installations_share_an_esp(tmp_path: Path, bootloader: Path) -> Non
                                               f"EFI/{b_token}/6.8.0/vmlinuz", f"EFI/{b_token}/6.8.0/10-default.initrd"])
     listing = esp_listing(disk)
     assert {"EFI/aerynos/6.8.0/vmlinuz", "loader/entries/aerynos-6.8.0-1.conf", record_path(ROOT_A)} <= set(listing)
-    status = boot_status(a, esp=disk, root_arg=ROOT_A)
+    status = boot_status(a, esp=disk)      # the root= of A's last sync is remembered in A's .moss/boot-root
+    assert status.root == ROOT_A
     assert {e.name: e.owner for e in status.entries} == {f"{b_token}-6.9.0-2.conf": "other",
                                                          "aerynos-6.8.0-1.conf": "this"}
     assert status.other_installations == [
@@ -99,6 +100,8 @@ def test_status_reports_an_entry_with_another_root_through_the_cli(tmp_path: Pat
                      f"title moved\nlinux /EFI/aerynos/6.8.0/vmlinuz\noptions {ROOT_B} rw moss.fstx=9\n".encode())
     assert main(["boot", "status", "-D", str(root), "--esp", str(disk), "--root-device", f"{disk}:2"]) == 0
     out = capsys.readouterr().out
+    assert main(["boot", "status", "-D", str(root), "--esp", str(disk)]) == 0      # the root of the last sync
+    assert capsys.readouterr().out == out
     assert f"aerynos-6.8.0-9.conf  another installation  {ROOT_B}" in out
     assert f"other installation: entry aerynos-6.8.0-9.conf boots {ROOT_B}, not this installation's root" in out
 
