@@ -172,3 +172,15 @@ def test_ownership_of_an_entry_is_its_root_words() -> None:
     assert not is_ours("options root=UUID=u rootflags=subvol=/@b rw moss.fstx=2\n", btrfs)
     assert not is_ours(f"options {btrfs} rw\n", btrfs)                      # not a stonelab entry
     assert not is_ours(f"options {ROOT_A}0 rw moss.fstx=1\n", ROOT_A)
+
+
+def test_the_ownership_record_goes_with_the_last_owned_file(tmp_path: Path, bootloader: Path) -> None:
+    import shutil
+    root = make_root(tmp_path / "root", {1: "6.8.0"}, active=1)
+    disk = make_disk(tmp_path / "disk.img")
+    sync_boot(root, esp=disk, root_arg=ROOT_A, bootloader=bootloader)
+    shutil.rmtree(root / "usr/lib/kernel")
+    report = sync_boot(root, esp=disk, root_arg=ROOT_A, bootloader=bootloader)
+    assert sorted(report.removed) == ["EFI/aerynos/6.8.0/10-default.initrd", "EFI/aerynos/6.8.0/vmlinuz",
+                                      "loader/entries/aerynos-6.8.0-1.conf"]
+    assert not [p for p in MtoolsEsp(disk, ESP_START * 512)._walk() if p.casefold().startswith("loader/stonelab")]

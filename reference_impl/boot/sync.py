@@ -296,6 +296,7 @@ def _apply(esp: EspTarget, plan: BootPlan, root_arg: str, report: SyncReport, en
     if not after:
         if esp.read(record) is not None:
             esp.remove(record)
+            esp.remove_empty_dirs(record.rsplit("/", 1)[0])
     elif esp.read(record) != final:
         esp.write_atomic(record, final)
     for directory in sorted({p.rsplit("/", 1)[0] for p in report.removed if "/" in p}, reverse=True):
