@@ -53,6 +53,11 @@ class Installation:
         """The reference's intent record (upstream keeps none)."""
         return self.moss / "intent.json"
 
+    @property
+    def boot_root(self) -> Path:
+        """The ``root=`` words the last boot sync wrote into this installation's entries (reference only)."""
+        return self.moss / "boot-root"
+
     def archived(self, state_id: int) -> Path:
         """The archived tree of a state (for the symlink strategy also the live one)."""
         return self.trees / str(state_id) / "usr"

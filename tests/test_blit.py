@@ -421,7 +421,9 @@ def test_forced_reflink_on_a_filesystem_without_it_is_a_one_line_error(tmp_path:
     assert list(usr.iterdir()) == []  # refused before anything was made
 
 
-def test_reflink_on_btrfs(tmp_path: Path):
+@contextlib.contextmanager
+def btrfs_mount(tmp_path: Path):
+    """A fresh loop-mounted btrfs (it reflinks), or a clean skip where that cannot be made here."""
     if shutil.which("mkfs.btrfs") is None:
         pytest.skip("mkfs.btrfs is not installed (btrfs-progs)")
     image = tmp_path / "btrfs.img"
@@ -431,6 +433,11 @@ def test_reflink_on_btrfs(tmp_path: Path):
     if made.returncode != 0:
         pytest.skip(f"mkfs.btrfs failed: {made.stderr.strip()}")
     with mounted(tmp_path / "mnt", "-t", "btrfs", "-o", "loop", str(image)) as mnt:
+        yield mnt
+
+
+def test_reflink_on_btrfs(tmp_path: Path):
+    with btrfs_mount(tmp_path) as mnt:
         store = mnt / "assets"
         store.mkdir()
         entries = small_tree(store)

@@ -106,3 +106,15 @@ def esp_listing(disk: Path) -> list[str]:
 
 def esp_read(disk: Path, path: str) -> bytes:
     return mtools("mcopy", "-n", "-i", f"{disk}@@{ESP_START * 512}", f"::/{path}", "-").stdout
+
+
+def crash_mid_sync(root: Path, disk: Path, root_arg: str, bootloader: Path, kver: str) -> None:
+    """Sync once (state 1), add state 2 with kernel ``kver`` and sync it with a fault between the kernel copies
+    and the entries (``boot.mid``): its kernel files are on the ESP, no entry names them."""
+    from reference_impl.boot import sync_boot
+    sync_boot(root, esp=disk, root_arg=root_arg, bootloader=bootloader)
+    make_tree(root / ".moss/root/2/usr", 2, kver)
+    add_state_rows(root, [2])
+    with pytest.raises(OSError, match="boot.mid"):
+        sync_boot(root, esp=disk, root_arg=root_arg, bootloader=bootloader, target=2,
+                  environ={"STONELAB_FAULT": "boot.mid:eio"})

@@ -10,8 +10,8 @@ from reference_impl.boot import MtoolsEsp, boot_status, sync_boot
 from reference_impl.boot.ownership import (EntryToken, choose_token, configured_token, installation_id, is_ours,
                                            record_path)
 from stonelab.cli import main
-from tests.test_boot_helpers import ESP_START, add_state_rows, drop_state, esp_listing, esp_read, make_disk, \
-    make_root, make_tree
+from tests.test_boot_helpers import ESP_START, crash_mid_sync, drop_state, esp_listing, esp_read, make_disk, \
+    make_root
 
 ROOT_A = "root=PARTUUID=00000000-0000-4000-8000-00000000000a"
 ROOT_B = "root=PARTUUID=00000000-0000-4000-8000-00000000000b"
@@ -80,7 +80,8 @@ def test_two_installations_share_an_esp(tmp_path: Path, bootloader: Path) -> Non
                                               f"EFI/{b_token}/6.8.0/vmlinuz", f"EFI/{b_token}/6.8.0/10-default.initrd"])
     listing = esp_listing(disk)
     assert {"EFI/aerynos/6.8.0/vmlinuz", "loader/entries/aerynos-6.8.0-1.conf", record_path(ROOT_A)} <= set(listing)
-    status = boot_status(a, esp=disk, root_arg=ROOT_A)
+    status = boot_status(a, esp=disk)      # the root= of A's last sync is remembered in A's .moss/boot-root
+    assert status.root == ROOT_A
     assert {e.name: e.owner for e in status.entries} == {f"{b_token}-6.9.0-2.conf": "other",
                                                          "aerynos-6.8.0-1.conf": "this"}
     assert status.other_installations == [
@@ -99,6 +100,8 @@ def test_status_reports_an_entry_with_another_root_through_the_cli(tmp_path: Pat
                      f"title moved\nlinux /EFI/aerynos/6.8.0/vmlinuz\noptions {ROOT_B} rw moss.fstx=9\n".encode())
     assert main(["boot", "status", "-D", str(root), "--esp", str(disk), "--root-device", f"{disk}:2"]) == 0
     out = capsys.readouterr().out
+    assert main(["boot", "status", "-D", str(root), "--esp", str(disk)]) == 0      # the root of the last sync
+    assert capsys.readouterr().out == out
     assert f"aerynos-6.8.0-9.conf  another installation  {ROOT_B}" in out
     assert f"other installation: entry aerynos-6.8.0-9.conf boots {ROOT_B}, not this installation's root" in out
 
@@ -108,12 +111,7 @@ def test_kernel_files_copied_before_a_crash_are_owned_and_cleaned_later(tmp_path
     entries, and that state's removal, the next sync still knows the files are its own."""
     root = make_root(tmp_path / "root", {1: "6.8.0"}, active=1)
     disk = make_disk(tmp_path / "disk.img")
-    sync_boot(root, esp=disk, root_arg=ROOT_A, bootloader=bootloader)
-    make_tree(root / ".moss/root/2/usr", 2, "6.9.0")
-    add_state_rows(root, [2])
-    with pytest.raises(OSError, match="boot.mid"):
-        sync_boot(root, esp=disk, root_arg=ROOT_A, bootloader=bootloader, target=2,
-                  environ={"STONELAB_FAULT": "boot.mid:eio"})
+    crash_mid_sync(root, disk, ROOT_A, bootloader, "6.9.0")
     assert "EFI/aerynos/6.9.0/vmlinuz" in esp_listing(disk)
     assert "EFI/aerynos/6.9.0/vmlinuz" in esp_read(disk, record_path(ROOT_A)).decode().splitlines()
     drop_state(root, 2)
@@ -174,3 +172,15 @@ def test_ownership_of_an_entry_is_its_root_words() -> None:
     assert not is_ours("options root=UUID=u rootflags=subvol=/@b rw moss.fstx=2\n", btrfs)
     assert not is_ours(f"options {btrfs} rw\n", btrfs)                      # not a stonelab entry
     assert not is_ours(f"options {ROOT_A}0 rw moss.fstx=1\n", ROOT_A)
+
+
+def test_the_ownership_record_goes_with_the_last_owned_file(tmp_path: Path, bootloader: Path) -> None:
+    import shutil
+    root = make_root(tmp_path / "root", {1: "6.8.0"}, active=1)
+    disk = make_disk(tmp_path / "disk.img")
+    sync_boot(root, esp=disk, root_arg=ROOT_A, bootloader=bootloader)
+    shutil.rmtree(root / "usr/lib/kernel")
+    report = sync_boot(root, esp=disk, root_arg=ROOT_A, bootloader=bootloader)
+    assert sorted(report.removed) == ["EFI/aerynos/6.8.0/10-default.initrd", "EFI/aerynos/6.8.0/vmlinuz",
+                                      "loader/entries/aerynos-6.8.0-1.conf"]
+    assert not [p for p in MtoolsEsp(disk, ESP_START * 512)._walk() if p.casefold().startswith("loader/stonelab")]

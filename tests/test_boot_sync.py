@@ -13,8 +13,8 @@ from reference_impl.boot import DirectoryEsp, EspFullError, EspMissingError, Esp
 from reference_impl.boot.gpt import read_gpt
 from reference_impl.boot.ownership import record_path
 from stonelab.cli import main
-from tests.test_boot_helpers import ESP_START, add_state_rows, drop_state, esp_listing, esp_read, make_disk, \
-    make_root, make_tree
+from tests.test_boot_helpers import ESP_START, add_state_rows, crash_mid_sync, drop_state, esp_listing, esp_read, \
+    make_disk, make_root, make_tree
 
 ROOT_ARG = "root=PARTUUID=00000000-0000-4000-8000-000000000001"
 
@@ -170,12 +170,7 @@ def test_enospc_during_a_copy_leaves_no_temp_file(tmp_path: Path) -> None:
 def test_fault_between_kernels_and_entries_keeps_old_entries(tmp_path: Path, bootloader: Path) -> None:
     root = make_root(tmp_path / "root", {1: "6.6.1"}, active=1)
     disk = make_disk(tmp_path / "disk.img")
-    sync_boot(root, esp=disk, root_arg=ROOT_ARG, bootloader=bootloader)
-    make_tree(root / ".moss/root/2/usr", 2, "6.7.0")
-    add_state_rows(root, [2])
-    with pytest.raises(OSError, match="boot.mid"):
-        sync_boot(root, esp=disk, root_arg=ROOT_ARG, bootloader=bootloader, target=2,
-                  environ={"STONELAB_FAULT": "boot.mid:eio"})
+    crash_mid_sync(root, disk, ROOT_ARG, bootloader, "6.7.0")
     listing = esp_listing(disk)
     assert "EFI/aerynos/6.7.0/vmlinuz" in listing                  # kernels are on the ESP ...
     assert "loader/entries/aerynos-6.7.0-2.conf" not in listing     # ... but no entry names them yet

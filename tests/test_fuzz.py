@@ -85,3 +85,21 @@ def test_duration_stops_the_campaign_early_and_says_so(fuzz, tmp_path: Path, cwd
     stats = fuzz.run_worker(0, 1000, 1, {"gpt": [bytes(2048)]}, tmp_path / "work", 10.0, 0, None, None,
                             stop_at=time.time() - 1)
     assert stats.inputs == 0 and stats.stopped_early
+
+
+def test_slow_imports_are_not_hangs_and_a_tripping_mutator_falls_back(fuzz, tmp_path: Path, cwd_back) -> None:
+    import time
+
+    class ColdStart(fuzz.Target):
+        def prepare(self) -> None:
+            time.sleep(0.5)          # a cold import on a busy machine, before the alarm is armed
+
+        def mutate(self, rng, seed: bytes) -> bytes:
+            raise IndexError("mutator bug")
+
+        def run(self, path: Path, data: bytes) -> None:
+            pass
+
+    stats = fuzz.run_worker(0, 3, 1, {"cold": [b"x"]}, tmp_path / "work", 0.2, 0, None, {"cold": ColdStart})
+    assert (stats.inputs, stats.hangs, stats.failure_count) == (3, 0, 0)
+

@@ -115,6 +115,9 @@ class Target:
     def mutate(self, rng: random.Random, seed: bytes) -> bytes:
         return mutate_bytes(rng, seed)
 
+    def prepare(self) -> None:
+        """Import what ``run`` needs, before the hang alarm is armed (a cold import can take seconds)."""
+
     def run(self, path: Path, data: bytes) -> None:
         raise NotImplementedError
 
@@ -126,6 +129,9 @@ class StoneTarget(Target):
             if structured is not None:
                 return structured
         return mutate_bytes(rng, seed)
+
+    def prepare(self) -> None:
+        import reference_impl.stone  # noqa: F401
 
     def run(self, path: Path, data: bytes) -> None:
         from reference_impl.stone import read_stone
@@ -189,6 +195,10 @@ class GptTarget(Target):
             fix_gpt_crcs(data)
         return bytes(data)
 
+    def prepare(self) -> None:
+        import reference_impl.boot.gpt  # noqa: F401
+        import reference_impl.boot.superblock  # noqa: F401
+
     def run(self, path: Path, data: bytes) -> None:
         from reference_impl.boot.gpt import find_boot_partition, read_gpt
         from reference_impl.boot.superblock import probe
@@ -219,6 +229,9 @@ class SuperblockTarget(Target):
     def mutate(self, rng: random.Random, seed: bytes) -> bytes:
         return mutate_window(rng, seed, self.WINDOWS) if rng.random() < 0.7 else mutate_bytes(rng, seed)
 
+    def prepare(self) -> None:
+        import reference_impl.boot.superblock  # noqa: F401
+
     def run(self, path: Path, data: bytes) -> None:
         from reference_impl.boot.superblock import probe, probe_bytes
         probe_bytes(data[:0x11000])
@@ -232,6 +245,9 @@ class ScenarioTarget(Target):
         if rng.random() < 0.5:
             return mutate_yaml_document(rng, seed)
         return mutate_bytes(rng, seed, 1 << 16)
+
+    def prepare(self) -> None:
+        import lab.scenario  # noqa: F401
 
     def run(self, path: Path, data: bytes) -> None:
         from lab.scenario import load_scenario
@@ -370,6 +386,8 @@ def run_worker(worker: int, count: int, seed: int, seeds: dict[str, list[bytes]]
     types = target_types or TARGET_TYPES
     names = [n for n in (targets or list(seeds)) if n in seeds]
     chosen = {name: types[name](name, seeds[name]) for name in names}
+    for target in chosen.values():
+        target.prepare()
     scratch = work / f"worker-{worker}"
     scratch.mkdir(parents=True, exist_ok=True)
     (work / "failures").mkdir(exist_ok=True)
@@ -413,7 +431,11 @@ def _loop(count, names, chosen, rng, scratch, work, timeout, progress_every, sta
             stats.stopped_early = True
             break
         target = chosen[rng.choices(names, weights)[0]]
-        data = target.mutate(rng, rng.choices(target.seeds, target.seed_weights)[0])
+        seed = rng.choices(target.seeds, target.seed_weights)[0]
+        try:
+            data = target.mutate(rng, seed)
+        except Exception:   # noqa: BLE001 -- a structure-aware mutator tripping (e.g. on a self-referring YAML
+            data = mutate_bytes(rng, seed)   # alias) falls back to byte edits rather than end the campaign
         path = scratch / f"input{target.suffix}"
         path.write_bytes(data)
         stats.inputs += 1
@@ -516,6 +538,11 @@ def campaign(inputs: int, jobs: int, seed: int, work: Path, timeout: float, prog
         child.start()
     try:
         total = run_worker(0, share[0], seed, seeds, work, timeout, progress_every, targets, target_types, stop_at)
+    except BaseException:
+        for child in children:
+            child.terminate()
+            child.join()
+        raise
     finally:
         os.chdir(cwd)
     for _ in children:

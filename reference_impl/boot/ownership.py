@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from reference_impl.boot.entries import ENTRIES_DIR, entry_fstx, parse_entry
+from reference_impl.installation import Installation
 
 RECORD_DIR = "loader/stonelab"
 _MACHINE_ID = re.compile(r"[0-9a-f]{32}")
@@ -109,6 +110,28 @@ def choose_token(token: EntryToken, root_arg: str, entries: dict[str, str], want
             occupied |= folded in wanted
             taken |= folded.startswith(prefix) and entry_fstx(text) is not None
     return shared if occupied or (taken and not holding) else token
+
+
+def remember_root(root: Path, root_arg: str) -> str | None:
+    """Keep ``root_arg`` in ``<root>/.moss/boot-root`` (written to a temporary, renamed) so that ``boot status``
+    knows this installation's entries without ``--root-device``; None, or why it could not be kept."""
+    path = Installation(root).boot_root
+    text = " ".join(root_arg.split()) + "\n"
+    try:
+        if path.is_file() and path.read_text() == text:
+            return None
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    except OSError as err:
+        return f"{path}: cannot record this installation's root= ({err.strerror or err})"
+    return None
+
+
+def remembered_root(root: Path) -> str | None:
+    """The ``root=`` words of the last boot sync of ``root``, or None."""
+    text = _read_first_line(Installation(root).boot_root)
+    return text or None
 
 
 def parse_record(data: bytes | None) -> set[str]:

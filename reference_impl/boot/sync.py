@@ -18,7 +18,7 @@ from reference_impl.boot.device import (mount_of, parse_volume_spec, read_mounti
 from reference_impl.boot.entries import (BOOTLOADER_PATHS, ENTRIES_DIR, LOADER_CONF, BootPlan, entry_files,
                                          entry_fstx, entry_name, merge_loader_conf, parse_entry, plan_boot)
 from reference_impl.boot.ownership import (choose_token, configured_token, entry_root, format_record, is_ours,
-                                           parse_record, record_path)
+                                           parse_record, record_path, remember_root, remembered_root)
 from reference_impl.boot.esp import (TMP_SUFFIX, DirectoryEsp, EspFullError, EspMissingError, EspNotFatError,
                                      EspTarget, MtoolsEsp, format_fat)
 from reference_impl.boot.gpt import EFIVARS_DIR, find_boot_partition, find_esp, has_gpt, read_gpt
@@ -165,6 +165,9 @@ def sync_boot(root: Path, *, esp: EspTarget | Path | str | None = None, root_arg
         else:
             root_arg = root_argument_for_path(root)
     states, report.states_without_tree = bootable_states(root, limit, target)
+    problem = remember_root(root, root_arg)
+    if problem:
+        report.notes.append(problem)
     target_id = target if target is not None else active_state_id(root)
     target_state = next((s for s in states if s.id == target_id), states[0] if states else None)
     if bootloader is None:
@@ -293,6 +296,7 @@ def _apply(esp: EspTarget, plan: BootPlan, root_arg: str, report: SyncReport, en
     if not after:
         if esp.read(record) is not None:
             esp.remove(record)
+            esp.remove_empty_dirs(record.rsplit("/", 1)[0])
     elif esp.read(record) != final:
         esp.write_atomic(record, final)
     for directory in sorted({p.rsplit("/", 1)[0] for p in report.removed if "/" in p}, reverse=True):
@@ -341,6 +345,9 @@ def _status_root(root: Path, root_arg: str | None, root_device: str | None) -> t
         return root_arg, None
     if root_device is not None:
         return root_argument_for_spec(root_device), None
+    remembered = remembered_root(root)
+    if remembered is not None:
+        return remembered, None
     try:
         return root_argument_for_path(root), None
     except StonelabError as err:
@@ -353,7 +360,8 @@ def boot_status(root: Path, *, esp: EspTarget | Path | str | None = None, efivar
                 root_device: str | None = None) -> BootStatus:
     """What the ESP would boot, and every way it disagrees with the states on disk.
 
-    ``root_arg`` (or ``root_device``, else the mount holding ``root``) tells this installation's entries from
+    ``root_arg`` (or ``root_device``, else the root the last sync used, else the mount holding ``root``) tells
+    this installation's entries from
     those of another installation sharing the ESP: those are listed in ``other_installations`` (with the root
     they boot) and not checked against this installation's states."""
     root = Path(root)
