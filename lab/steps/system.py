@@ -8,11 +8,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from lab.steps import StepArgError, StepFailure, StepKind, check_package_keys, register
+from lab.steps import StepFailure, StepKind, check_package_keys, register
 from lab.steps.faults import InterruptingStep
 from lab.steps.transactions import Command, TransactionStep
 from reference_impl.faults import CUT_ENV_VAR
 from reference_impl.stone.repository import write_repository_index
+from stonelab.errors import StonelabError
 
 
 class InjectStep(StepKind):
@@ -198,7 +199,7 @@ class PowerLoss(InterruptingStep):
     def run(cls, runner, step, result) -> list:
         arg: PowerLossArgs = step.arg
         if arg.explore:
-            raise StepArgError((), "power_loss: explore needs the crash engine (lab/crash), not in this build")
+            raise StonelabError("power_loss: {explore: true} needs the crash engine (lab/crash), not in this build")
         cmd = arg.during.spec.command(runner, arg.during.arg)
         total = runner.target.count_mutations(runner.pm_args(cmd.verb, *cmd.rest))
         moment = random.Random(arg.seed).randint(1, max(total, 1))
