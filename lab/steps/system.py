@@ -14,6 +14,7 @@ from lab.steps.faults import InterruptingStep
 from lab.steps.transactions import Command, TransactionStep
 from reference_impl.faults import CUT_ENV_VAR
 from reference_impl.stone.repository import write_repository_index
+from stonelab.errors import StonelabError
 
 
 class InjectStep(StepKind):
