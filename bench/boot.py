@@ -35,7 +35,7 @@ def bare(kernel, accel) -> tuple[float, float]:
     config = MachineConfig(accel=accel, kernel=kernel, initrd=build_initramfs(kernel, "bare").path,
                            append="console=ttyS0 quiet panic=-1", share_host_root=False, agent=False)
     started = time.monotonic()
-    with Machine(config, name="bench-bare", transport="console") as guest:
+    with Machine(config, name="bench-bare", transport=ConsoleTransport()) as guest:
         guest.wait_for_console(BARE_MARKER, 120)
         marker = time.monotonic() - started
         guest.wait_for_exit(120)
@@ -61,14 +61,14 @@ def console_guest(kernel, accel, extra: list[str] | None = None) -> MachineConfi
 
 def fresh_console(kernel, accel) -> float:
     started = time.monotonic()
-    with Machine(console_guest(kernel, accel), name="bench-fresh", transport="console") as guest:
+    with Machine(console_guest(kernel, accel), name="bench-fresh", transport=ConsoleTransport()) as guest:
         guest.wait_for_console("STONELAB-INITRAMFS-SHELL", 120)
         assert ConsoleTransport(guest.console.send, guest.console.wait_for).run("echo up", 120).exit_code == 0
         return time.monotonic() - started
 
 
 def save_state(kernel, accel, state: Path) -> float:
-    with Machine(console_guest(kernel, accel), name="bench-save", transport="console") as guest:
+    with Machine(console_guest(kernel, accel), name="bench-save", transport=ConsoleTransport()) as guest:
         guest.wait_for_console("STONELAB-INITRAMFS-SHELL", 120)
         ConsoleTransport(guest.console.send, guest.console.wait_for).run("echo ready", 120)
         qmp = guest.qmp()
@@ -84,7 +84,7 @@ def save_state(kernel, accel, state: Path) -> float:
 def restore(kernel, accel, state: Path) -> float:
     config = console_guest(kernel, accel, ["-incoming", f"exec:cat {state}"])
     started = time.monotonic()
-    with Machine(config, name="bench-restore", transport="console") as guest:
+    with Machine(config, name="bench-restore", transport=ConsoleTransport()) as guest:
         qmp = guest.qmp()
         while qmp.status() != "running":  # console input before the state is loaded would be lost
             time.sleep(0.02)

@@ -12,6 +12,7 @@ import signal
 import sys
 
 from stonelab.errors import StonelabError
+from vm.log import configure as configure_logging
 
 COMMAND_MODULES = [
     "reference_impl.stone.cli",
@@ -28,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="stonelab",
         description="Conformance lab for atomic, stateless operating systems (AerynOS model).",
     )
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="log progress (-v) and every QEMU argv and guest command (-vv)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMAND_MODULES:
@@ -38,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    configure_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
     except StonelabError as err:

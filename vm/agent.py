@@ -31,7 +31,8 @@ def _run(request: dict[str, Any]) -> dict[str, Any]:
         return {"exit_code": -9, "stdout": _text(err.stdout), "stderr": _text(err.stderr), "timed_out": True,
                 "seconds": time.monotonic() - started}
     except OSError as err:
-        return {"exit_code": 127, "stdout": "", "stderr": f"{command}: {err.strerror}", "seconds": 0.0}
+        name = command if shell else command[0]
+        return {"exit_code": 127, "stdout": "", "stderr": f"{name}: {err.strerror}", "seconds": 0.0}
     return {"exit_code": proc.returncode, "stdout": _text(proc.stdout), "stderr": _text(proc.stderr),
             "seconds": time.monotonic() - started}
 
@@ -86,6 +87,31 @@ def hash_tree(root: str) -> dict[str, str]:
     return entries
 
 
+BLKFLSBUF = 0x1261  # linux/fs.h: _IO(0x12, 97)
+BLKRRPART = 0x125F  # linux/fs.h: _IO(0x12, 95)
+
+
+def rescan_disks(sys_block: Path = Path("/sys/block"), dev: Path = Path("/dev")) -> list[str]:
+    """Flush the cached blocks of every virtio disk and re-read its partition table. A guest restored from a
+    saved state sees new disk files behind the same devices; without this it would trust its stale cache."""
+    import fcntl
+
+    done = []
+    for entry in sorted(sys_block.glob("vd*")):
+        fd = os.open(dev / entry.name, os.O_RDONLY)
+        try:
+            fcntl.ioctl(fd, BLKFLSBUF)
+            try:
+                fcntl.ioctl(fd, BLKRRPART)
+            except OSError as err:
+                if err.errno != 22:  # EINVAL: a disk without partition support (e.g. a read-only image)
+                    raise
+        finally:
+            os.close(fd)
+        done.append(entry.name)
+    return done
+
+
 def handle(request: dict[str, Any]) -> dict[str, Any]:
     op = request.get("op")
     if op not in OPS:
@@ -100,6 +126,8 @@ def handle(request: dict[str, Any]) -> dict[str, Any]:
         return _write_file(request)
     if op == "hash_tree":
         return {"entries": hash_tree(request["path"])}
+    if op == "rescan_disks":
+        return {"disks": rescan_disks()}
     os.sync()
     return {"shutdown": True}
 
