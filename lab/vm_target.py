@@ -1,7 +1,9 @@
 """The VM target: the system under test on its own virtio disk in a QEMU guest, where a crash is a power cut.
 
-The guest runs this project from the host root shared over 9p (same paths), with the root under test — an ext4
-partition of a GPT disk built without loop mounts — mounted at ``/mnt/sut``.  A crash step runs the package
+The guest runs this project from the read-only EROFS userland image (``vm.userland``: same paths as on the host),
+with the root under test — an ext4 partition of a GPT disk built without loop mounts — mounted at ``/mnt/sut``.
+Every power-on restores a guest saved right after boot (``vm.snapshot``) instead of booting, unless
+``snapshots=False``; the packages a step installs are copied into the guest's ``/tmp`` by the agent.  A crash step runs the package
 manager with ``STONELAB_FAULT=<point>:pause``; the moment the guest announces the point on its ``stonelab``
 virtio-serial port, the host SIGKILLs QEMU.  With ``cache=unsafe`` the guest's page cache and the disk's
 volatile state die with it.  Periodic writeback and ext4's periodic journal commit are switched off in the guest,
@@ -25,8 +27,10 @@ from vm.disk import DiskLayout, build_disk
 from vm.host import Kernel, default_kernel, kernel_from_path
 from vm.machine import PROJECT_DIR, Machine, agent_config
 from vm.qemu import DiskSpec
+from vm.snapshot import resume, saved_state
 
 GUEST_ROOT = "/mnt/sut"
+GUEST_PACKAGES = "/tmp/stonelab-packages"
 SUT_PARTITION = "/dev/vda2"
 EXT4_COMMIT_SECONDS = 3600
 
@@ -38,7 +42,7 @@ class VmTarget:
                        "the software flushed (fsync/syncfs) survives")
 
     def __init__(self, workdir: Path, *, kernel: Kernel | None = None, accel: str = "auto",
-                 selector: AccelSelector | None = None, root_mib: int = 256):
+                 selector: AccelSelector | None = None, root_mib: int = 256, snapshots: bool = True):
         self.workdir = workdir
         self.root = Path(GUEST_ROOT)
         seed = workdir / "seed"
@@ -49,9 +53,11 @@ class VmTarget:
         self.disk = build_disk(workdir / "sut.img", DiskLayout(esp_mib=64, root_mib=root_mib), root_tree=seed)
         self.kernel = kernel or default_kernel()
         self.accel: AccelChoice = (selector or AccelSelector()).choose(self.kernel, accel)
-        self.machine = Machine(agent_config(self.kernel, self.accel, [DiskSpec(self.disk.path)]), name="sut",
-                               crash_on_fault=True, console_log=workdir / "console.log")
+        config = agent_config(self.kernel, self.accel, [DiskSpec(self.disk.path)])
+        self.machine = Machine(config, name="sut", crash_on_fault=True, console_log=workdir / "console.log",
+                               restore_from=saved_state(config) if snapshots else None)
         self.boots = 0
+        self._pushed: dict[Path, str] = {}
         try:
             self.power_on()
         except BaseException:
@@ -66,6 +72,9 @@ class VmTarget:
             return
         self.machine.start()
         self.boots += 1
+        self._pushed.clear()  # the guest's /tmp starts empty on every power-on
+        if self.machine.restore_from is not None:
+            resume(self.machine)
         # Deterministic power cuts: no periodic writeback and no periodic journal commit, so what survives a
         # cut is exactly what the software under test flushed (fsync, syncfs) — not what a timer happened to
         # write. This is also how Asterinas behaves (it has no writeback thread).
@@ -96,7 +105,14 @@ class VmTarget:
                              time.monotonic() - started)
 
     def path_for_package(self, path: Path) -> str:
-        return str(path)  # the host root is the guest's root: same path
+        """The guest path of a host package file, copied into the guest's /tmp once per power-on."""
+        self.power_on()
+        if path not in self._pushed:
+            guest = f"{GUEST_PACKAGES}/{len(self._pushed)}-{path.name}"
+            self.machine.succeed(["mkdir", "-p", GUEST_PACKAGES])
+            self.machine.write_file(guest, path.read_bytes())
+            self._pushed[path] = guest
+        return self._pushed[path]
 
     def observe(self) -> Observation:
         result = self._python(["-m", "lab.probe", GUEST_ROOT])

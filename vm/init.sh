@@ -1,8 +1,9 @@
 #!/bin/sh
 # The lab's guest init (PID 1 in the initramfs). Modes from the kernel command line:
 #   stonelab.mode=agent (default) | shell | initramfs-shell | poweroff ; stonelab.python=PATH ;
-#   stonelab.project=DIR.  initramfs-shell: busybox only, no 9p (such a guest can be migrated/saved: QEMU
-#   refuses to migrate a guest with a mounted 9p export).
+#   stonelab.project=DIR ; stonelab.userland=vdX (the read-only EROFS userland image on that virtio disk; without
+#   it the host root over 9p).  initramfs-shell: busybox only.  A guest on the EROFS image (or busybox only) can
+#   be saved and restored; QEMU refuses to migrate a guest with a mounted 9p export.
 export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
@@ -17,13 +18,19 @@ if [ "$MODE" = initramfs-shell ]; then
   echo "STONELAB-INITRAMFS-SHELL"
   while true; do setsid cttyhack sh; done
 fi
-mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose host /host || die "9p host root"
+USERLAND=$(arg stonelab.userland "")
+if [ -n "$USERLAND" ]; then
+  i=0; while [ ! -b "/dev/$USERLAND" ] && [ $i -lt 100 ]; do usleep 20000; i=$((i+1)); done
+  mount -t erofs -o ro "/dev/$USERLAND" /host || die "erofs userland on /dev/$USERLAND"
+else
+  mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose host /host || die "9p host root"
+fi
 mount -t proc proc /host/proc || die "proc in /host"
 mount -t sysfs sys /host/sys
 mount -t devtmpfs dev /host/dev
 mkdir -p /dev/pts /dev/shm /dev/virtio-ports
 mount -t devpts devpts /host/dev/pts
-mkdir -p /9p && mount -o bind /host /9p || die "bind the 9p root"   # the host's view, before tmpfs hides parts
+mkdir -p /9p && mount -o bind /host /9p || die "bind the userland"   # its own view, before tmpfs hides parts
 for d in dev/shm tmp run var/tmp mnt; do mount -t tmpfs -o mode=1777 tmpfs /host/$d || die "tmpfs /$d"; done
 # the project and its interpreter must stay visible even when they live below a directory tmpfs now covers
 PROJ=$(arg stonelab.project /); PY=$(arg stonelab.python /usr/bin/python3)

@@ -48,14 +48,28 @@ def _die_with_parent() -> None:
 
 def agent_config(kernel: Kernel, accel: AccelChoice, disks: list[DiskSpec] | None = None, *,
                  memory_mb: int = 1024, cpus: int = 1, python: str | None = None,
-                 project: Path = PROJECT_DIR, mode: str = "agent", machine_type: str = "q35") -> MachineConfig:
-    """A guest booted directly from ``kernel`` with the lab's initramfs, the host root over 9p and the agent.
-    ``python`` (default: the interpreter running the lab, e.g. the project's venv) runs the agent in the guest
-    at the same path as on the host."""
+                 project: Path = PROJECT_DIR, mode: str = "agent", machine_type: str = "q35",
+                 userland: str = "image") -> MachineConfig:
+    """A guest booted directly from ``kernel`` with the lab's initramfs and the agent. ``python`` (default: the
+    interpreter running the lab, e.g. the project's venv) runs the agent at the same path as on the host.
+
+    ``userland="image"`` (default): the read-only EROFS image of ``vm.userland`` (interpreter, venv, project,
+    shell tools) as the last virtio disk, after ``disks`` (so they stay ``/dev/vda``, ``/dev/vdb``, …); such a
+    guest can be saved and restored. ``"9p"``: the whole host root over 9p (any host program, no snapshots)."""
+    from vm.userland import UserlandSpec, build_userland
+
+    if userland not in ("image", "9p"):
+        raise VmError(f"unknown guest userland {userland!r} (valid: image, 9p)")
     initrd = build_initramfs(kernel, "agent").path
+    disks = list(disks or [])
+    extra = ""
+    if userland == "image":
+        image = build_userland(UserlandSpec(python=Path(python or sys.executable), project=project))
+        extra = f"stonelab.userland=vd{chr(ord('a') + len(disks))}"
+        disks.append(DiskSpec(image.path, cache="unsafe", readonly=True))
     return MachineConfig(accel=accel, kernel=kernel, initrd=initrd, memory_mb=memory_mb, cpus=cpus,
-                         machine_type=machine_type, disks=list(disks or []),
-                         append=agent_append(python or sys.executable, str(project), mode))
+                         machine_type=machine_type, disks=disks, share_host_root=userland == "9p",
+                         append=agent_append(python or sys.executable, str(project), mode, extra))
 
 
 def foreign_config(image: Path, accel: AccelChoice, append: str = "", *, memory_mb: int = 1024,
