@@ -8,7 +8,8 @@ from rich.console import Console
 
 from lab.report import RunReport, print_terminal, write_all
 from lab.runner import run_scenario
-from lab.scenario import load_scenario, load_suite
+from lab.scenario import load_scenarios, load_suite
+from lab.target import TargetKind
 
 DEFAULT_SUITE = Path(__file__).resolve().parents[1] / "scenarios"
 
@@ -19,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="scenario files (default: every scenario in scenarios/)")
     run.add_argument("--report-dir", type=Path, default=Path("reports"), metavar="DIR")
     run.add_argument("--tag", action="append", default=[], help="only scenarios with this tag (repeatable)")
-    run.add_argument("--target", choices=["host", "vm"], help="where scenarios not pinned to a target run (default host)")
+    run.add_argument("--target", choices=[TargetKind.HOST, TargetKind.VM], help="where scenarios not pinned to a target run (default host)")
     run.add_argument("--kernel", help="guest kernel for the vm target (default: the newest /boot/vmlinuz-*)")
     run.add_argument("--accel", choices=["auto", "kvm", "tcg"], default="auto", help="vm target accelerator")
     run.set_defaults(func=cmd_run)
@@ -33,13 +34,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    scenarios = [load_scenario(f) for f in args.scenarios] if args.scenarios else load_suite(DEFAULT_SUITE)
+    scenarios = ([s for f in args.scenarios for s in load_scenarios(f)] if args.scenarios
+                 else load_suite(DEFAULT_SUITE))
     if args.tag:
         scenarios = [s for s in scenarios if set(args.tag) & set(s.tags)]
     console = Console()
     results = []
     vm_factory = None
-    if args.target == "vm" or any(s.target == "vm" for s in scenarios):  # one accelerator probe per run
+    if args.target == TargetKind.VM or any(s.target == TargetKind.VM for s in scenarios):  # one accelerator probe per run
         from lab.vm_target import vm_target_factory
         vm_factory = vm_target_factory(args.kernel, args.accel)
     for scenario in scenarios:
@@ -56,6 +58,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     for name in args.files:
-        scenario = load_scenario(name)
-        print(f"{name}: ok ({len(scenario.steps)} steps, {len(scenario.packages)} packages)")
+        scenarios = load_scenarios(name)
+        first = scenarios[0]
+        cells = f", {len(scenarios)} matrix cells" if len(scenarios) > 1 else ""
+        print(f"{name}: ok ({len(first.steps)} steps, {len(first.packages)} packages{cells})")
     return 0

@@ -104,3 +104,109 @@ def store_integrity(obs: Observation) -> list[Violation]:
     if obs.partial_assets:
         problems.append(f"{len(obs.partial_assets)} partial asset(s) left: {obs.partial_assets[0]}")
     return [Violation("store_integrity", p) for p in problems]
+
+
+@dataclass
+class CheckContext:
+    """What an invariant may judge after a step: the observation, the trees the oracle accepts, the outside of
+    /usr before the first step, and the target (for observations beyond ``obs``). ``matched`` is set by
+    ``atomic_usr`` to the accepted tree /usr turned out to be."""
+
+    obs: Observation
+    acceptable: list[ExpectedTree]
+    baseline: dict[str, list]
+    target: object = None
+    matched: ExpectedTree | None = None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One invariant on one observation: the problems found (none: it held) and the evidence either way."""
+
+    problems: tuple[str, ...]
+    evidence: str
+
+    @property
+    def held(self) -> bool:
+        return not self.problems
+
+
+class Invariant:
+    """Base of every invariant: ``name``, ``summary`` and :meth:`check`. Registered with :func:`register`."""
+
+    name: str
+    summary: str
+
+    @classmethod
+    def check(cls, ctx: CheckContext) -> Outcome:
+        raise NotImplementedError
+
+    @classmethod
+    def _from(cls, violations: list[Violation], evidence: str) -> Outcome:
+        return Outcome(tuple(v.detail for v in violations), evidence)
+
+
+INVARIANTS: dict[str, type[Invariant]] = {}
+
+
+def register(cls: type[Invariant]) -> type[Invariant]:
+    """Class decorator: make ``cls`` the invariant called ``cls.name``."""
+    if cls.name in INVARIANTS:
+        raise ValueError(f"invariant {cls.name!r} registered twice")
+    INVARIANTS[cls.name] = cls
+    return cls
+
+
+@register
+class AtomicUsr(Invariant):
+    name = "atomic_usr"
+    summary = "/usr is exactly one of the trees the lab's oracle accepts (old or new), never a mixture"
+
+    @classmethod
+    def check(cls, ctx: CheckContext) -> Outcome:
+        found, ctx.matched = atomic_usr(ctx.obs, ctx.acceptable)
+        files = len(_comparable(ctx.obs.usr))
+        return cls._from(found, f"/usr ({files} entries) is {ctx.matched.label}" if ctx.matched else "")
+
+
+@register
+class StagingEmpty(Invariant):
+    name = "staging_empty"
+    summary = "nothing is left in /.moss/root/staging after a verb returns (upstream #576)"
+
+    @classmethod
+    def check(cls, ctx: CheckContext) -> Outcome:
+        return cls._from(staging_empty(ctx.obs), "/.moss/root/staging is empty")
+
+
+@register
+class StateIdMatches(Invariant):
+    name = "state_id_matches"
+    summary = "/usr/.stateID names a state the database knows, and the swap layout agrees with it"
+
+    @classmethod
+    def check(cls, ctx: CheckContext) -> Outcome:
+        obs = ctx.obs
+        return cls._from(state_id_matches(obs),
+                         f"/usr/.stateID {obs.state_id or '(none)'}; database states {obs.db_states or 'none'}")
+
+
+@register
+class Stateless(Invariant):
+    name = "stateless"
+    summary = "outside /usr and /.moss nothing changes but the root links, which point into /usr"
+
+    @classmethod
+    def check(cls, ctx: CheckContext) -> Outcome:
+        return cls._from(stateless(ctx.obs, ctx.baseline),
+                         f"{len(ctx.obs.outside)} entries outside /usr unchanged or links into /usr")
+
+
+@register
+class StoreIntegrity(Invariant):
+    name = "store_integrity"
+    summary = "every asset hashes to its name and no partial asset is left"
+
+    @classmethod
+    def check(cls, ctx: CheckContext) -> Outcome:
+        return cls._from(store_integrity(ctx.obs), f"{ctx.obs.assets} assets hash to their names")

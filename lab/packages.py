@@ -4,10 +4,35 @@ from __future__ import annotations
 from pathlib import Path
 
 import xxhash
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from lab.invariants import ExpectedTree
-from lab.scenario import PackageDecl
 from reference_impl.stone import PackageSpec, build_package_from_files
+
+
+class PackageDecl(BaseModel):
+    """One package a scenario declares: ``files`` and ``symlinks`` map paths relative to /usr to content or a
+    link target; ``depends``/``provides``/``conflicts`` are moss's ``kind(name)`` strings."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True)
+
+    key: str = ""
+    name: str = Field(min_length=1)
+    version: str = Field(min_length=1)
+    release: int = Field(default=1, ge=1)
+    files: dict[str, str] = Field(default_factory=dict)
+    symlinks: dict[str, str] = Field(default_factory=dict)
+    depends: list[str] = Field(default_factory=list)
+    provides: list[str] = Field(default_factory=list)
+    conflicts: list[str] = Field(default_factory=list)
+
+    @field_validator("files", "symlinks")
+    @classmethod
+    def _inside_usr(cls, value: dict[str, str]) -> dict[str, str]:
+        for rel in value:
+            if rel.startswith("/") or ".." in rel.split("/") or not rel:
+                raise ValueError(f"path {rel!r} must be relative to /usr and stay inside it")
+        return value
 
 
 def build_packages(decls: dict[str, PackageDecl], out_dir: Path) -> dict[str, Path]:

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lab.runner import ScenarioResult
+from lab.verdict import Verdict
 
 
 @dataclass
@@ -24,10 +25,10 @@ class RunReport:
 
     @property
     def passed(self) -> bool:
-        return all(r.verdict == "pass" for r in self.results)
+        return all(r.verdict in (Verdict.PASS, Verdict.NOT_APPLICABLE) for r in self.results)
 
     def counts(self) -> dict[str, int]:
-        counts = {"pass": 0, "fail": 0, "error": 0}
+        counts = {str(v): 0 for v in Verdict}
         for r in self.results:
             counts[r.verdict] = counts.get(r.verdict, 0) + 1
         return counts
@@ -51,10 +52,15 @@ def write_junit(report: RunReport, path: Path) -> Path:
     suite = TestSuite("stonelab")
     for result in report.results:
         case = TestCase(result.name, classname=f"stonelab.{result.target}.{result.mode}", time=result.seconds)
-        if result.verdict == "fail":
+        if result.verdict == Verdict.FAIL:
             case.result = [Failure(result.reason)]
-        elif result.verdict == "error":
-            case.result = [Error(result.reason)] if result.reason else [Skipped("not run")]
+        elif result.verdict == Verdict.ERROR:
+            error = Error(result.reason or "not run")
+            if result.traceback:
+                error.text = result.traceback
+            case.result = [error]
+        elif result.verdict == Verdict.NOT_APPLICABLE:
+            case.result = [Skipped(f"not applicable: {result.reason}")]
         case.system_out = "\n".join(
             f"[{s.status}] {s.description} {s.command} {s.note}".rstrip() for s in result.steps)
         suite.add_testcase(case)
@@ -69,14 +75,22 @@ def print_terminal(report: RunReport, console: Console | None = None) -> None:
     table = Table(title="stonelab", show_lines=False)
     for column in ("scenario", "target", "mode", "verdict", "violations (expected)", "why"):
         table.add_column(column, overflow="fold")
-    style = {"pass": "green", "fail": "red", "error": "yellow"}
+    style = {Verdict.PASS: "green", Verdict.FAIL: "red", Verdict.ERROR: "yellow", Verdict.NOT_APPLICABLE: "dim"}
     for r in report.results:
         table.add_row(r.name, r.target, r.mode, f"[{style[r.verdict]}]{r.verdict}[/]",
                       f"{', '.join(r.observed_violations) or '-'} ({', '.join(r.expected_violations) or '-'})",
                       r.reason)
     console.print(table)
     counts = report.counts()
-    console.print(f"{counts['pass']} passed, {counts['fail']} failed, {counts['error']} errors")
+    console.print(f"{counts['pass']} passed, {counts['fail']} failed, {counts['error']} errors, "
+                  f"{counts['n/a']} not applicable")
+    for r in report.results:
+        if r.traceback:
+            console.print(f"[yellow]{r.name}: the lab broke[/]\n{r.traceback}", markup=True, highlight=False)
+
+
+def _css(verdict: str) -> str:
+    return "na" if verdict == Verdict.NOT_APPLICABLE else str(verdict)
 
 
 def write_html(report: RunReport, path: Path) -> Path:
@@ -86,16 +100,19 @@ def write_html(report: RunReport, path: Path) -> Path:
         steps = "".join(
             f"<tr class='{esc(s.status)}'><td>{s.index}</td><td>{esc(s.description)}</td><td>{esc(s.status)}</td>"
             f"<td><code>{esc(s.command)}</code></td><td>{esc(s.note)}</td>"
-            f"<td>{'<br>'.join(esc(v.invariant + ': ' + v.detail) for v in s.violations)}</td>"
+            f"<td>{'<br>'.join('<b>' + esc(v.invariant) + '</b>: ' + esc(v.detail) for v in s.violations)}</td>"
+            f"<td>{'<br>'.join(esc(k + ': ' + e) for k, e in s.evidence.items())}</td>"
             f"<td>{s.seconds:.2f}s</td></tr>" for s in r.steps)
         rows.append(
-            f"<details class='{r.verdict}'><summary><b>{esc(r.name)}</b> — {esc(r.verdict)} — {esc(r.reason)}"
+            f"<details class='{_css(r.verdict)}'><summary><b>{esc(r.name)}</b> — {esc(r.verdict)} — {esc(r.reason)}"
             f"</summary><p>{esc(r.description)}</p><p>target {esc(r.target)} ({esc(r.environment)}), mode {esc(r.mode)}, swap "
             f"{esc(r.swap)}; crashes: {esc(r.crash_semantics)}</p><p>expected violations: "
             f"{esc(', '.join(r.expected_violations) or 'none')}; observed: "
             f"{esc(', '.join(r.observed_violations) or 'none')}</p>"
             f"<table><tr><th>#</th><th>step</th><th>status</th><th>command</th><th>note</th><th>violations</th>"
-            f"<th>time</th></tr>{steps}</table></details>")
+            f"<th>held (evidence)</th><th>time</th></tr>{steps}</table>"
+            + (f"<p>the lab itself broke:</p><pre>{esc(r.traceback)}</pre>" if r.traceback else "")
+            + "</details>")
     counts = report.counts()
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>stonelab report</title><style>
 body{{font-family:sans-serif;margin:2em;max-width:90em}} table{{border-collapse:collapse;width:100%}}
@@ -104,7 +121,7 @@ details{{margin:.5em 0;padding:.5em;border-left:.4em solid #999}} details.pass{{
 details.fail{{border-color:#c22}} details.error{{border-color:#c90}} tr.crashed{{background:#fff3e0}}
 tr.failed{{background:#fde}}</style></head><body>
 <h1>stonelab report</h1><p>{esc(report.started)} — {counts['pass']} passed, {counts['fail']} failed,
-{counts['error']} errors — host kernel {esc(report.environment['host_kernel'])}</p>
+{counts['error']} errors, {counts['n/a']} not applicable — host kernel {esc(report.environment['host_kernel'])}</p>
 {''.join(rows)}</body></html>"""
     path.write_text(page)
     return path

@@ -1,7 +1,7 @@
-"""Scenarios: typed model of `scenarios/*.yaml`, loaded with safe YAML and validated field by field.
+"""Scenarios: the typed model of `scenarios/*.yaml` (pydantic), read with YAML line marks.
 
 A scenario names its packages (generated at run time from a few declared files), then a list of steps that read
-like sentences::
+like sentences (the step kinds are in :mod:`lab.steps`, one class each)::
 
     name: crash-during-swap
     packages:
@@ -14,216 +14,233 @@ like sentences::
       - expect_usr: [[hello-1], [hello-2]]     # either the old or the new tree, nothing in between
     expect_violations: []                      # invariants this scenario is meant to catch failing
 
-Errors name the file and the field: ``scenarios/x.yaml: steps[2]: unknown step 'instal'``.
+A ``matrix:`` key runs the same steps for every combination of ``mode`` and ``swap``; ``cells:`` adjust the
+expectation of some combinations (``when: {mode: moss-compat}``), name the upstream issue a moss-compat cell
+reproduces (``upstream:``), or say why a combination does not apply (``not_applicable:``).
+
+Every error is one line ``FILE:LINE:COL: field: problem`` (:class:`ScenarioError`, exit status 2).
 """
 from __future__ import annotations
 
+import difflib
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Any
 
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+from lab.invariants import INVARIANTS
+from lab.packages import PackageDecl
+from lab.steps import REGISTRY, Loc, ParseContext, Step, StepArgError
+from lab.target import TargetKind
+from reference_impl.swap import SwapStrategy
+from reference_impl.transaction import Mode
 from stonelab.errors import StonelabError
-from stonelab.yamlfile import read_yaml
+from stonelab.yamlfile import MarkedYaml, read_yaml_marked
 
-STEP_KINDS = {
-    "install": "packages to install in one transaction",
-    "remove": "package names to remove in one transaction",
-    "activate": "a state id, or 'previous' for the state before the active one",
-    "prune": "number of states to keep",
-    "verify": "run `state verify`; fails the step when it reports problems",
-    "crash": "{at: FAULT_POINT, during: STEP}: the step dies at that point",
-    "recover": "run a verb after a crash (recovery runs on every start)",
-    "corrupt_store": "overwrite one asset of the store with other bytes",
-    "expect_usr": "list of package sets: /usr must match exactly one of them",
-    "expect_fail": "a step that must fail with a non-zero exit and a one-line error",
-}
-INVARIANTS = ("atomic_usr", "staging_empty", "stateless", "store_integrity", "state_id_matches")
-TARGETS = ("any", "host", "vm")  # any: wherever the run puts it (`stonelab run --target`, default host)
-SWAPS = ("auto", "exchange", "symlink")
-MODES = ("reference", "moss-compat")
+__all__ = ["PackageDecl", "Scenario", "ScenarioError", "Step", "load_scenario", "load_scenarios", "load_suite"]
 
 
-@dataclass(frozen=True)
-class PackageDecl:
-    key: str
-    name: str
-    version: str
-    release: int = 1
-    files: dict[str, str] = field(default_factory=dict)
-    symlinks: dict[str, str] = field(default_factory=dict)
-    depends: list[str] = field(default_factory=list)
-    provides: list[str] = field(default_factory=list)
-    conflicts: list[str] = field(default_factory=list)
+class ScenarioError(StonelabError):
+    """A scenario file is unreadable or invalid; the message is ``FILE:LINE:COL: problem``."""
 
 
-@dataclass(frozen=True)
-class Step:
-    kind: str
-    arg: object = None
-    index: int = 0
+def _known_invariant(name: str) -> str:
+    if name not in INVARIANTS:
+        raise ValueError(f"unknown invariant {name!r}; known: {', '.join(INVARIANTS)}")
+    return name
 
-    def describe(self) -> str:
-        if self.arg is None:
-            return self.kind
-        return f"{self.kind} {self.arg}"
+
+InvariantName = Annotated[str, AfterValidator(_known_invariant)]
+Expectation = list[InvariantName] | dict[TargetKind, list[InvariantName]]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MatrixAxes(_Strict):
+    mode: list[Mode] = Field(default_factory=lambda: [Mode.REFERENCE], min_length=1)
+    swap: list[SwapStrategy] = Field(default_factory=lambda: [SwapStrategy.AUTO], min_length=1)
+
+
+class CellMatch(_Strict):
+    mode: Mode | None = None
+    swap: SwapStrategy | None = None
+
+
+class Cell(_Strict):
+    """Adjustments for the matrix cells ``when`` matches; later cells override earlier ones."""
+
+    when: CellMatch
+    expect_violations: Expectation | None = None
+    upstream: str | None = None
+    not_applicable: str | None = None
+
+
+class ScenarioFile(_Strict):
+    """The document as written (steps still raw: each is validated by its step kind)."""
+
+    name: str = Field(min_length=1)
+    description: str = ""
+    target: TargetKind = TargetKind.ANY
+    swap: SwapStrategy = SwapStrategy.AUTO
+    mode: Mode = Mode.REFERENCE
+    packages: dict[str, PackageDecl] = Field(default_factory=dict)
+    steps: list[Any] = Field(min_length=1)
+    invariants: list[InvariantName] | None = None
+    expect_violations: Expectation | None = None
+    tags: list[str] = Field(default_factory=list)
+    upstream: str = ""
+    matrix: MatrixAxes | None = None
+    cells: list[Cell] = Field(default_factory=list)
 
 
 @dataclass(frozen=True)
 class Scenario:
+    """One runnable scenario (one cell of a matrix file). ``expect_violations`` maps a target ('*': any) to the
+    invariants the scenario is written to catch failing; ``upstream`` names the upstream issue a moss-compat
+    scenario reproduces; ``not_applicable`` says why this cell is not run."""
+
     name: str
     path: Path
     description: str = ""
-    target: str = "any"
-    swap: str = "auto"
-    mode: str = "reference"
+    target: TargetKind = TargetKind.ANY
+    swap: SwapStrategy = SwapStrategy.AUTO
+    mode: Mode = Mode.REFERENCE
     packages: dict[str, PackageDecl] = field(default_factory=dict)
     steps: list[Step] = field(default_factory=list)
-    invariants: tuple[str, ...] = INVARIANTS
-    # invariants the scenario is written to catch failing, per target ("*": any target)
+    invariants: tuple[str, ...] = tuple(INVARIANTS)
     expect_violations: dict[str, tuple[str, ...]] = field(default_factory=dict)
     tags: tuple[str, ...] = ()
+    upstream: str = ""
+    not_applicable: str = ""
+    family: str = ""  # the file's scenario name, shared by every cell of a matrix
 
     def expected_for(self, target: str) -> tuple[str, ...]:
         return self.expect_violations.get(target, self.expect_violations.get("*", ()))
 
 
-class ScenarioError(StonelabError):
-    pass
+def load_scenarios(path: str | Path) -> list[Scenario]:
+    """Every scenario a file defines: one, or one per matrix cell. Raises ScenarioError (FILE:LINE:COL)."""
+    doc = read_yaml_marked(path, error=ScenarioError, kind="not valid YAML")
+    if not isinstance(doc.data, dict):
+        raise ScenarioError(doc.located((), "top level: expected a mapping of scenario fields"))
+    try:
+        spec = ScenarioFile.model_validate(doc.data)
+    except ValidationError as err:
+        raise ScenarioError(_first_error(doc, err)) from None
+    packages = {key: decl.model_copy(update={"key": key}) for key, decl in spec.packages.items()}
+    steps = _parse_steps(doc, spec.steps, packages)
+    return [_cell(spec, doc.path, packages, steps, mode, swap) for mode, swap in _combinations(spec)]
 
 
 def load_scenario(path: str | Path) -> Scenario:
-    path = Path(path)
-    return parse_scenario(read_yaml(path, error=ScenarioError, kind="not valid YAML"), path)
+    """The one scenario of a file without a matrix (a matrix file's first cell otherwise)."""
+    return load_scenarios(path)[0]
 
 
-def parse_scenario(data: object, path: Path) -> Scenario:
-    def fail(where: str, problem: str) -> ScenarioError:
-        return ScenarioError(f"{path}: {where}: {problem}")
+def load_suite(directory: str | Path) -> list[Scenario]:
+    """Every scenario of every ``*.yaml`` in ``directory``, names unique."""
+    directory = Path(directory)
+    files = sorted(directory.glob("*.yaml"))
+    if not files:
+        raise ScenarioError(f"{directory}: no scenario files (*.yaml)")
+    scenarios = [s for f in files for s in load_scenarios(f)]
+    seen: dict[str, Path] = {}
+    for scenario in scenarios:
+        if scenario.name in seen:
+            raise ScenarioError(f"{scenario.path}:1:1: name: {scenario.name!r} is also the name of a scenario "
+                                f"in {seen[scenario.name]}")
+        seen[scenario.name] = scenario.path
+    return scenarios
 
-    if not isinstance(data, dict):
-        raise fail("top level", "expected a mapping")
-    allowed = {"name", "description", "target", "swap", "mode", "packages", "steps", "invariants",
-               "expect_violations", "tags"}
-    unknown = sorted(set(data) - allowed)
-    if unknown:
-        raise fail("top level", f"unknown field(s) {', '.join(unknown)}")
-    name = data.get("name")
-    if not isinstance(name, str) or not name:
-        raise fail("name", "required, a non-empty string")
-    for key, choices in (("target", TARGETS), ("swap", SWAPS), ("mode", MODES)):
-        if key in data and data[key] not in choices:
-            raise fail(key, f"{data[key]!r} is not one of {', '.join(choices)}")
-    packages = _parse_packages(data.get("packages") or {}, fail)
-    steps_raw = data.get("steps")
-    if not isinstance(steps_raw, list) or not steps_raw:
-        raise fail("steps", "required, a non-empty list")
-    steps = [_parse_step(raw, i, packages, fail) for i, raw in enumerate(steps_raw)]
-    invariants = tuple(data.get("invariants") or INVARIANTS)
-    expected = _parse_expected(data.get("expect_violations"), fail)
-    for label, names in (("invariants", invariants), *(("expect_violations", v) for v in expected.values())):
-        bad = [n for n in names if n not in INVARIANTS]
-        if bad:
-            raise fail(label, f"unknown invariant(s) {', '.join(map(str, bad))}; known: {', '.join(INVARIANTS)}")
+
+def _combinations(spec: ScenarioFile) -> list[tuple[Mode, SwapStrategy]]:
+    if spec.matrix is None:
+        return [(spec.mode, spec.swap)]
+    return list(itertools.product(spec.matrix.mode, spec.matrix.swap))
+
+
+def _cell(spec: ScenarioFile, path: Path, packages: dict[str, PackageDecl], steps: list[Step], mode: Mode,
+          swap: SwapStrategy) -> Scenario:
+    expected, upstream, not_applicable = spec.expect_violations, spec.upstream, ""
+    for cell in spec.cells:
+        if cell.when.mode not in (None, mode) or cell.when.swap not in (None, swap):
+            continue
+        expected = cell.expect_violations if cell.expect_violations is not None else expected
+        upstream = cell.upstream if cell.upstream is not None else upstream
+        not_applicable = cell.not_applicable if cell.not_applicable is not None else not_applicable
+    name = spec.name if spec.matrix is None else f"{spec.name}[{mode}/{swap}]"
     return Scenario(
-        name=name, path=path, description=str(data.get("description") or ""), target=data.get("target", "any"),
-        swap=data.get("swap", "auto"), mode=data.get("mode", "reference"), packages=packages, steps=steps,
-        invariants=invariants, expect_violations=expected, tags=tuple(data.get("tags") or ()),
-    )
+        name=name, path=path, description=spec.description, target=spec.target, swap=swap, mode=mode,
+        packages=packages, steps=steps, invariants=tuple(spec.invariants or INVARIANTS),
+        expect_violations=_expectation(expected), tags=tuple(spec.tags), upstream=upstream,
+        not_applicable=not_applicable, family=spec.name)
 
 
-def _parse_expected(raw: object, fail) -> dict[str, tuple[str, ...]]:
+def _expectation(raw: list[str] | dict[TargetKind, list[str]] | None) -> dict[str, tuple[str, ...]]:
     """A list (any target) or a mapping target → list: a process kill and a power cut break different things."""
     if raw is None:
         return {}
     if isinstance(raw, list):
         return {"*": tuple(raw)}
-    if isinstance(raw, dict):
-        unknown = [k for k in raw if k not in TARGETS]
-        if unknown:
-            raise fail("expect_violations", f"unknown target(s) {', '.join(map(str, unknown))}; "
-                                            f"known: {', '.join(TARGETS)}")
-        if not all(isinstance(v, list) for v in raw.values()):
-            raise fail("expect_violations", "each target needs a list of invariants")
-        return {k: tuple(v) for k, v in raw.items()}
-    raise fail("expect_violations", "a list of invariants, or a mapping target: list")
+    return {str(k): tuple(v) for k, v in raw.items()}
 
 
-def _parse_packages(raw: object, fail) -> dict[str, PackageDecl]:
-    if not isinstance(raw, dict):
-        raise fail("packages", "expected a mapping of key: package")
-    packages = {}
-    fields = {"name", "version", "release", "files", "symlinks", "depends", "provides", "conflicts"}
-    for key, spec in raw.items():
-        where = f"packages.{key}"
-        if not isinstance(spec, dict):
-            raise fail(where, "expected a mapping")
-        unknown = sorted(set(spec) - fields)
-        if unknown:
-            raise fail(where, f"unknown field(s) {', '.join(unknown)}")
-        if not spec.get("name") or spec.get("version") is None:
-            raise fail(where, "needs name and version")
-        for mapping in ("files", "symlinks"):
-            value = spec.get(mapping) or {}
-            if not isinstance(value, dict):
-                raise fail(f"{where}.{mapping}", "expected a mapping of path: content")
-            for rel in value:
-                if str(rel).startswith("/") or ".." in str(rel).split("/"):
-                    raise fail(f"{where}.{mapping}", f"path {rel!r} must be relative to /usr and stay inside it")
-        packages[str(key)] = PackageDecl(
-            key=str(key), name=str(spec["name"]), version=str(spec["version"]), release=int(spec.get("release", 1)),
-            files={str(k): str(v) for k, v in (spec.get("files") or {}).items()},
-            symlinks={str(k): str(v) for k, v in (spec.get("symlinks") or {}).items()},
-            depends=list(spec.get("depends") or []), provides=list(spec.get("provides") or []),
-            conflicts=list(spec.get("conflicts") or []),
-        )
-    return packages
+def _parse_steps(doc: MarkedYaml, raw_steps: list[Any], packages: dict[str, PackageDecl]) -> list[Step]:
+    steps = []
+    for index, raw in enumerate(raw_steps):
+        def parse(item: object, loc: Loc, _index: int = index) -> Step:
+            return _parse_step(item, loc, ParseContext(packages, parse, _index))
+        try:
+            steps.append(parse(raw, ("steps", index)))
+        except StepArgError as err:
+            raise ScenarioError(doc.located(err.loc, f"{_dotted(err.loc)}: {err.message}", key=err.key)) from None
+    return steps
 
 
-def _parse_step(raw: object, index: int, packages: dict[str, PackageDecl], fail) -> Step:
-    where = f"steps[{index}]"
+def _parse_step(raw: object, loc: Loc, ctx: ParseContext) -> Step:
     if isinstance(raw, str):
-        kind, arg = raw, None
+        kind, arg, arg_loc = raw, None, loc
     elif isinstance(raw, dict) and len(raw) == 1:
         kind, arg = next(iter(raw.items()))
+        arg_loc = (*loc, kind)
     else:
-        raise fail(where, "a step is a name or a one-key mapping")
-    if kind not in STEP_KINDS:
-        raise fail(where, f"unknown step {kind!r}; known: {', '.join(STEP_KINDS)}")
-    if kind == "install":
-        _check_keys(arg, packages, f"{where}.install", fail)
-    elif kind == "crash":
-        if not isinstance(arg, dict) or set(arg) != {"at", "during"}:
-            raise fail(where, "crash needs {at: FAULT_POINT, during: STEP}")
-        inner = _parse_step(arg["during"], index, packages, fail)
-        if inner.kind not in ("install", "remove", "activate", "prune"):
-            raise fail(where, f"can only crash during a transaction, not {inner.kind!r}")
-        arg = {"at": str(arg["at"]), "during": inner}
-    elif kind == "expect_fail":
-        arg = _parse_step(arg, index, packages, fail)
-    elif kind == "expect_usr":
-        if not isinstance(arg, list) or not all(isinstance(s, list) for s in arg):
-            raise fail(where, "expect_usr takes a list of package-key lists")
-        for option in arg:
-            _check_keys(option, packages, f"{where}.expect_usr", fail)
-    elif kind in ("remove",) and not (isinstance(arg, list) and arg):
-        raise fail(where, "remove takes a list of package names")
-    elif kind == "activate" and not (arg == "previous" or isinstance(arg, int)):
-        raise fail(where, "activate takes a state id or 'previous'")
-    elif kind == "prune" and not isinstance(arg, int):
-        raise fail(where, "prune takes the number of states to keep")
-    return Step(kind, arg, index)
+        raise StepArgError(loc, "a step is a name or a one-key mapping (name: argument)")
+    if kind not in REGISTRY:
+        close = difflib.get_close_matches(str(kind), REGISTRY, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise StepArgError(loc if isinstance(raw, str) else (*loc, kind),
+                           f"unknown step {kind!r}{hint}; known: {', '.join(REGISTRY)}", key=True)
+    return Step(kind, REGISTRY[kind].parse(arg, ctx, arg_loc), ctx.index)
 
 
-def _check_keys(arg: object, packages: dict[str, PackageDecl], where: str, fail) -> None:
-    if not isinstance(arg, list) or not arg and where.endswith("install"):
-        raise fail(where, "expected a list of package keys")
-    missing = [k for k in arg if k not in packages]
-    if missing:
-        raise fail(where, f"undeclared package(s) {', '.join(map(str, missing))}")
+def _dotted(loc: Loc) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "top level"
 
 
-def load_suite(directory: str | Path) -> list[Scenario]:
-    directory = Path(directory)
-    files = sorted(directory.glob("*.yaml"))
-    if not files:
-        raise ScenarioError(f"{directory}: no scenario files (*.yaml)")
-    return [load_scenario(f) for f in files]
+def _first_error(doc: MarkedYaml, err: ValidationError) -> str:
+    errors = err.errors()
+    # a union (list or mapping) reports one error per branch: the deepest names the real problem
+    first = max((e for e in errors if e["loc"][:1] == errors[0]["loc"][:1]), key=lambda e: len(e["loc"]))
+    on_key = "[key]" in first["loc"]
+    loc = tuple(p for p in first["loc"] if not (isinstance(p, str) and ("[" in p or p in {"list", "dict"})))
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        message = f"unknown field {loc[-1]!r}"
+        loc_for_mark, key = loc, True
+    elif kind == "missing":
+        message = "required field missing"
+        loc_for_mark, key = loc, False
+    else:
+        text = str(first["msg"]).removeprefix("Value error, ")
+        message = f"{text} (got {first['input']!r})" if "got" not in text and kind != "value_error" else text
+        loc_for_mark, key = loc, on_key
+    others = sum(1 for e in errors if e["loc"][:1] != first["loc"][:1])
+    more = f" (+{others} more problem{'s' if others > 1 else ''})" if others else ""
+    return doc.located(loc_for_mark, f"{_dotted(loc)}: {message}{more}", key=key)

@@ -6,6 +6,7 @@ crash is a real power cut.
 """
 from __future__ import annotations
 
+import enum
 import os
 import shutil
 import signal
@@ -21,6 +22,14 @@ from lab.faults import corrupt_largest_asset
 from lab.probe import Observation, observe
 
 COMMAND_TIMEOUT = 300
+
+
+class TargetKind(enum.StrEnum):
+    """Where a scenario runs. ``any``: wherever the run puts it (``stonelab run --target``, default host)."""
+
+    ANY = "any"
+    HOST = "host"
+    VM = "vm"
 
 
 @dataclass
@@ -58,7 +67,7 @@ class Target(Protocol):
 
 
 class HostTarget:
-    kind = "host"
+    kind = TargetKind.HOST
     crash_semantics = ("the process is killed at the fault point (SIGKILL); the kernel's page cache survives, "
                        "so this shows the ordering of steps, not durability — a power cut needs the vm target")
 

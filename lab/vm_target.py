@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from lab.probe import Observation
-from lab.target import COMMAND_TIMEOUT, CommandResult
+from lab.target import COMMAND_TIMEOUT, CommandResult, TargetKind
 from stonelab.errors import StonelabError
 from vm.accel import AccelChoice, AccelSelector
 from vm.disk import DiskLayout, build_disk
@@ -36,7 +36,7 @@ EXT4_COMMIT_SECONDS = 3600
 
 
 class VmTarget:
-    kind = "vm"
+    kind = TargetKind.VM
     crash_semantics = ("power cut: QEMU is SIGKILLed the moment the guest announces the fault point; the guest's "
                        "page cache is lost and, with periodic writeback and journal commits disabled, exactly what "
                        "the software flushed (fsync/syncfs) survives")

@@ -25,7 +25,7 @@ RENAME_EXCHANGE = 2
 SYS_RENAMEAT2 = {"x86_64": 316, "aarch64": 276, "riscv64": 276, "loongarch64": 276}
 
 
-class SwapStrategy(enum.Enum):
+class SwapStrategy(enum.StrEnum):
     AUTO = "auto"
     EXCHANGE = "exchange"
     SYMLINK = "symlink"

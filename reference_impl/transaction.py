@@ -54,7 +54,7 @@ class BootConfig:
             # upstream: no ESP found → boot sync reports success having written nothing
 
 
-class Mode(enum.Enum):
+class Mode(enum.StrEnum):
     REFERENCE = "reference"
     MOSS_COMPAT = "moss-compat"
 

@@ -24,3 +24,79 @@ def read_yaml(path: str | os.PathLike[str], *, error: type[StonelabError] = Ston
         where = f" (line {mark.line + 1})" if mark is not None else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise error(f"{path}: {kind}{where}: {problem}") from None
+
+
+Path_ = tuple[object, ...]  # a field path: mapping keys and list indices, as pydantic's ``loc``
+
+
+class MarkedYaml:
+    """A YAML document with the line and column of every value and every mapping key (1-based).
+
+    ``where(loc)`` gives the position of the deepest node on ``loc`` that exists in the document, so an error
+    about a missing field points at the mapping that lacks it and an unknown key points at that key.
+    """
+
+    def __init__(self, path: Path, data: object, values: dict[Path_, tuple[int, int]],
+                 keys: dict[Path_, tuple[int, int]]):
+        self.path, self.data, self._values, self._keys = path, data, values, keys
+
+    def where(self, loc: Path_, *, key: bool = False) -> tuple[int, int]:
+        loc = tuple(loc)
+        if key and loc in self._keys:
+            return self._keys[loc]
+        while loc and loc not in self._values:
+            loc = loc[:-1]
+        return self._values.get(loc, (1, 1))
+
+    def located(self, loc: Path_, message: str, *, key: bool = False) -> str:
+        """``FILE:LINE:COL: message`` for the node at ``loc``."""
+        line, col = self.where(loc, key=key)
+        return f"{self.path}:{line}:{col}: {message}"
+
+
+def read_yaml_marked(path: str | os.PathLike[str], *, error: type[StonelabError] = StonelabError,
+                     kind: str = "YAML") -> MarkedYaml:
+    """Like :func:`read_yaml`, keeping where each value and key stands; a duplicate key is an error."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise error(f"{path}: cannot read: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise error(f"{path}: not UTF-8 text ({err.reason})") from None
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+        values: dict[Path_, tuple[int, int]] = {}
+        keys: dict[Path_, tuple[int, int]] = {}
+        if node is not None:
+            _walk(loader, node, (), values, keys, path, error)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{mark.line + 1}:{mark.column + 1}:" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise error(f"{path}:{where} {kind}: {problem}") from None
+    finally:
+        loader.dispose()
+    return MarkedYaml(path, data, values, keys)
+
+
+def _walk(loader: yaml.SafeLoader, node: yaml.Node, loc: Path_, values: dict, keys: dict, path: Path,
+          error: type[StonelabError]) -> None:
+    values[loc] = (node.start_mark.line + 1, node.start_mark.column + 1)
+    if isinstance(node, yaml.MappingNode):
+        seen = set()
+        for key_node, value_node in node.value:
+            key = loader.construct_object(key_node, deep=True) if isinstance(key_node, yaml.ScalarNode) else None
+            if key is None or isinstance(key, (list, dict)):
+                continue
+            if key in seen:
+                mark = key_node.start_mark
+                raise error(f"{path}:{mark.line + 1}:{mark.column + 1}: duplicate key {key!r}")
+            seen.add(key)
+            keys[(*loc, key)] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+            _walk(loader, value_node, (*loc, key), values, keys, path, error)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _walk(loader, item, (*loc, index), values, keys, path, error)

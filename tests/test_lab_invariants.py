@@ -25,8 +25,8 @@ def _root(tmp_path, files: dict[str, str], links: dict[str, str] | None = None):
     return root
 
 
-A = PackageDecl("a", "a", "1", files={"bin/a": "one"}, symlinks={"bin/aa": "a"})
-B = PackageDecl("b", "b", "1", files={"share/b": "bee"})
+A = PackageDecl(key="a", name="a", version="1", files={"bin/a": "one"}, symlinks={"bin/aa": "a"})
+B = PackageDecl(key="b", name="b", version="1", files={"share/b": "bee"})
 
 
 def test_atomic_usr_accepts_exactly_the_declared_tree(tmp_path):

@@ -29,7 +29,7 @@ def test_all_formats(tmp_path):
     paths = write_all(report, tmp_path / "out")
     assert [p.name for p in paths] == ["report.json", "junit.xml", "report.html"]
     data = json.loads(paths[0].read_text())
-    assert data["counts"] == {"pass": 1, "fail": 1, "error": 0}
+    assert data["counts"] == {"pass": 1, "fail": 1, "error": 0, "n/a": 0}
     assert data["scenarios"][1]["observed_violations"] == ["staging_empty"]
     xml = JUnitXml.fromfile(str(paths[1]))
     cases = {case.name: case for suite in xml for case in suite}
@@ -47,3 +47,14 @@ def test_terminal(tmp_path):
     print_terminal(_report(), console)
     text = console.export_text()
     assert "1 passed, 1 failed, 0 errors" in text and "staging_empty" in text
+
+
+def test_a_lab_error_carries_its_traceback(tmp_path):
+    from junitparser import Error
+    broken = ScenarioResult("broken", "scenarios/x.yaml", "", "host", "reference", "auto", "", verdict="error",
+                            reason="lab error: KeyError: 'x'", traceback="Traceback (most recent call last):\n...")
+    paths = write_all(RunReport([broken]), tmp_path)
+    (case,) = [c for suite in JUnitXml.fromfile(str(paths[1])) for c in suite]
+    (error,) = case.result
+    assert isinstance(error, Error) and "KeyError" in error.message and "Traceback" in error.text
+    assert "Traceback (most recent call last)" in paths[2].read_text()

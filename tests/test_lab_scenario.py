@@ -37,39 +37,64 @@ def test_good_scenario_parses(tmp_path):
     scenario = load_scenario(path)
     assert [s.kind for s in scenario.steps] == ["install", "crash", "recover", "expect_usr"]
     crash = scenario.steps[1]
-    assert crash.arg["at"] == "swap.before" and crash.arg["during"].kind == "install"
+    assert crash.arg.at == "swap.before" and crash.arg.during.kind == "install"
     assert scenario.expected_for("host") == ("staging_empty",) == scenario.expected_for("vm")
 
 
-@pytest.mark.parametrize("text, problem", [
-    ("name: x\nsteps: [\n", "not valid YAML (line 3)"),
-    ("- a\n", "top level: expected a mapping"),
-    ("steps: [recover]\n", "name: required"),
-    ("name: x\n", "steps: required"),
-    ("name: x\nsteps: [instal]\n", "steps[0]: unknown step 'instal'"),
-    ("name: x\nsteps:\n  - install: [ghost]\n", "steps[0].install: undeclared package(s) ghost"),
-    ("name: x\ntarget: cloud\nsteps: [recover]\n", "target: 'cloud' is not one of any, host, vm"),
-    ("name: x\nsteps: [recover]\nexpect_violations: {cloud: [atomic_usr]}\n", "unknown target(s) cloud"),
-    ("name: x\nsteps: [recover]\nexpect_violations: {vm: atomic_usr}\n", "each target needs a list"),
-    ("name: x\ncolour: red\nsteps: [recover]\n", "unknown field(s) colour"),
-    ("name: x\nsteps: [recover]\nexpect_violations: [vibes]\n", "unknown invariant(s) vibes"),
-    ("name: x\npackages: {p: {name: p, version: 1, files: {/etc/passwd: x}}}\nsteps: [recover]\n",
+@pytest.mark.parametrize("text, where, problem", [
+    ("name: x\nsteps: [\n", "3:1", "not valid YAML"),
+    ("- a\n", "1:1", "top level: expected a mapping"),
+    ("steps: [recover]\n", "1:1", "name: required field missing"),
+    ("name: x\n", "1:1", "steps: required field missing"),
+    ("name: x\nsteps: [instal]\n", "2:9", "steps[0]: unknown step 'instal' (did you mean 'install'?)"),
+    ("name: x\nsteps:\n  - install: [ghost]\n", "3:15", "steps[0].install[0]: undeclared package 'ghost'"),
+    ("name: x\ntarget: cloud\nsteps: [recover]\n", "2:9", "target: Input should be 'any', 'host' or 'vm'"),
+    ("name: x\nsteps: [recover]\nexpect_violations: {cloud: [atomic_usr]}\n", "3:21",
+     "expect_violations.cloud: Input should be 'any', 'host' or 'vm' (got 'cloud')"),
+    ("name: x\nsteps: [recover]\nexpect_violations: {vm: atomic_usr}\n", "3:25",
+     "expect_violations.vm: Input should be a valid list"),
+    ("name: x\ncolour: red\nsteps: [recover]\n", "2:1", "colour: unknown field 'colour'"),
+    ("name: x\nsteps: [recover]\nexpect_violations: [vibes]\n", "3:21", "unknown invariant 'vibes'"),
+    ("name: x\npackages: {p: {name: p, version: 1, files: {/etc/passwd: x}}}\nsteps: [recover]\n", "2:44",
      "must be relative to /usr"),
-    ("name: x\nsteps:\n  - crash: {at: swap.before}\n", "crash needs {at: FAULT_POINT, during: STEP}"),
-    ("name: x\nsteps:\n  - crash: {at: x, during: verify}\n", "can only crash during a transaction"),
-    ("name: x\nsteps:\n  - activate: soon\n", "activate takes a state id or 'previous'"),
+    ("name: x\nsteps:\n  - crash: {at: swap.before}\n", "3:12", "crash: missing field 'during'"),
+    ("name: x\nsteps:\n  - crash: {at: blit.mid, during: verify}\n", "3:35", "can only interrupt a transaction"),
+    ("name: x\nsteps:\n  - crash: {at: no.such.point, during: {install: [a]}}\n", "3:17",
+     "steps[0].crash.at: crash: Input should be 'blit.begin'"),
+    ("name: x\nsteps:\n  - activate: soon\n", "3:15", "activate: Input should be"),
+    ("name: x\nsteps:\n  - activate: 0\n", "3:15", "state ids start at 1"),
+    ("name: x\nsteps:\n  - prune: two\n", "3:12", "prune: Input should be a valid integer"),
+    ("name: x\nsteps:\n  - recover: now\n", "3:14", "recover takes no argument"),
+    ("name: x\ntags: 5\nsteps: [recover]\n", "2:7", "tags: Input should be a valid list (got 5)"),
+    ("name: x\ntags: default\nsteps: [recover]\n", "2:7", "tags: Input should be a valid list (got 'default')"),
+    ("name: x\npackages:\n  p: {name: p, version: '1', release: abc}\nsteps: [recover]\n", "3:39",
+     "packages.p.release: Input should be a valid integer"),
+    ("name: x\nname: y\nsteps: [recover]\n", "2:1", "duplicate key 'name'"),
+    ("name: x\nmatrix: {mode: [reference, upstream]}\nsteps: [recover]\n", "2:28", "matrix.mode[1]"),
+    ("name: x\nsteps:\n  - {install: [a], remove: [b]}\n", "3:5", "a step is a name or a one-key mapping"),
 ])
-def test_broken_scenarios(tmp_path, text, problem):
+def test_broken_scenarios(tmp_path, text, where, problem):
     path = tmp_path / "broken.yaml"
     path.write_text(text)
     with pytest.raises(ScenarioError) as info:
         load_scenario(path)
-    assert str(info.value).startswith(f"{path}: ")
-    assert problem in str(info.value)
+    message = str(info.value)
+    assert message.startswith(f"{path}:{where}: "), message
+    assert problem in message, message
     result = subprocess.run([sys.executable, "-m", "stonelab.cli", "scenario", "check", str(path)],
-                            capture_output=True, text=True)
-    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
-    assert problem in result.stderr
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert f"{path}:{where}: " in result.stderr and problem in result.stderr
+
+
+def test_run_refuses_a_broken_scenario_before_running_anything(tmp_path):
+    good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
+    good.write_text(GOOD)
+    bad.write_text("name: y\nsteps:\n  - crash: {at: no.such.point, during: {install: [a]}}\n")
+    result = subprocess.run([sys.executable, "-m", "stonelab.cli", "run", "--report-dir", str(tmp_path / "r"),
+                             str(good), str(bad)], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 2 and result.stderr.startswith(f"stonelab: error: {bad}:3:17: steps[0].crash.at")
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
 
 
 def test_expected_violations_per_target(tmp_path):
