@@ -14,6 +14,7 @@ holds.
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sys
 import time
@@ -42,8 +43,10 @@ class VmTarget:
                        "the software flushed (fsync/syncfs) survives")
 
     def __init__(self, workdir: Path, *, kernel: Kernel | None = None, accel: str = "auto",
-                 selector: AccelSelector | None = None, root_mib: int = 256, snapshots: bool = True):
+                 selector: AccelSelector | None = None, root_mib: int = 256, snapshots: bool = True,
+                 keep: Path | None = None):
         self.workdir = workdir
+        self.keep = keep
         self.root = Path(GUEST_ROOT)
         seed = workdir / "seed"
         (seed / "etc").mkdir(parents=True, exist_ok=True)
@@ -126,8 +129,18 @@ class VmTarget:
             raise StonelabError(f"corrupting an asset in the guest failed: {result.stderr.strip()[-300:]}")
         return result.stdout.strip()
 
+    def console_text(self) -> str:
+        """The guest's serial console so far (every boot of this target)."""
+        try:
+            return (self.workdir / "console.log").read_text(errors="replace")
+        except OSError:
+            return ""
+
     def close(self) -> None:
         self.machine.close()
+        if self.keep is not None:  # --shell-on-failure: the disk outlives the run's temporary directory
+            self.keep.mkdir(parents=True, exist_ok=True)
+            os.replace(self.disk.path, self.keep / self.disk.path.name)
 
     def __enter__(self) -> VmTarget:
         return self
@@ -136,11 +149,16 @@ class VmTarget:
         self.close()
 
 
-def vm_target_factory(kernel: str | None = None, accel: str = "auto"):
-    """One accelerator probe for the whole run, one fresh disk and guest per scenario."""
+def vm_target_factory(kernel: str | None = None, accel: str = "auto", *, snapshots: bool = True,
+                      keep: Path | None = None):
+    """One accelerator probe for the whole run, one fresh disk and guest per scenario. ``keep``: a directory the
+    system disk of each target is moved to when it closes (``keep/<n>/sut.img``, for a shell after a failure)."""
     selector = AccelSelector()
     image = kernel_from_path(Path(kernel)) if kernel else None
+    made = [0]
 
     def make(workdir: Path) -> VmTarget:
-        return VmTarget(workdir, kernel=image, accel=accel, selector=selector)
+        made[0] += 1
+        return VmTarget(workdir, kernel=image, accel=accel, selector=selector, snapshots=snapshots,
+                        keep=keep / str(made[0]) if keep else None)
     return make
