@@ -322,7 +322,8 @@ STYLE = {Verdict.PASS: "green", Verdict.FAIL: "bold red", Verdict.ERROR: "bold y
 
 def print_terminal(report: ReportModel, console=None) -> None:
     """One line per case (verdict, time, name — names never broken mid-word), the reason and the re-run command
-    under each failure, then the counts. Readable at 80 columns."""
+    under each failure, then the counts. Readable at 80 columns; a re-run command is never broken (the terminal
+    wraps it, a copy of it stays one command)."""
     from rich.console import Console
     from rich.text import Text
 
@@ -339,7 +340,7 @@ def print_terminal(report: ReportModel, console=None) -> None:
         if case.verdict in (Verdict.FAIL, Verdict.ERROR):
             console.print(Text(f"      {first_violation(case)}"), style="red")
             if case.rerun:
-                console.print(Text(f"      re-run: {case.rerun}"), style="cyan", overflow="fold")
+                console.print(Text(f"      re-run: {case.rerun}"), style="cyan", soft_wrap=True)  # copy-pastable
     counts = report.counts
     console.print(f"{counts.get('pass', 0)} passed, {counts.get('fail', 0)} failed, {counts.get('error', 0)} errors, "
                   f"{counts.get('n/a', 0)} not applicable in {report.seconds:.1f}s")

@@ -191,7 +191,7 @@ class Progress:
         line.append(f" {result.seconds:6.1f}s  {result.name}")
         self.console.print(line)
         if result.verdict in (Verdict.FAIL, Verdict.ERROR):
-            self.console.print(Text(f"      re-run: {result.rerun}", style="cyan"))
+            self.console.print(Text(f"      re-run: {result.rerun}", style="cyan"), soft_wrap=True)
 
 
 def _clock(seconds: float) -> str:
