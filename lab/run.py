@@ -249,7 +249,8 @@ def run_cases(cases: Sequence[Case], options: RunOptions, console=None) -> Repor
                         _shell_on_disk(keep, options, model, console)
                         progress.live.start()
     except KeyboardInterrupt:
-        console.print("stonelab: interrupted; writing the report of the finished cases")
+        console.print("stonelab: interrupted; stopping the guests, writing the report of the finished cases")
+        _stop_guests()  # the cases' threads then fail fast and clean up their own directories
         raise
     finally:
         durations.save()
@@ -265,6 +266,23 @@ def run_cases(cases: Sequence[Case], options: RunOptions, console=None) -> Repor
     print_terminal(report, console)
     console.print(f"reports: {directory} ({options.report_dir / 'latest'})")
     return report
+
+
+def _stop_guests() -> None:
+    """SIGKILL the QEMU processes this process started (its children), so running cases end now."""
+    import signal
+
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for pid in children:
+            try:
+                if Path(f"/proc/{pid}/comm").read_text().startswith("qemu-system"):
+                    os.kill(int(pid), signal.SIGKILL)
+            except (OSError, ValueError):
+                pass
 
 
 def _environment(results: dict[str, CaseModel]) -> dict[str, str]:

@@ -54,7 +54,13 @@ def build_parser(modules: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt  # a cancelled CI job (SIGTERM) cleans up exactly like Ctrl-C
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        signal.signal(signal.SIGTERM, _interrupt)
     words = sys.argv[1:] if argv is None else argv
     module = COMMAND_INDEX.get(_command_word(words) or "")
     parser = build_parser([module] if module and "-h" not in words and "--help" not in words else None)
