@@ -36,21 +36,19 @@ def keyword_matcher(expression: str) -> Callable[[str], bool]:
         position += 1
         return tokens[position - 1]
 
-    def parse_or() -> Callable[[str], bool]:
-        left = parse_and()
-        while peek() == "or":
+    def chain(operator: str, operand, combine) -> Callable[[str], bool]:
+        left = operand()
+        while peek() == operator:
             take()
-            right, first = parse_and(), left
-            left = lambda name, a=first, b=right: a(name) or b(name)  # noqa: E731
+            right, first = operand(), left
+            left = lambda name, a=first, b=right: combine(a(name), b(name))  # noqa: E731
         return left
 
+    def parse_or() -> Callable[[str], bool]:
+        return chain("or", parse_and, lambda a, b: a or b)
+
     def parse_and() -> Callable[[str], bool]:
-        left = parse_not()
-        while peek() == "and":
-            take()
-            right, first = parse_not(), left
-            left = lambda name, a=first, b=right: a(name) and b(name)  # noqa: E731
-        return left
+        return chain("and", parse_not, lambda a, b: a and b)
 
     def parse_not() -> Callable[[str], bool]:
         if peek() == "not":

@@ -47,7 +47,9 @@ ports() {
 i=0; while [ $i -lt 100 ]; do ports; [ -e /dev/virtio-ports/org.stonelab.agent ] && break; usleep 50000; i=$((i+1)); done
 ports
 echo "STONELAB-USERLAND uptime=$(cut -d' ' -f1 /proc/uptime)"
-ENVV="PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/tmp LANG=C.UTF-8 TERM=linux PYTHONDONTWRITEBYTECODE=1"
+# the interpreter's own bin directory first: `python3` in a guest command is the lab's interpreter (the image
+# holds no other Python)
+ENVV="PATH=${PY%/*}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/tmp LANG=C.UTF-8 TERM=linux PYTHONDONTWRITEBYTECODE=1"
 if [ "$MODE" = shell ]; then
   echo "STONELAB-SHELL (exit the shell to power off)"
   setsid cttyhack chroot /host /usr/bin/env -i $ENVV PYTHONPATH=$PROJ sh -c "cd $PROJ; exec /bin/bash || exec /bin/sh"

@@ -46,7 +46,7 @@ GUEST_PROGRAMS = ("sh", "bash", "env", "mount", "umount", "mkdir", "cat", "ls", 
                   "uname", "rm", "cp", "mv", "ln", "printf", "true", "false", "test", "echo", "head", "tail", "grep",
                   "sed", "chmod", "dd", "id", "df", "find", "xargs", "wc", "cut", "tr", "sort", "base64",
                   "sha256sum", "cmp", "diff", "blockdev", "mcopy", "mmd", "mdel", "mdir", "mtype", "mattrib", "mren",
-                  "mrd", "date", "mkfs.vfat", "mkfs.fat", "fsck.vfat", "strace", "python3")
+                  "mrd", "date", "mkfs.vfat", "mkfs.fat", "fsck.vfat", "strace")
 ETC_FILES = ("/etc/ld.so.cache", "/etc/passwd", "/etc/group", "/etc/nsswitch.conf", "/etc/localtime")
 MOUNT_POINTS = ("proc", "sys", "dev", "tmp", "run", "var/tmp", "mnt", "root")
 MERGED_USR_LINKS = ("/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32")  # kept as on the host (merged /usr)
