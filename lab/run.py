@@ -146,7 +146,7 @@ class Progress:
         self.jobs = jobs
         self.total = len(cases)
         self.remaining = {c.id: durations.estimate(c.id) for c in cases}
-        self.running: dict[str, tuple[str, float]] = {}   # id -> (step, started)
+        self.running: dict[str, tuple[str, str, float]] = {}   # id -> (name, step, started)
         self.done = 0
         self.lock = threading.Lock()
         self.started = time.monotonic()
@@ -160,9 +160,9 @@ class Progress:
         table.add_column(overflow="ellipsis", no_wrap=True)
         now = time.monotonic()
         with self.lock:
-            for name, (step, started) in self.running.items():
-                table.add_row(f"[cyan]{_clock(now - started)}[/]", f"{name.split('::', 1)[-1]} · {step}")
-            left = sum(max(0.0, self.remaining[n] - (now - s)) for n, (_, s) in self.running.items())
+            for name, step, started in self.running.values():
+                table.add_row(f"[cyan]{_clock(now - started)}[/]", f"{name} · {step}")
+            left = sum(max(0.0, self.remaining[n] - (now - s)) for n, (_, _, s) in self.running.items())
             left += sum(v for n, v in self.remaining.items() if n not in self.running)
             table.add_row(f"[bold]{self.done}/{self.total}[/]",
                           f"elapsed {_clock(now - self.started)} · ETA {_clock(left / max(1, self.jobs))} "
@@ -171,12 +171,12 @@ class Progress:
 
     def begin(self, case: Case) -> None:
         with self.lock:
-            self.running[case.id] = ("starting", time.monotonic())
+            self.running[case.id] = (case.name, "starting", time.monotonic())
 
     def step(self, case: Case, index: int, description: str) -> None:
         with self.lock:
             if case.id in self.running:
-                self.running[case.id] = (f"step {index}: {description}", self.running[case.id][1])
+                self.running[case.id] = (case.name, f"step {index}: {description}", self.running[case.id][2])
 
     def end(self, case: Case, result: CaseModel) -> None:
         with self.lock:

@@ -439,3 +439,16 @@ def test_nested_logs_timed_indented_blocks(caplog):
     assert lines[3][0] == "  " and re.fullmatch(r"inner \(\d+\.\d\d s\)", lines[3][1])
     assert lines[4][0] == "" and re.fullmatch(r"outer \(\d+\.\d\d s\)", lines[4][1])
     assert re.fullmatch(r"broken failed after \d+\.\d\d s: no good", lines[-1][1])
+
+
+def test_qemu_process_logs_its_argv_and_is_reaped(tmp_path, caplog):
+    import logging
+
+    from vm.machine import QemuProcess
+
+    with caplog.at_level(logging.DEBUG, logger="vm.machine"):
+        with QemuProcess("/bin/sh", ["-c", "echo up; sleep 30"], tmp_path / "console.log") as process:
+            process.console.wait_for("up", 10)
+            assert process.alive
+    assert not process.alive and process.exit_status == -9 and process.pidfd is None
+    assert any(r.getMessage() == "qemu argv: /bin/sh -c 'echo up; sleep 30'" for r in caplog.records)
