@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP_SYS := $(VENV)/.system-packages
 STAMP_PY  := $(VENV)/.installed
 
-.PHONY: run test setup bench clean
+.PHONY: run test setup bench fuzz clean
 
 setup: $(STAMP_SYS) $(STAMP_PY)
 
@@ -37,6 +37,11 @@ bench: setup $(BENCH_VENV)/bin/vng
 	$(PY) bench/stone.py
 	$(PY) bench/blit.py
 	$(PY) bench/boot.py --vng $(BENCH_VENV)/bin/vng
+
+# The long randomized campaign over the parsers of untrusted input (make test runs a short derandomized one).
+# FUZZ_ARGS=--inputs N --jobs N --seed N --target T ...
+fuzz: setup
+	$(PY) tools/fuzz.py $(FUZZ_ARGS)
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) build *.egg-info .hypothesis

@@ -17,6 +17,7 @@ from reference_impl.installation import Installation
 from reference_impl.recovery import recover
 from reference_impl.resolve import Candidate, removal, resolve
 from reference_impl.stone import LayoutEntry, LayoutType, StoneError, read_stone
+from reference_impl.stone.repository import check_indexed_file
 from reference_impl.store import Store
 from reference_impl.swap import SwapChoice, SwapStrategy, choose_strategy
 from reference_impl.transaction import BootConfig, Mode, Settings, Transaction, remove_tree
@@ -164,8 +165,12 @@ class Client:
                                           for s in self.dbs.state.selections(active))
 
     def _new_state(self, selected: list[Candidate], explicit: set[str], summary: str) -> Outcome:
+        pending = [c for c in selected if not self._has_package(c)]
+        for candidate in pending:   # every file is checked before anything changes
+            if candidate.from_repository:
+                check_indexed_file(Path(candidate.origin), candidate.meta.hash, candidate.meta.size)
         tx = self._swap_transaction()
-        for candidate in selected:
+        for candidate in pending:
             self._intake(candidate)
         package_ids = [c.package_id for c in selected]
         entries = merged_layout(self.dbs, package_ids)
@@ -173,12 +178,14 @@ class Client:
         state, report = tx.commit(entries, selections, summary=summary, run_triggers=self._triggers(tx))
         return Outcome(state, package_ids, report, self.swap)
 
+    def _has_package(self, candidate: Candidate) -> bool:
+        """Meta, layout and every asset of the package are already recorded (its file need not be read)."""
+        return (self.dbs.install.has(candidate.package_id) and self.dbs.layout.has(candidate.package_id)
+                and all(self.store.has(e.digest) for _, e in self.dbs.layout.entries([candidate.package_id])
+                        if e.file_type is LayoutType.REGULAR and e.digest is not None))
+
     def _intake(self, candidate: Candidate) -> None:
-        """Unpack a package into the store and record its meta and layout (once)."""
-        if self.dbs.install.has(candidate.package_id) and self.dbs.layout.has(candidate.package_id):
-            if all(self.store.has(e.digest) for _, e in self.dbs.layout.entries([candidate.package_id])
-                   if e.file_type is LayoutType.REGULAR and e.digest is not None):
-                return
+        """Unpack a package into the store and record its meta and layout."""
         stone = read_package(Path(candidate.origin))
         self.store.add(stone)
         meta = stone.meta
@@ -267,7 +274,7 @@ def repository_candidates(repo: Path) -> list[Candidate]:
     for meta in stone.metas:
         if not meta.uri or not meta.hash:
             raise StonelabError(f"{index}: entry {meta.name} has no PackageURI/PackageHash")
-        result.append(Candidate(meta, str(base / meta.uri), meta.hash))
+        result.append(Candidate(meta, str(base / meta.uri), meta.hash, from_repository=True))
     return result
 
 

@@ -29,6 +29,7 @@ class Candidate:
     meta: Meta
     origin: str  # a file path or repository entry, for messages and for reading the package
     package_id: str
+    from_repository: bool = False   # origin is a file a repository index describes (hash and size to check)
 
 
 def _version_key(candidate: Candidate) -> tuple[int, int]:

@@ -1,9 +1,19 @@
 """Shared test helpers: where ../shared is, and skipping cleanly when a user's clone has none."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# `make test` (and CI=true, whose built-in hypothesis profile would be chosen otherwise) runs every property test
+# derandomized: the examples depend only on the test, so a run can fail only where the code changed, never at
+# random.  The long randomized search is `make fuzz`; HYPOTHESIS_PROFILE=random gives randomized runs here.
+settings.register_profile("stonelab", derandomize=True, database=None, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("random", derandomize=False, deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "stonelab"))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

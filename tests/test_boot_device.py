@@ -20,8 +20,8 @@ PART = Partition(2, "0fc63daf-8483-4772-8e79-3d69d8477de4", "6b1c3e1c-1111-4a2b-
     (FsInfo("xfs", "u-2", ""), PART, None, f"root=PARTUUID={PART.part_guid}"),
     (FsInfo("f2fs", "u-3", ""), PART, None, f"root=PARTUUID={PART.part_guid}"),
     (FsInfo("ext4", "u-4", ""), None, None, "root=UUID=u-4"),
-    (FsInfo("btrfs", "u-5", ""), PART, "/@root", "root=UUID=u-5 rootfsflags=subvol=/@root"),
-    (FsInfo("btrfs", "u-6", ""), None, None, "root=UUID=u-6 rootfsflags=subvol=/"),
+    (FsInfo("btrfs", "u-5", ""), PART, "/@root", "root=UUID=u-5 rootflags=subvol=/@root"),
+    (FsInfo("btrfs", "u-6", ""), None, None, "root=UUID=u-6 rootflags=subvol=/"),
     (FsInfo("crypto_LUKS", "u-7", "", "2"), PART, None, "rd.luks.uuid=u-7"),
     (None, PART, None, None),
 ])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import uuid
@@ -116,30 +117,61 @@ def test_plain_filesystem_image_has_no_gpt(tmp_path: Path) -> None:
         read_gpt(img)
 
 
+def _gpt_with_edits(pristine: bytes, edits: list[tuple[int, int]], fix_crc: bool) -> bytes:
+    """``pristine`` with bytes replaced; with ``fix_crc`` the header (and a 128-byte-entry array) CRCs are
+    recomputed so that the checks behind them are reached."""
+    import zlib
+    data = bytearray(pristine)
+    for offset, value in edits:
+        data[offset] = value
+    if fix_crc:
+        size = int.from_bytes(data[512 + 12:512 + 16], "little")
+        if 92 <= size <= 512:
+            count = min(int.from_bytes(data[512 + 80:512 + 84], "little"), 128)
+            esize = int.from_bytes(data[512 + 84:512 + 88], "little")
+            if esize == 128:
+                data[512 + 88:512 + 92] = zlib.crc32(bytes(data[1024:1024 + count * esize])).to_bytes(4, "little")
+            data[512 + 16:512 + 20] = bytes(4)
+            data[512 + 16:512 + 20] = zlib.crc32(bytes(data[512:512 + size])).to_bytes(4, "little")
+    return bytes(data)
+
+
+@pytest.mark.parametrize("edits, message", [
+    ([(590, 64)], "entry array at LBA .* lies outside the disk"),        # entry-array LBA ~2^62 (issue 15)
+    ([(519 + 72, 1)], "entry array at LBA .* lies outside the disk"),    # LBA 2^56: a seek past any size
+    ([(512 + 72, 1)], "entry array at LBA 1 "),                          # overlapping the header itself
+    ([(1024 + 32 + 7, 0x10)], "partition 1 spans LBA .* outside the disk"),   # first LBA 2^60
+    ([(1024 + 40, 0), (1024 + 41, 0), (1024 + 42, 0)], "partition 1 spans LBA"),                         # last LBA < first LBA
+])
+def test_header_values_are_bounded_by_the_disk(disk: Path, tmp_path: Path, edits, message: str) -> None:
+    target = tmp_path / "bad.img"
+    target.write_bytes(_gpt_with_edits(disk.read_bytes(), edits, True))
+    with pytest.raises(GptError, match=message) as err:
+        read_gpt(target)
+    assert str(target) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_partition_past_the_end_of_a_truncated_image_is_refused(disk: Path, tmp_path: Path) -> None:
+    target = tmp_path / "short.img"
+    target.write_bytes(disk.read_bytes()[:1 << 20])
+    with pytest.raises(GptError, match="partition 1 spans"):
+        read_gpt(target)
+
+
 def test_corrupt_tables_raise_only_gpt_error(disk: Path, tmp_path: Path) -> None:
-    from hypothesis import given, settings, strategies as st
+    from hypothesis import example, given, settings, strategies as st
 
     pristine = disk.read_bytes()[:64 * 1024]
+    size = disk.stat().st_size
     target = tmp_path / "fuzz.img"
 
     @settings(max_examples=200, deadline=None)
+    @example([(590, 64)], True)
     @given(st.lists(st.tuples(st.integers(0, 3 * 512 + 4 * 128), st.integers(0, 255)), min_size=1, max_size=8),
            st.booleans())
     def check(edits: list[tuple[int, int]], fix_crc: bool) -> None:
-        import zlib
-        data = bytearray(pristine)
-        for offset, value in edits:
-            data[offset] = value
-        if fix_crc:  # keep the header self-consistent so the deeper checks are reached too
-            size = int.from_bytes(data[512 + 12:512 + 16], "little")
-            if 92 <= size <= 512:
-                count = min(int.from_bytes(data[512 + 80:512 + 84], "little"), 128)
-                esize = int.from_bytes(data[512 + 84:512 + 88], "little")
-                if esize == 128:
-                    data[512 + 88:512 + 92] = zlib.crc32(bytes(data[1024:1024 + count * esize])).to_bytes(4, "little")
-                data[512 + 16:512 + 20] = bytes(4)
-                data[512 + 16:512 + 20] = zlib.crc32(bytes(data[512:512 + size])).to_bytes(4, "little")
-        target.write_bytes(bytes(data))
+        target.write_bytes(_gpt_with_edits(pristine, edits, fix_crc))
+        os.truncate(target, size)   # sparse: the partitions lie inside the file, as on the real disk
         try:
             gpt = read_gpt(target)
         except GptError as err:

@@ -205,6 +205,35 @@ def test_install_by_name_from_a_repository_and_sync(root: Path, tmp_path: Path):
     assert unknown.returncode == 2 and "nosuch" in unknown.stderr
 
 
+@pytest.mark.parametrize("damage", ["truncated", "appended", "other-build"])
+def test_repository_file_not_matching_its_index_is_refused_before_anything_changes(root: Path, tmp_path: Path,
+                                                                                   damage: str):
+    """os-tools#309: size and sha256 from stone.index are compared with the file before it is used; the
+    dependency (a good file) is not taken into the store either."""
+    import hashlib
+
+    from reference_impl.stone import write_repository_index
+    repo = tmp_path / "repo"
+    make_package(repo, "libfoo", {"lib/libfoo.so.1": "foo"}, provides=["soname(libfoo.so.1(x86_64))"])
+    app = make_package(repo, "app", {"bin/app": "app 1"}, depends=["soname(libfoo.so.1(x86_64))"])
+    write_repository_index(repo)
+    good = app.read_bytes()
+    other = make_package(tmp_path / "other", "app", {"bin/app": "app rebuilt"},
+                         depends=["soname(libfoo.so.1(x86_64))"]).read_bytes()
+    app.write_bytes({"truncated": good[:len(good) * 2 // 3], "appended": good + b"<html>502</html>\n",
+                     "other-build": other}[damage])
+    refused = pm(root, "exchange", "install", "--repo", str(repo), "app")
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
+    message = refused.stderr.strip()
+    assert str(app) in message and "stone.index" in message
+    assert hashlib.sha256(good).hexdigest() in message and hashlib.sha256(app.read_bytes()).hexdigest() in message
+    assert not (root / "usr").exists() and state_id(root) is None
+    assert not [p for p in (root / ".moss/assets").rglob("*") if p.is_file()]
+    app.write_bytes(good)
+    pm(root, "exchange", "install", "--repo", str(repo), "app", check=True)
+    assert (root / "usr/bin/app").read_text() == "app 1"
+
+
 def test_auto_swap_falls_back_to_symlink_without_rename_exchange(root: Path, pkgs, monkeypatch, capsys):
     """Linux accepts RENAME_EXCHANGE on every writable filesystem this host has (ext2 is served by the ext4
     driver); Asterinas returns EINVAL on ext2. The syscall is made to answer as Asterinas does."""

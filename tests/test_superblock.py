@@ -102,6 +102,30 @@ def test_fresh_mkfs_images_agree_with_blkid(kind: str, tmp_path: Path) -> None:
         assert info.version == ref["VERSION"] == kind.upper()
 
 
+@pytest.mark.parametrize("kind", sorted(SIZES))
+def test_label_trailing_blanks_are_dropped_like_blkid(kind: str, tmp_path: Path) -> None:
+    """util-linux#965: blkid's LABEL has no trailing blanks (LABEL_RAW keeps them); ours must equal LABEL."""
+    need(TOOLS[kind])
+    need("blkid")
+    img = tmp_path / f"{kind}.img"
+    subprocess.run(["truncate", "-s", SIZES[kind], str(img)], check=True)
+    fs_uuid = uuid.uuid4().hex[:8].upper() if kind.startswith("fat") else str(uuid.uuid4())
+    _mkfs(kind, img, fs_uuid, "DATA  " if kind.startswith("fat") else "da ta  ")
+    info = probe(img)
+    ref = blkid(img)
+    assert info is not None and info.label == ("DATA" if kind.startswith("fat") else "da ta")
+    assert info.label == ref["LABEL"]
+
+
+def test_blank_only_label_is_no_label() -> None:
+    from reference_impl.boot.superblock import probe_bytes
+    buf = bytearray(0x800)
+    buf[0x438:0x43A] = (0xEF53).to_bytes(2, "little")
+    buf[0x478:0x488] = b" \t  ".ljust(16, b"\0")
+    info = probe_bytes(bytes(buf))
+    assert info is not None and info.type == "ext2" and info.label == ""
+
+
 def test_luks2_header_from_cryptsetup(tmp_path: Path) -> None:
     need("cryptsetup")
     img = tmp_path / "luks.img"
@@ -170,12 +194,12 @@ def test_probe_gpt_disk_json(gpt_disk: tuple[Path, dict[str, str]], capsys: pyte
     assert rows[2]["uuid"] == ids["btrfs"] and rows[2]["label"] == "home"
     assert rows[1]["root"] == f"root=PARTUUID={guids[1]}"
     assert rows[0]["root"] == f"root=PARTUUID={guids[0]}"
-    assert rows[2]["root"] == f"root=UUID={ids['btrfs']} rootfsflags=subvol=/"
+    assert rows[2]["root"] == f"root=UUID={ids['btrfs']} rootflags=subvol=/"
     for row, part in zip(rows, table["partitiontable"]["partitions"]):
         ref = blkid(img, part["start"] * 512)
         assert (row["fstype"], row["uuid"], row["label"]) == (ref["TYPE"], ref["UUID"], ref.get("LABEL", ""))
     assert root_argument_for_spec(f"{img}:2") == f"root=PARTUUID={guids[1]}"
-    assert root_argument_for_spec(f"{img}:3", "/@root") == f"root=UUID={ids['btrfs']} rootfsflags=subvol=/@root"
+    assert root_argument_for_spec(f"{img}:3", "/@root") == f"root=UUID={ids['btrfs']} rootflags=subvol=/@root"
 
 
 def test_probe_text_output_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -228,3 +252,23 @@ def test_fat_root_directory_label_wins_like_blkid(fat: str, tmp_path: Path) -> N
     ref = blkid(img)
     assert ref["LABEL"] == "ROOTDIRLBL" and ref.get("LABEL_FATBOOT") == "BOOTSECTOR"
     assert info is not None and info.label == "ROOTDIRLBL"
+
+
+@pytest.mark.parametrize("fat32_size, root_cluster", [(0xFFFFFFFF, 2), (1, 0xFFFFFFFF), (1, 0), (1, 1)])
+def test_fat_root_directory_outside_the_image_keeps_the_boot_sector_label(tmp_path: Path, fat32_size: int,
+                                                                          root_cluster: int) -> None:
+    """A FAT32 boot sector whose FAT size or root cluster points past the end of the file (or before the data
+    area) is not followed: the boot sector's label is reported, nothing raises."""
+    import struct
+    boot = bytearray(4096)
+    boot[0:3] = b"\xeb\x58\x90"
+    struct.pack_into("<HBHBHHBH", boot, 0x0B, 512, 8, 32, 2, 0, 0, 0xF8, 0)
+    struct.pack_into("<II", boot, 0x20, 65536, fat32_size)
+    struct.pack_into("<I", boot, 0x2C, root_cluster)
+    struct.pack_into("<I", boot, 0x43, 0x12345678)
+    boot[0x47:0x52] = b"BOOTLBL    "
+    boot[0x1FE:0x200] = b"\x55\xaa"
+    img = tmp_path / "fat.img"
+    img.write_bytes(bytes(boot))
+    info = probe(img)
+    assert info is not None and (info.type, info.uuid, info.label) == ("vfat", "1234-5678", "BOOTLBL")

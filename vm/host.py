@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from stonelab.uapi_version import version_key
 from vm.errors import MissingHostTool
 
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
@@ -61,13 +61,9 @@ class Kernel:
         return self.modules.is_dir()
 
 
-def _version_key(release: str) -> list:
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", release)]
-
-
 def default_kernel(boot_dir: Path = Path("/boot"), modules_root: Path = Path("/lib/modules")) -> Kernel:
-    """The newest ``/boot/vmlinuz-*`` (Debian's linux-image-amd64)."""
-    images = sorted(boot_dir.glob("vmlinuz-*"), key=lambda p: _version_key(p.name[len("vmlinuz-"):]))
+    """The newest ``/boot/vmlinuz-*`` (Debian's linux-image-amd64) by the UAPI version rules."""
+    images = sorted(boot_dir.glob("vmlinuz-*"), key=lambda p: version_key(p.name[len("vmlinuz-"):]))
     if not images:
         raise MissingHostTool(f"{boot_dir}: no vmlinuz-* kernel found (install the Debian package "
                               f"linux-image-amd64: apt-get install -y linux-image-amd64, or pass --kernel)")

@@ -1,8 +1,13 @@
 """Where a filesystem lives (image/device, byte offset, GPT partition) and the ``root=`` it yields.
 
 ``root=`` follows blsforme: a filesystem in a GPT partition → ``root=PARTUUID=<partition guid>``; btrfs →
-``root=UUID=<fsid> rootfsflags=subvol=<subvol>``; LUKS → ``rd.luks.uuid=<uuid>``; otherwise
+``root=UUID=<fsid> rootflags=subvol=<subvol>``; LUKS → ``rd.luks.uuid=<uuid>``; otherwise
 ``root=UUID=<fs uuid>``.
+
+For btrfs the mount options of the root go in ``rootflags=``: the parameter the kernel reads for the root it
+mounts itself (Documentation/admin-guide/kernel-parameters.txt) and that systemd-fstab-generator and dracut read
+for ``/sysroot`` (systemd.kernel-command-line(7), dracut.cmdline(7)).  blsforme writes ``rootfsflags=``
+(aerynOS/blsforme#70), which nothing reads: the subvolume would be ignored and the default one mounted.
 """
 from __future__ import annotations
 
@@ -35,7 +40,7 @@ def root_argument(fs: FsInfo | None, partition: Partition | None, subvol: str | 
     if fs.type == "crypto_LUKS":
         return f"rd.luks.uuid={fs.uuid}"
     if fs.type == "btrfs":
-        return f"root=UUID={fs.uuid} rootfsflags=subvol={subvol or '/'}"
+        return f"root=UUID={fs.uuid} rootflags=subvol={subvol or '/'}"
     if partition is not None:
         return f"root=PARTUUID={partition.part_guid}"
     return f"root=UUID={fs.uuid}"

@@ -79,8 +79,11 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def _fat_cluster_size(head: bytes) -> int:
+    """Bytes per cluster from a FAT boot sector (at least 512 when the sector is short or says 0)."""
+    if len(head) < 0x0E:
+        return 512
     bytes_per_sector, sectors_per_cluster = struct.unpack_from("<HB", head, 0x0B)
-    return bytes_per_sector * sectors_per_cluster
+    return bytes_per_sector * sectors_per_cluster or 512
 
 
 # -- a mounted ESP --------------------------------------------------------------------------------------------------

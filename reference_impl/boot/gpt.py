@@ -4,11 +4,13 @@ Read from a disk image or a block device; nothing is ever written.  GUIDs are re
 """
 from __future__ import annotations
 
+import os
 import struct
 import uuid
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from stonelab.errors import StonelabError
 
@@ -89,11 +91,21 @@ def has_gpt(path: str | Path) -> bool:
     return False
 
 
+def _disk_size(disk: BinaryIO) -> int:
+    return disk.seek(0, os.SEEK_END)
+
+
 def read_gpt(path: str | Path) -> GptDisk:
-    """Parse the primary GPT of ``path``; raise GptError naming the file and what is wrong."""
+    """Parse the primary GPT of ``path``; raise GptError naming the file and what is wrong.
+
+    The header is untrusted: every LBA and size in it (entry array, partitions) is checked against the size of
+    the file or device before it is used, so no value, however large, gets further than a GptError.
+    """
     path = str(path)
     try:
         with open(path, "rb") as disk:
+            disk_size = _disk_size(disk)
+            disk.seek(0)
             mbr = disk.read(512)
             for sector_size in SECTOR_SIZES:
                 disk.seek(sector_size)
@@ -105,9 +117,11 @@ def read_gpt(path: str | Path) -> GptDisk:
             if len(mbr) < 512 or mbr[510:512] != b"\x55\xaa" or not any(
                     mbr[446 + 16 * i + 4] == 0xEE for i in range(4)):
                 raise GptError(f"{path}: GPT without a protective MBR (no type 0xEE entry with signature 55AA)")
+            if len(header) < HEADER.size:
+                raise GptError(f"{path}: GPT header truncated ({len(header)} of {HEADER.size} bytes)")
             (_sig, _rev, header_size, header_crc, _res, my_lba, _alt, first_usable, last_usable, disk_guid,
              entries_lba, entry_count, entry_size, entries_crc) = HEADER.unpack_from(header)
-            if not 92 <= header_size <= sector_size:
+            if not HEADER.size <= header_size <= sector_size:
                 raise GptError(f"{path}: GPT header size {header_size} is invalid")
             check = bytearray(header[:header_size])
             check[16:20] = b"\0\0\0\0"
@@ -117,11 +131,15 @@ def read_gpt(path: str | Path) -> GptDisk:
                 raise GptError(f"{path}: GPT header claims to be at LBA {my_lba}, not 1")
             if not 128 <= entry_size <= 4096 or entry_size % 8 or entry_count > 65536:
                 raise GptError(f"{path}: GPT entry array geometry is invalid ({entry_count} x {entry_size})")
-            disk.seek(entries_lba * sector_size)
-            array = disk.read(entry_count * entry_size)
+            array_start, array_size = entries_lba * sector_size, entry_count * entry_size
+            if entries_lba < 2 or array_start + array_size > disk_size:
+                raise GptError(f"{path}: GPT entry array at LBA {entries_lba} ({array_size} bytes) lies outside "
+                               f"the disk ({disk_size} bytes)")
+            disk.seek(array_start)
+            array = disk.read(array_size)
     except OSError as err:
         raise GptError(f"{path}: cannot read: {err.strerror or err}") from err
-    if len(array) != entry_count * entry_size:
+    if len(array) != array_size:
         raise GptError(f"{path}: GPT entry array is truncated")
     if zlib.crc32(array) != entries_crc:
         raise GptError(f"{path}: GPT partition entry array CRC32 mismatch (entries corrupt)")
@@ -131,6 +149,9 @@ def read_gpt(path: str | Path) -> GptDisk:
         if raw[:16] == bytes(16):
             continue
         first, last, attrs = struct.unpack_from("<QQQ", raw, 32)
+        if not 1 <= first <= last or (last + 1) * sector_size > disk_size:
+            raise GptError(f"{path}: GPT partition {index + 1} spans LBA {first}-{last}, outside the disk "
+                           f"({disk_size // sector_size} sectors of {sector_size} bytes)")
         name = raw[56:128].decode("utf-16-le", "replace").split("\0", 1)[0]
         partitions.append(Partition(index + 1, _guid(raw[:16]), _guid(raw[16:32]), name, first, last, attrs,
                                     sector_size))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from reference_impl.installation import Installation
 from stonelab.errors import StonelabError
+from stonelab.uapi_version import version_key
 
 DEFAULT_OS_ID = "aerynos"
 DEFAULT_PRETTY_NAME = "AerynOS"
@@ -71,6 +72,8 @@ def read_os_release(tree: Path) -> tuple[str, str]:
 
 
 def find_kernels(tree: Path) -> tuple[Kernel, ...]:
+    """The kernels in ``<tree>/lib/kernel/<version>/vmlinuz``, newest first by the UAPI version rules
+    (``6.10.0`` before ``6.9.0``), as systemd-boot orders them."""
     base = tree / "lib" / "kernel"
     kernels = []
     if base.is_dir():
@@ -78,7 +81,7 @@ def find_kernels(tree: Path) -> tuple[Kernel, ...]:
             vmlinuz = kdir / "vmlinuz"
             if kdir.is_dir() and vmlinuz.is_file():
                 kernels.append(Kernel(kdir.name, vmlinuz, tuple(sorted(kdir.glob("*.initrd")))))
-    return tuple(kernels)
+    return tuple(sorted(kernels, key=lambda k: version_key(k.version), reverse=True))
 
 
 def read_cmdline_snippets(tree: Path) -> tuple[str, ...]:

@@ -4,6 +4,7 @@ Offsets are from the start of the filesystem (``offset`` within an image for a p
 """
 from __future__ import annotations
 
+import os
 import struct
 import uuid
 from dataclasses import dataclass
@@ -24,8 +25,14 @@ class FsInfo:
         return {"type": self.type, "uuid": self.uuid, "label": self.label, "version": self.version}
 
 
+def _label(text: str) -> str:
+    """A label as blkid's LABEL: cut at the first NUL, trailing whitespace removed (``blkid_rtrim_whitespace()``
+    in libblkid's ``blkid_probe_set_label``/``set_utf8label``; only LABEL_RAW keeps the blanks)."""
+    return text.split("\0", 1)[0].rstrip(" \t\n\v\f\r")
+
+
 def _text(raw: bytes) -> str:
-    return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+    return _label(raw.split(b"\0", 1)[0].decode("utf-8", "replace"))
 
 
 def _uuid(raw: bytes) -> str:
@@ -56,7 +63,7 @@ def _f2fs(buf: bytes) -> FsInfo | None:
     if len(buf) < 0x880 or struct.unpack_from("<I", buf, 0x400)[0] != 0xF2F52010:
         return None
     major, minor = struct.unpack_from("<HH", buf, 0x404)
-    label = buf[0x47C:0x47C + 1024].decode("utf-16-le", "replace").split("\0", 1)[0]
+    label = _label(buf[0x47C:0x47C + 1024].decode("utf-16-le", "replace"))
     return FsInfo("f2fs", _uuid(buf[0x46C:0x47C]), label, f"{major}.{minor}")
 
 
@@ -71,7 +78,7 @@ def _luks(buf: bytes) -> FsInfo | None:
         return None
     version = struct.unpack_from(">H", buf, 6)[0]
     label = _text(buf[0x18:0x48]) if version == 2 else ""
-    return FsInfo("crypto_LUKS", _text(buf[0xA8:0xD0]), label, str(version))
+    return FsInfo("crypto_LUKS", buf[0xA8:0xD0].split(b"\0", 1)[0].decode("ascii", "replace"), label, str(version))
 
 
 def _fat(buf: bytes) -> FsInfo | None:
@@ -88,7 +95,7 @@ def _fat(buf: bytes) -> FsInfo | None:
     is_fat32 = fat16_size == 0 and fat32_size != 0
     vol_id_at, label_at = (0x43, 0x47) if is_fat32 else (0x27, 0x2B)
     vol_id = struct.unpack_from("<I", buf, vol_id_at)[0]
-    boot_label = buf[label_at:label_at + 11].decode("latin-1").rstrip(" ")
+    boot_label = _label(buf[label_at:label_at + 11].decode("latin-1"))
     if is_fat32:
         version = "FAT32"
     else:
@@ -122,21 +129,27 @@ def _fat_root_dir_label(dev, offset: int, boot: bytes) -> str | None:
         fat32_size, root_cluster = struct.unpack_from("<I4xI", boot, 0x24)
         start = (reserved + fats * fat32_size + (root_cluster - 2) * sectors_per_cluster) * bytes_per_sector
         length = sectors_per_cluster * bytes_per_sector   # the first cluster of the root directory
-    if start <= 0 or length <= 0:
+    if fat16_size == 0 and root_cluster < 2:
         return None
+    end = dev.seek(0, os.SEEK_END)
+    if start <= 0 or length <= 0 or offset + start >= end:
+        return None   # a directory outside the device: the boot sector lies, keep its label
     dev.seek(offset + start)
-    data = dev.read(min(length, 1 << 20))
+    data = dev.read(min(length, 1 << 20, end - offset - start))
     for at in range(0, len(data) - 31, 32):
         entry = data[at:at + 32]
         if entry[0] == 0:
             break
         if entry[0] != 0xE5 and entry[11] & 0x3F != 0x0F and entry[11] & 0x08:
-            return entry[:11].decode("latin-1").rstrip(" ")
+            return _label(entry[:11].decode("latin-1"))
     return None
 
 
 def probe(path: str | Path, offset: int = 0) -> FsInfo | None:
-    """Probe the filesystem at ``offset`` of ``path``; None when no known superblock is there."""
+    """Probe the filesystem at ``offset`` (bytes) of ``path``; None when no known superblock is there.
+
+    Every value read from the device is bounded before use (the FAT root directory by the device's size);
+    OSError only for a device that cannot be read."""
     with open(path, "rb") as dev:
         dev.seek(offset)
         buf = dev.read(PROBE_BYTES)

@@ -22,6 +22,24 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def check_indexed_file(path: Path, sha256: str, size: int | None) -> None:
+    """Refuse a repository package file that is not the one ``stone.index`` describes (its PackageHash, the
+    sha256 hex digest of the whole file, and PackageSize in bytes): a truncated or resumed download, trailing
+    bytes, another build under the indexed name.  Raises one-line StonelabError naming the file and both
+    hashes; the file is read once, nothing is written."""
+    try:
+        actual_size = path.stat().st_size
+        actual = sha256_file(path)
+    except FileNotFoundError:
+        raise StonelabError(f"{path}: listed in {INDEX_NAME} but missing from the repository") from None
+    except OSError as err:
+        raise StonelabError(f"{path}: cannot read: {err.strerror or err}") from None
+    if actual != sha256.lower() or (size is not None and actual_size != size):
+        sizes = f"{actual_size} bytes, {INDEX_NAME} says {size}" if size is not None else f"{actual_size} bytes"
+        raise StonelabError(f"{path}: does not match {INDEX_NAME}: sha256 {actual}, {INDEX_NAME} says {sha256} "
+                            f"({sizes}); refusing it (incomplete download or another build)")
+
+
 def write_repository_index(directory: str | os.PathLike[str]) -> Path:
     """Index every `*.stone` below ``directory`` (URIs relative to it) into ``directory/stone.index``."""
     directory = Path(directory)
