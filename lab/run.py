@@ -215,6 +215,7 @@ def run_cases(cases: Sequence[Case], options: RunOptions, console=None) -> Repor
     started, clock = now_utc(), time.monotonic()
     progress = Progress(cases, durations, jobs, console)
     results: dict[str, CaseModel] = {}
+    stopping = threading.Event()
 
     def one(case: Case) -> CaseModel:
         from lab.runner import run_scenario
@@ -227,7 +228,8 @@ def run_cases(cases: Sequence[Case], options: RunOptions, console=None) -> Repor
                                   on_step=lambda i, d: progress.step(case, i, d))
             model = case_from_result(result, attempts=attempts,
                                      rerun=rerun_command(options.rerun_base, result.path, result.name))
-            if model.verdict not in (Verdict.FAIL, Verdict.ERROR) or attempts > options.rerun_failures:
+            if (model.verdict not in (Verdict.FAIL, Verdict.ERROR) or attempts > options.rerun_failures
+                    or stopping.is_set()):
                 return model
             log.info("%s: %s, running it again (attempt %d)", case.name, model.verdict, attempts + 1)
 
@@ -236,22 +238,29 @@ def run_cases(cases: Sequence[Case], options: RunOptions, console=None) -> Repor
     try:
         with progress.live, ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="case") as pool:
             pending: dict[Future, Case] = {pool.submit(one, case): case for case in cases}
-            while pending:
-                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    case = pending.pop(future)
-                    model = future.result()
-                    results[case.id] = model
-                    durations.record(case.id, model.seconds)
-                    progress.end(case, model)
-                    if keep is not None and model.verdict in (Verdict.FAIL, Verdict.ERROR):
-                        progress.live.stop()
-                        _shell_on_disk(keep, options, model, console)
-                        progress.live.start()
-    except KeyboardInterrupt:
-        console.print("stonelab: interrupted; stopping the guests, writing the report of the finished cases")
-        _stop_guests()  # the cases' threads then fail fast and clean up their own directories
-        raise
+            try:
+                while pending:
+                    finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in finished:
+                        case = pending.pop(future)
+                        model = future.result()
+                        results[case.id] = model
+                        durations.record(case.id, model.seconds)
+                        progress.end(case, model)
+                        if keep is not None and model.verdict in (Verdict.FAIL, Verdict.ERROR):
+                            progress.live.stop()
+                            _shell_on_disk(keep, options, model, console)
+                            progress.live.start()
+            except KeyboardInterrupt:
+                # before the pool's exit waits for the running cases: stop their guests so they end now
+                console.print("stonelab: interrupted; stopping the guests, writing the report of the finished cases")
+                stopping.set()
+                for future in pending:
+                    future.cancel()
+                while not all(future.done() for future in pending):  # a case may power a guest on again
+                    _stop_guests()
+                    time.sleep(0.2)
+                raise
     finally:
         durations.save()
         report = new_report([results[c.id] for c in cases if c.id in results], started=started,
