@@ -105,3 +105,19 @@ def test_pytest_collects_scenarios_and_runs_them_under_xdist(suite, tmp_path):
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     assert "tiny-install.yaml::tiny-install" in listed.stdout
     assert "tiny-wrong.yaml::tiny-wrong-expectation" in listed.stdout
+
+
+def test_ctrl_c_still_writes_the_report(suite, tmp_path):
+    import signal
+    import time
+
+    proc = subprocess.Popen([*STONELAB, "run", str(suite), "--tag", "tiny", "--jobs", "1", "--report-dir", "out"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    time.sleep(4)   # the first case is running
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 128 + signal.SIGINT, out + err
+    assert "interrupted" in out + err and "Traceback" not in err
+    data = json.loads((tmp_path / "out" / "latest" / "report.json").read_text())
+    assert data["run"]["selected"] == 2 and len(data["cases"]) <= 2
