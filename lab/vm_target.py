@@ -26,10 +26,13 @@ from stonelab.errors import StonelabError
 from vm.accel import AccelChoice, AccelSelector
 from vm.disk import DiskLayout, build_disk
 from vm.host import Kernel, default_kernel, kernel_from_path
+from vm.errors import VmError
+from vm.log import get_logger
 from vm.machine import PROJECT_DIR, Machine, agent_config
 from vm.qemu import DiskSpec
 from vm.snapshot import resume, saved_state
 
+log = get_logger("lab.vm_target")
 GUEST_ROOT = "/mnt/sut"
 GUEST_PACKAGES = "/tmp/stonelab-packages"
 SUT_PARTITION = "/dev/vda2"
@@ -73,7 +76,16 @@ class VmTarget:
     def power_on(self) -> None:
         if self.machine.running:
             return
-        self.machine.start()
+        try:
+            self.machine.start()
+        except VmError as err:
+            if self.machine.restore_from is None:
+                raise
+            # a saved state QEMU cannot load (another QEMU build, a damaged file): drop it and boot instead
+            log.warning("restoring %s failed (%s); booting instead", self.machine.restore_from, err)
+            self.machine.restore_from.unlink(missing_ok=True)
+            self.machine.restore_from = None
+            self.machine.start()
         self.boots += 1
         self._pushed.clear()  # the guest's /tmp starts empty on every power-on
         if self.machine.restore_from is not None:
