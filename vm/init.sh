@@ -13,12 +13,16 @@ arg() { for w in $(cat /proc/cmdline); do case "$w" in "$1="*) echo "${w#*=}"; r
 die() { echo "STONELAB-INIT-FAILED $*"; sync; poweroff -f; }
 MODE=$(arg stonelab.mode agent)
 [ "$MODE" = poweroff ] && { echo STONELAB-POWEROFF; poweroff -f; }
-for m in /mod/*.ko; do [ -e "$m" ] && { insmod "$m" || echo "stonelab-init: insmod $m failed"; }; done
+USERLAND=$(arg stonelab.userland "")
+for m in /mod/*.ko; do
+  [ -e "$m" ] || continue
+  case "${m#/mod/???-}" in netfs.ko|fscache.ko|9pnet.ko|9pnet_virtio.ko|9p.ko) [ -n "$USERLAND" ] && continue;; esac
+  insmod "$m" || echo "stonelab-init: insmod $m failed"
+done
 if [ "$MODE" = initramfs-shell ]; then
   echo "STONELAB-INITRAMFS-SHELL"
   while true; do setsid cttyhack sh; done
 fi
-USERLAND=$(arg stonelab.userland "")
 if [ -n "$USERLAND" ]; then
   i=0; while [ ! -b "/dev/$USERLAND" ] && [ $i -lt 100 ]; do usleep 20000; i=$((i+1)); done
   mount -t erofs -o ro "/dev/$USERLAND" /host || die "erofs userland on /dev/$USERLAND"
