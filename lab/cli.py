@@ -39,6 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--report-dir", type=Path, default=Path("reports"), metavar="DIR",
                      help="reports go to DIR/<UTC timestamp>/, DIR/latest points at the newest (default reports)")
     run.add_argument("--debug", action="store_true", help="log QEMU command lines and every guest command")
+    run.add_argument("--personality", metavar="PROFILE",
+                     help="emulate a kernel profile (e.g. asterinas-0.18.1) on the vm target: seccomp filter, its root fs")
     run.set_defaults(func=cmd_run)
 
     report = sub.add_parser("report", help="re-render a report directory, or merge shards' reports",
@@ -61,12 +63,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from lab.run import RunOptions, collect_cases, run_cases
 
+    if args.personality:
+        from lab.kernel.profile import load_profile
+        load_profile(args.personality)  # a bad name is a one-line error before anything boots
+        args.target = TargetKind.VM
+
     cases = collect_cases(args.paths or [DEFAULT_SUITE], keyword=args.keyword,
                           tags=args.tag or ([] if args.paths else [DEFAULT_TAG]), target=args.target,
                           shard_spec=args.shard)
     options = RunOptions(target=args.target, kernel=args.kernel, accel=args.accel, jobs=args.jobs,
                          rerun_failures=args.rerun_failures, shell_on_failure=args.shell_on_failure,
-                         snapshots=not args.no_snapshots, report_dir=args.report_dir, shard=args.shard,
+                         snapshots=not args.no_snapshots, personality=args.personality, report_dir=args.report_dir, shard=args.shard,
                          argv=["stonelab", *sys.argv[1:]] if sys.argv[0].endswith("stonelab") else ["stonelab", "run"],
                          rerun_base=_rerun_base(args))
     report = run_cases(cases, options)

@@ -5,7 +5,8 @@ declared files, never from what the package manager wrote.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from lab.probe import ROOT_LINKS, Observation
 
@@ -116,6 +117,10 @@ class CheckContext:
     acceptable: list[ExpectedTree]
     baseline: dict[str, list]
     target: object = None
+    trace: Path | None = None  # strace of the step's transaction (the ALICE check)
+    model_states: set[int] = field(default_factory=set)  # states the lab saw committed
+    strict_boot: bool = True  # False right after a crash: the default may still be the previous state
+    booted: tuple[str | None, str, str] | None = None  # after a `boot` step: (expected, reported state, entry)
     matched: ExpectedTree | None = None
 
 
@@ -147,6 +152,13 @@ class Invariant:
 
 
 INVARIANTS: dict[str, type[Invariant]] = {}
+
+#: Invariants judged on materialised crash states only (lab/crash/check.py), never on a live observation:
+#: name -> what it promises. A scenario may name them in ``invariants`` and ``expect_violations``.
+CRASH_STATE_INVARIANTS = {
+    "recovers": "a crash state mounts (journal replay included) and the system's recovery verb exits 0",
+    "durable_success": "an operation that reported success (exit 0) before the cut survives it (ALICE)",
+}
 
 
 def register(cls: type[Invariant]) -> type[Invariant]:
@@ -209,4 +221,66 @@ class StoreIntegrity(Invariant):
 
     @classmethod
     def check(cls, ctx: CheckContext) -> Outcome:
-        return cls._from(store_integrity(ctx.obs), f"{ctx.obs.assets} assets hash to their names")
+        found = store_integrity(ctx.obs)
+        if ctx.obs.missing_assets:
+            found.append(Violation(cls.name, f"{len(ctx.obs.missing_assets)} asset(s) the states' layouts reference "
+                                             f"are missing from the store: {ctx.obs.missing_assets[0]}"))
+        return cls._from(found, f"{ctx.obs.assets} assets hash to their names; every referenced asset present")
+
+
+@register
+class UsrIsOneState(Invariant):
+    name = "usr_is_one_state"
+    summary = ("/usr is exactly the tree the state database records for the active state (its packages' layout "
+               "rows, hashes included), and every empty file is its own inode (upstream #372)")
+
+    @classmethod
+    def check(cls, ctx: CheckContext) -> Outcome:
+        obs = ctx.obs
+        problems = []
+        if obs.recorded_usr is None:
+            if obs.db_states:
+                problems.append(f"/usr/.stateID is {obs.state_id!r}: no recorded state to compare /usr with")
+            evidence = "no state recorded yet"
+        else:
+            seen, want = _comparable(obs.usr), _comparable(obs.recorded_usr)
+            if seen != want:
+                problems.append(f"/usr differs from what the database records for state {obs.state_id}: "
+                                f"{tree_difference(obs.usr, obs.recorded_usr)}")
+            modes = sorted(k for k, v in obs.recorded_usr.items() if v[0] == "file" and k in obs.usr
+                           and len(obs.usr[k]) > 2 and obs.usr[k][2] != v[2])
+            if modes:
+                problems.append(f"{len(modes)} file(s) with another mode than recorded (a shared inode keeps one "
+                                f"mode; upstream #834): /usr/{modes[0]} is {obs.usr[modes[0]][2]}, recorded "
+                                f"{obs.recorded_usr[modes[0]][2]}")
+            evidence = f"/usr matches the {len(want)} layout rows recorded for state {obs.state_id}"
+        if obs.shared_empty_files:
+            problems.append(f"{len(obs.shared_empty_files)} empty file(s) share an inode (hard-linked; upstream "
+                            f"#372 EMLINK): /usr/{obs.shared_empty_files[0]}")
+        return Outcome(tuple(problems), evidence)
+
+
+@register
+class NoOrphanStates(Invariant):
+    name = "no_orphan_states"
+    summary = "every state row has a tree (active /usr or /.moss/root/<id>/usr) and every tree has a row"
+
+    @classmethod
+    def check(cls, ctx: CheckContext) -> Outcome:
+        obs = ctx.obs
+        active = obs.state_id if obs.state_id and obs.state_id.isdigit() else None
+        treeless = [s for s in obs.db_states if str(s) != active and str(s) not in obs.archived]
+        rowless = [a for a in obs.archived if int(a) not in obs.db_states]
+        problems = []
+        if treeless:
+            problems.append(f"state(s) {', '.join(map(str, treeless))} recorded in the database but without a tree "
+                            "(activating them fails; moss-compat crash after state.recorded)")
+        if rowless:
+            problems.append(f"tree(s) /.moss/root/{', '.join(rowless)} without a state row")
+        return Outcome(tuple(problems), f"states {obs.db_states or 'none'}: active {active}, "
+                                        f"archived trees {obs.archived or 'none'}")
+
+
+# Invariants defined in their own modules (imported for their registrations).
+from lab import boot_invariants as _boot_invariants  # noqa: E402,F401
+from lab import alice as _alice  # noqa: E402,F401

@@ -25,6 +25,11 @@ class PackageDecl(BaseModel):
     depends: list[str] = Field(default_factory=list)
     provides: list[str] = Field(default_factory=list)
     conflicts: list[str] = Field(default_factory=list)
+    #: the lab's guest kernel (``stonelab run --kernel``, default the newest /boot/vmlinuz-*) with an initramfs
+    #: that honours moss.fstx= and reports the state it booted (lab.bootproof); ``files`` are then ignored
+    kernel: bool = False
+    #: rel path -> XXH3-128 hex of files whose content is not declared (filled in when a kernel is built)
+    digests: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("files", "symlinks")
     @classmethod
@@ -35,17 +40,33 @@ class PackageDecl(BaseModel):
         return value
 
 
-def build_packages(decls: dict[str, PackageDecl], out_dir: Path) -> dict[str, Path]:
-    """Build every declared package into ``out_dir``; returns key -> .stone path."""
+def build_packages(decls: dict[str, PackageDecl], out_dir: Path,
+                   kernel_image: Path | None = None) -> tuple[dict[str, Path], dict[str, PackageDecl]]:
+    """Build every declared package into ``out_dir``; returns (key -> .stone path, key -> declaration with the
+    digests of files it did not declare, i.e. the kernel's)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    built = {}
+    built, final = {}, dict(decls)
     for key, decl in decls.items():
+        if decl.kernel:
+            built[key], final[key] = _kernel_package(decl, out_dir / key, kernel_image)
+            continue
         spec = PackageSpec(name=decl.name, version=decl.version, release=decl.release, summary=f"{key} (lab)",
                            license=["MPL-2.0"], depends=decl.depends, provides=decl.provides,
                            conflicts=decl.conflicts)
         out = out_dir / f"{decl.name}-{decl.version}-{decl.release}-1-x86_64.stone"
         built[key] = build_package_from_files(decl.files, spec, out, symlinks=decl.symlinks, level=3)
-    return built
+    return built, final
+
+
+def _kernel_package(decl: PackageDecl, out: Path, image: Path | None) -> tuple[Path, PackageDecl]:
+    from lab.bootproof import kernel_package, system_initrd
+    from reference_impl.stone import read_stone
+    from vm.host import default_kernel, kernel_from_path
+
+    kernel = kernel_from_path(image) if image else default_kernel()
+    path = kernel_package(out, kernel, system_initrd(kernel))
+    digests = {e.target: f"{e.digest:032x}" for e in read_stone(path).layout if e.digest is not None}
+    return path, decl.model_copy(update={"name": "linux", "files": {}, "digests": digests})
 
 
 def expected_tree(decls: list[PackageDecl]) -> ExpectedTree:
@@ -55,5 +76,7 @@ def expected_tree(decls: list[PackageDecl]) -> ExpectedTree:
             files[rel] = ["file", f"{xxhash.xxh3_128_intdigest(content.encode()):032x}"]
         for rel, dest in decl.symlinks.items():
             files[rel] = ["symlink", dest]
+        for rel, digest in decl.digests.items():
+            files[rel] = ["file", digest]
     label = "{" + ", ".join(sorted(d.key for d in decls)) + "}" if decls else "{} (empty)"
     return ExpectedTree(label, files)

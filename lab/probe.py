@@ -5,14 +5,18 @@ guest for the VM target — and prints JSON, so invariants are judged the same w
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sqlite3
 import stat
 import sys
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from lab.bootprobe import observe_boot
+from reference_impl.stone import EMPTY_DIGEST
 from reference_impl.store import hash_file as store_hash
 
 ROOT_LINKS = ("bin", "sbin", "lib", "lib64", "lib32")
@@ -29,7 +33,12 @@ class Observation:
     outside: dict[str, list] = field(default_factory=dict)  # everything outside /usr and /.moss
     bad_assets: list[str] = field(default_factory=list)
     partial_assets: list[str] = field(default_factory=list)
+    missing_assets: list[str] = field(default_factory=list)  # referenced by a state's layout, not in the store
     assets: int = 0
+    # what the state database records for the active state: rel path -> ["file", digest hex] | ["symlink", dest]
+    recorded_usr: dict[str, list] | None = None
+    shared_empty_files: list[str] = field(default_factory=list)  # empty files in /usr sharing one inode (#372)
+    boot: dict | None = None  # the ESP as the firmware would see it (observe_boot), when the target has a disk
 
 
 def hash_file(path: Path) -> str:
@@ -69,7 +78,9 @@ def observe(root: Path, *, check_store: bool = True) -> Observation:
     db = moss / "db" / "state"
     if db.exists():
         try:
-            with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+            # closing(): a connection is a reference cycle (its statement cache), so it would stay open until
+            # the garbage collector runs — and keep the file system busy for an unmount
+            with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
                 obs.db_states = [row[0] for row in conn.execute("SELECT id FROM state ORDER BY id")]
         except sqlite3.Error:
             obs.db_states = []
@@ -91,6 +102,7 @@ def observe(root: Path, *, check_store: bool = True) -> Observation:
             obs.outside.setdefault(entry.name + "/", ["dir"])
         else:
             obs.outside[entry.name] = ["file", hash_file(entry)]
+    _read_layouts(obs, moss / "db", usr.resolve() if usr.is_symlink() else usr)
     if check_store:
         assets = moss / "assets" / "v2"
         for rel, value in walk(assets).items():
@@ -104,12 +116,53 @@ def observe(root: Path, *, check_store: bool = True) -> Observation:
     return obs
 
 
+def _read_layouts(obs: Observation, db: Path, usr: Path) -> None:
+    """The active state's tree as its database rows record it (upstream's schema, read directly), the assets
+    every state references that the store lacks, and empty files sharing an inode."""
+    try:
+        with sqlite3.connect(f"file:{db / 'state'}?mode=ro", uri=True) as states, \
+                sqlite3.connect(f"file:{db / 'layout'}?mode=ro", uri=True) as layout:
+            selections = states.execute("SELECT state_id, package_id FROM state_selections").fetchall()
+            rows = layout.execute("SELECT package_id, entry_type, entry_value1, entry_value2, mode FROM layout").fetchall()
+    except sqlite3.Error:
+        return
+    by_package: dict[str, list] = {}
+    for package, kind, value1, value2, mode in rows:
+        by_package.setdefault(package, []).append((kind, value1, value2, mode))
+    referenced = set()
+    for _state, package in selections:
+        referenced |= {int(v1) for kind, v1, _v2, _m in by_package.get(package, ()) if kind == "regular"}
+    store = db.parent / "assets" / "v2"
+    for digest in sorted(referenced):
+        name = f"{digest:x}"
+        where = store / name[0:2] / name[2:4] / name[4:6] / name if len(name) >= 10 else store / name
+        if digest != EMPTY_DIGEST and not where.is_file():
+            obs.missing_assets.append(name)
+    if obs.state_id and obs.state_id.isdigit():
+        active = int(obs.state_id)
+        tree: dict[str, list] = {}
+        for state, package in selections:
+            for kind, value1, value2, mode in by_package.get(package, ()) if state == active else ():
+                if kind == "regular":  # installed read-only: mode & ~0o222 (upstream's blit)
+                    tree[value2] = ["file", f"{int(value1):032x}", f"{(mode or 0o644) & 0o7555:04o}"]
+                elif kind == "symlink":
+                    tree[value2] = ["symlink", value1]
+        obs.recorded_usr = tree
+    for rel, value in obs.usr.items():
+        if value[0] == "file" and int(value[1], 16) == EMPTY_DIGEST:
+            if os.lstat(usr / rel).st_nlink > 1:
+                obs.shared_empty_files.append(rel)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = argv if argv is not None else sys.argv[1:]
-    if len(args) != 1:
-        print("usage: python -m lab.probe ROOT", file=sys.stderr)
-        return 2
-    print(json.dumps(asdict(observe(Path(args[0])))))
+    parser = argparse.ArgumentParser(prog="python -m lab.probe", description="observe a system root as JSON")
+    parser.add_argument("root", type=Path)
+    parser.add_argument("--disk", type=Path, help="the GPT disk holding the ESP, to observe boot entries")
+    args = parser.parse_args(argv)
+    obs = observe(args.root)
+    if args.disk is not None:
+        obs.boot = observe_boot(args.disk)
+    print(json.dumps(asdict(obs)))
     return 0
 
 

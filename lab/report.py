@@ -139,6 +139,13 @@ def case_from_result(result, *, attempts: int = 1, rerun: str = "") -> CaseModel
                                            for v in step.violations]))
         elapsed += step.seconds
     console = getattr(result, "console", "")
+    sections = [Section(**s) if isinstance(s, dict) else s for s in getattr(result, "sections", [])]
+    for step in result.steps:   # a power_loss explore step's crash-state exploration (lab.crash)
+        crash = getattr(step, "crash", None)
+        if crash:
+            sections.append(Section(kind="crash-states", data=crash,
+                                    title=f"crash states of step {step.index}: {crash.get('states')} checked, "
+                                          f"model {crash.get('model')}"))
     return CaseModel(id=case_id(result), name=result.name, file=result.path, description=result.description,
                      target=result.target, mode=result.mode, swap=result.swap, verdict=Verdict(result.verdict),
                      reason=result.reason, seconds=result.seconds, attempts=attempts,
@@ -146,7 +153,7 @@ def case_from_result(result, *, attempts: int = 1, rerun: str = "") -> CaseModel
                      observed_violations=list(result.observed_violations), crash_semantics=result.crash_semantics,
                      environment=result.environment, upstream=result.upstream, traceback=result.traceback,
                      console="\n".join(console.splitlines()[-CONSOLE_EXCERPT_LINES:]), rerun=rerun, steps=steps,
-                     sections=[Section(**s) if isinstance(s, dict) else s for s in getattr(result, "sections", [])])
+                     sections=sections)
 
 
 def new_report(cases: list[CaseModel], *, started: str, run: dict[str, Any] | None = None,

@@ -57,6 +57,7 @@ class RunOptions:
     rerun_failures: int = 0
     shell_on_failure: bool = False
     snapshots: bool = True
+    personality: str | None = None
     report_dir: Path = Path("reports")
     shard: str | None = None
     argv: list[str] = field(default_factory=list)
@@ -213,19 +214,22 @@ def run_cases(cases: Sequence[Case], options: RunOptions, console=None) -> Repor
     factories = _vm_factories(cases, options, keep)
     durations = Durations()
     started, clock = now_utc(), time.monotonic()
+    directory = new_run_directory(options.report_dir)
     progress = Progress(cases, durations, jobs, console)
     results: dict[str, CaseModel] = {}
     stopping = threading.Event()
 
     def one(case: Case) -> CaseModel:
+        from lab.crash.explore import ExploreOptions
         from lab.runner import run_scenario
 
         attempts = 0
         while True:
             attempts += 1
             progress.begin(case)
+            crash = ExploreOptions(out_dir=directory / "crash" / case.name)  # crash engine's reproducers
             result = run_scenario(case.scenario, target=case.target, vm_factory=factories.get(case.target),
-                                  on_step=lambda i, d: progress.step(case, i, d))
+                                  crash_defaults=crash, on_step=lambda i, d: progress.step(case, i, d))
             model = case_from_result(result, attempts=attempts,
                                      rerun=rerun_command(options.rerun_base, result.path, result.name))
             if (model.verdict not in (Verdict.FAIL, Verdict.ERROR) or attempts > options.rerun_failures
@@ -267,7 +271,6 @@ def run_cases(cases: Sequence[Case], options: RunOptions, console=None) -> Repor
                             seconds=time.monotonic() - clock, environment=_environment(results),
                             run={"argv": " ".join(options.argv), "jobs": jobs, "shard": options.shard or "",
                                  "selected": len(cases)})
-        directory = new_run_directory(options.report_dir)
         write_all(report, directory)
         if keep is not None:
             import shutil
@@ -303,8 +306,8 @@ def _vm_factories(cases: Sequence[Case], options: RunOptions, keep: Path | None)
     if not any(c.target == TargetKind.VM for c in cases):
         return {}
     from lab.vm_target import vm_target_factory  # one accelerator probe for the whole run
-    return {str(TargetKind.VM): vm_target_factory(options.kernel, options.accel, snapshots=options.snapshots,
-                                                  keep=keep)}
+    return {str(TargetKind.VM): vm_target_factory(options.kernel, options.accel, options.personality,
+                                                  snapshots=options.snapshots, keep=keep)}
 
 
 def _shell_on_disk(keep: Path, options: RunOptions, case: CaseModel, console) -> None:

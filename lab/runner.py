@@ -10,6 +10,7 @@ Two kinds of failure are kept apart: the system under test failing (verdict ``fa
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import time
@@ -18,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lab.crash.explore import ExploreOptions
 from lab.invariants import INVARIANTS, CheckContext, ExpectedTree, Violation
 from lab.packages import PackageDecl, build_packages, expected_tree
 from lab.scenario import Scenario
@@ -35,13 +37,14 @@ __all__ = ["Runner", "ScenarioResult", "StepFailure", "StepResult", "run_scenari
 class StepResult:
     index: int
     description: str
-    status: str  # ok | failed | crashed
+    status: str  # ok | failed | crashed | explored
     seconds: float
     command: str = ""
     output: str = ""
     note: str = ""
     violations: list[Violation] = field(default_factory=list)
     evidence: dict[str, str] = field(default_factory=dict)  # invariant -> what showed it held
+    crash: dict | None = None  # a power_loss explore step's crash-state exploration (lab.crash.explore.Exploration)
 
 
 @dataclass
@@ -84,19 +87,43 @@ class Runner:
     """Runs one scenario's steps on one target; what step classes use: ``pm``, ``record``, ``model``,
     ``interrupt``/``interrupted``, ``resolve_state``, ``target``, ``scenario``, ``packages``."""
 
-    def __init__(self, scenario: Scenario, target: Target, packages: dict[str, Path]):
+    def __init__(self, scenario: Scenario, target: Target, packages: dict[str, Path], workdir: Path, *,
+                 crash_defaults: ExploreOptions | None = None, crash_overrides: dict | None = None):
+        self.crash_defaults = crash_defaults or ExploreOptions()  # a power_loss explore step's settings
+        self.crash_overrides = crash_overrides or {}  # `stonelab crash explore` flags, over the step's own
         self.scenario = scenario
         self.target = target
         self.packages = packages
+        self.workdir = workdir
+        self.traces = 0
+        self.last_trace: Path | None = None
+        self.booted: tuple[str | None, str, str] | None = None  # (expected state, reported state, entry)
         self.model = _Model()
         self.baseline = target.observe().outside
         self.interrupted: Interrupted | None = None
 
-    def pm(self, verb: list[str], *rest: str, fault: str | None = None) -> CommandResult:
-        """The package manager's CLI on the target's root, in the scenario's mode and swap strategy."""
-        args = [*verb, "-D", str(self.target.root), "--mode", str(self.scenario.mode),
-                "--swap", str(self.scenario.swap), *rest]
-        return self.target.stonelab(args, fault=fault)
+    def pm_args(self, verb: list[str], *rest: str) -> list[str]:
+        """Arguments of one verb on the target's root, in the scenario's mode and swap strategy (with the
+        system disk's ESP when the scenario manages boot entries)."""
+        boot = self.target.boot_args() if self.scenario.esp else []
+        return [*verb, "-D", str(self.target.root), "--mode", str(self.scenario.mode),
+                "--swap", str(self.scenario.swap), *boot, *rest]
+
+    def pm(self, verb: list[str], *rest: str, fault: str | None = None,
+           env: dict[str, str] | None = None) -> CommandResult:
+        """The package manager's CLI; its system calls are traced for the ALICE check when that is enabled."""
+        trace = None
+        if "alice" in self.scenario.invariants and verb[0] in ("install", "remove", "sync", "state"):
+            self.traces += 1
+            trace = self.workdir / f"trace-{self.traces}.txt"
+            self.last_trace = trace
+        return self.target.stonelab(self.pm_args(verb, *rest), fault=fault, env=env, trace=trace)
+
+    def execute(self, cmd) -> CommandResult:
+        """A step's :class:`lab.steps.transactions.Command` on the target."""
+        if cmd.plain:
+            return self.target.stonelab([*cmd.verb, *cmd.rest])
+        return self.pm(cmd.verb, *cmd.rest)
 
     @staticmethod
     def record(result: StepResult, command: str, outcome: CommandResult) -> None:
@@ -129,18 +156,31 @@ class Runner:
             result.note = str(err)
             acceptable = self.interrupted.trees() if self.interrupted else [self.model.tree()]
         if spec.checked:
-            self._check(result, acceptable)
+            self._check(step, result, acceptable)
             self.interrupted = None
+        elif result.status == "crashed" and self.scenario.esp and "boot_entries_valid" in self.scenario.invariants:
+            self._check(step, result, acceptable, only=("boot_entries_valid",))  # what the firmware finds next
         result.seconds = time.monotonic() - started
         return result
 
-    def _check(self, result: StepResult, acceptable: list[ExpectedTree]) -> None:
-        ctx = CheckContext(self.target.observe(), acceptable, self.baseline, self.target)
-        for name in self.scenario.invariants:
+    def _check(self, step: Step, result: StepResult, acceptable: list[ExpectedTree],
+               only: tuple[str, ...] = ()) -> None:
+        # "the default boots the active state" is the promise of a boot sync: judged when one was due
+        strict_boot = not only and (self.scenario.esp or step.kind == "boot_sync")
+        ctx = CheckContext(self.target.observe(boot=self.scenario.uses_esp), acceptable, self.baseline,
+                           self.target, trace=self.last_trace, model_states=set(self.model.states),
+                           strict_boot=strict_boot, booted=self.booted)
+        self.last_trace = None
+        self.booted = None
+        for name in only or self.scenario.invariants:
+            if name not in INVARIANTS:
+                continue  # judged on crash states only (CRASH_STATE_INVARIANTS, lab/crash/check.py)
             outcome = INVARIANTS[name].check(ctx)
             if outcome.held:
                 result.evidence[name] = outcome.evidence
             result.violations += [Violation(name, p) for p in outcome.problems]
+        if only:
+            return
         if self.interrupted and ctx.matched is self.interrupted.new:
             self.model.installed = self.interrupted.new_installed
         obs = ctx.obs
@@ -155,8 +195,10 @@ StepHook = Callable[[int, str], None]
 
 
 def run_scenario(scenario: Scenario, *, workdir: Path | None = None, target: str | None = None,
-                 vm_factory: TargetFactory | None = None, on_step: StepHook | None = None) -> ScenarioResult:
+                 vm_factory: TargetFactory | None = None, crash_defaults: ExploreOptions | None = None,
+                 crash_overrides: dict | None = None, on_step: StepHook | None = None) -> ScenarioResult:
     """Run one scenario: where it is pinned (``target: host|vm`` in its file), else on ``target`` (default host).
+    ``crash_defaults``/``crash_overrides``: settings of its ``power_loss: {explore: true}`` steps (lab.crash).
 
     Never raises for a failure of the system under test (verdict ``fail``) nor for a broken lab (verdict
     ``error``: a StonelabError's message, or any other exception with its traceback); only KeyboardInterrupt
@@ -171,7 +213,7 @@ def run_scenario(scenario: Scenario, *, workdir: Path | None = None, target: str
         result.verdict, result.reason = Verdict.NOT_APPLICABLE, scenario.not_applicable
         return result
     try:
-        _run_steps(scenario, result, kind, workdir, vm_factory, on_step)
+        _run_steps(scenario, result, kind, workdir, vm_factory, crash_defaults, crash_overrides, on_step)
     except StonelabError as err:
         result.verdict, result.reason = Verdict.ERROR, f"lab error: {err}"
     except Exception as err:  # a bug in the lab: report it, keep running the other scenarios
@@ -184,19 +226,22 @@ def run_scenario(scenario: Scenario, *, workdir: Path | None = None, target: str
 
 
 def _run_steps(scenario: Scenario, result: ScenarioResult, kind: TargetKind, workdir: Path | None,
-               vm_factory: TargetFactory | None, on_step: StepHook | None = None) -> None:
+               vm_factory: TargetFactory | None, crash_defaults: ExploreOptions | None,
+               crash_overrides: dict | None, on_step: StepHook | None = None) -> None:
     if kind == TargetKind.VM and vm_factory is None:
         from lab.vm_target import vm_target_factory
         vm_factory = vm_target_factory()
     if kind == TargetKind.VM:
         workdir = workdir or run_cache_dir()  # must be visible in the guest, which mounts tmpfs over /tmp
     with tempfile.TemporaryDirectory(prefix="stonelab-run-", dir=workdir) as tmp:
-        packages = build_packages(scenario.packages, Path(tmp) / "packages")
+        packages, decls = build_packages(scenario.packages, Path(tmp) / "packages")
+        scenario = dataclasses.replace(scenario, packages=decls)
         make = vm_factory if kind == TargetKind.VM else (lambda path: HostTarget(path))
         with make(Path(tmp) / "target") as sut:
             result.crash_semantics = sut.crash_semantics
             result.environment = sut.describe()
-            runner = Runner(scenario, sut, packages)
+            runner = Runner(scenario, sut, packages, Path(tmp), crash_defaults=crash_defaults,
+                            crash_overrides=crash_overrides)
             try:
                 for step in scenario.steps:
                     if on_step:

@@ -30,7 +30,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from lab.invariants import INVARIANTS
+from lab.invariants import CRASH_STATE_INVARIANTS, INVARIANTS
 from lab.packages import PackageDecl
 from lab.steps import REGISTRY, Loc, ParseContext, Step, StepArgError
 from lab.target import TargetKind
@@ -47,8 +47,8 @@ class ScenarioError(StonelabError):
 
 
 def _known_invariant(name: str) -> str:
-    if name not in INVARIANTS:
-        raise ValueError(f"unknown invariant {name!r}; known: {', '.join(INVARIANTS)}")
+    if name not in INVARIANTS and name not in CRASH_STATE_INVARIANTS:
+        raise ValueError(f"unknown invariant {name!r}; known: {', '.join([*INVARIANTS, *CRASH_STATE_INVARIANTS])}")
     return name
 
 
@@ -93,6 +93,7 @@ class ScenarioFile(_Strict):
     expect_violations: Expectation | None = None
     tags: list[str] = Field(default_factory=list)
     upstream: str = ""
+    esp: bool = False
     matrix: MatrixAxes | None = None
     cells: list[Cell] = Field(default_factory=list)
 
@@ -117,6 +118,12 @@ class Scenario:
     upstream: str = ""
     not_applicable: str = ""
     family: str = ""  # the file's scenario name, shared by every cell of a matrix
+    esp: bool = False  # transactions synchronise boot entries on the target's system disk (--esp)
+
+    @property
+    def uses_esp(self) -> bool:
+        """The scenario touches the system disk's ESP (so the lab observes it after every step)."""
+        return self.esp or any(getattr(s.spec, "uses_esp", False) for s in self.steps)
 
     def expected_for(self, target: str) -> tuple[str, ...]:
         return self.expect_violations.get(target, self.expect_violations.get("*", ()))
@@ -131,8 +138,18 @@ def load_scenarios(path: str | Path) -> list[Scenario]:
         spec = ScenarioFile.model_validate(doc.data)
     except ValidationError as err:
         raise ScenarioError(_first_error(doc, err)) from None
+    except RecursionError:
+        raise ScenarioError(doc.located((), "a YAML alias refers to itself")) from None
     packages = {key: decl.model_copy(update={"key": key}) for key, decl in spec.packages.items()}
-    steps = _parse_steps(doc, spec.steps, packages)
+    try:
+        steps = _parse_steps(doc, spec.steps, packages)
+    except RecursionError:
+        raise ScenarioError(doc.located(("steps",), "steps: a YAML alias refers to itself")) from None
+    if spec.target == TargetKind.HOST:
+        explored = next((s for s in steps if s.kind == "power_loss" and s.arg.explore), None)
+        if explored is not None:
+            raise ScenarioError(doc.located(("target",), "target: power_loss explore checks the crash states of a "
+                                                         "recorded virtual disk: the scenario needs target vm (or any)"))
     return [_cell(spec, doc.path, packages, steps, mode, swap) for mode, swap in _combinations(spec)]
 
 
@@ -177,7 +194,7 @@ def _cell(spec: ScenarioFile, path: Path, packages: dict[str, PackageDecl], step
         name=name, path=path, description=spec.description, target=spec.target, swap=swap, mode=mode,
         packages=packages, steps=steps, invariants=tuple(spec.invariants or INVARIANTS),
         expect_violations=_expectation(expected), tags=tuple(spec.tags), upstream=upstream,
-        not_applicable=not_applicable, family=spec.name)
+        not_applicable=not_applicable, family=spec.name, esp=spec.esp)
 
 
 def _expectation(raw: list[str] | dict[TargetKind, list[str]] | None) -> dict[str, tuple[str, ...]]:

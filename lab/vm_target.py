@@ -10,18 +10,29 @@ volatile state die with it.  Periodic writeback and ext4's periodic journal comm
 so the outcome does not depend on timers: what survives is what the software under test flushed.  The next step
 powers the machine on again, and the journal replay and the package manager's recovery face whatever the disk
 holds.
+
+Recording (``record=True``, the default): each boot is a *generation*.  The guest's system disk is a qcow2 overlay
+over the image the boot started from (kept untouched, and attached read-only as the guest's second disk,
+``/dev/vdb``), and QEMU's blklogwrites driver logs every write and flush of the boot into ``gen-N.log``.  The
+log's length is read at each timeline mark — a command starts, returns (with its exit status), a fault point is
+announced — so the crash engine (``lab/crash``) knows which writes had been issued at each moment and can
+rebuild, in the same guest, every state a power cut could leave.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shlex
+import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from lab.probe import Observation
 from lab.target import COMMAND_TIMEOUT, CommandResult, TargetKind
+from reference_impl import mutants
 from stonelab.errors import StonelabError
 from vm.accel import AccelChoice, AccelSelector
 from vm.disk import DiskLayout, build_disk
@@ -31,37 +42,82 @@ from vm.log import get_logger
 from vm.machine import PROJECT_DIR, Machine, agent_config
 from vm.qemu import DiskSpec
 from vm.snapshot import resume, saved_state
+from vm.transport import ConsoleTransport
+from reference_impl.boot.esp import MtoolsEsp
 
 log = get_logger("lab.vm_target")
 GUEST_ROOT = "/mnt/sut"
 GUEST_PACKAGES = "/tmp/stonelab-packages"
 SUT_PARTITION = "/dev/vda2"
+GUEST_DISK = "/dev/vda"
+LOADER_CONF = "loader/loader.conf"
+UEFI_BOOT_TIMEOUT = 600  # OVMF + systemd-boot + the kernel under TCG on a loaded 2-core CI machine
+BASE_PARTITION = "/dev/vdb2"  # the generation's starting image, read-only (recording targets only)
 EXT4_COMMIT_SECONDS = 3600
+
+
+@dataclass(frozen=True)
+class Mark:
+    """A moment of the lab's timeline in the current generation's write log: ``log_bytes`` long at that time."""
+
+    label: str  # start | return | fault:<point>
+    log_bytes: int
+    exit_status: int | None = None
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One boot of a recording target: the image it started from, the overlay it writes, its write log."""
+
+    number: int
+    base: Path
+    base_format: str
+    overlay: Path
+    log: Path
 
 
 class VmTarget:
     kind = TargetKind.VM
-    crash_semantics = ("power cut: QEMU is SIGKILLed the moment the guest announces the fault point; the guest's "
+    crash_semantics = ("optimistic power-loss model (every submitted write survives; see docs/CRASH.md) — "
+                       "power cut: QEMU is SIGKILLed the moment the guest announces the fault point; the guest's "
                        "page cache is lost and, with periodic writeback and journal commits disabled, exactly what "
                        "the software flushed (fsync/syncfs) survives")
 
     def __init__(self, workdir: Path, *, kernel: Kernel | None = None, accel: str = "auto",
-                 selector: AccelSelector | None = None, root_mib: int = 256, snapshots: bool = True,
-                 keep: Path | None = None):
+                 selector: AccelSelector | None = None, root_mib: int = 256, personality: str | None = None,
+                 record: bool = True, snapshots: bool = True, keep: Path | None = None):
         self.workdir = workdir
         self.keep = keep
+        # a kernel personality (lab.kernel.emulate): the package manager runs under its seccomp filter, on the
+        # profile's persistent root filesystem
+        self.personality = personality
+        self.root_fs = "ext4"
+        if personality:
+            from lab.kernel.profile import load_profile
+            self.root_fs = load_profile(personality).persistent_root or "ext4"
         self.root = Path(GUEST_ROOT)
         seed = workdir / "seed"
         (seed / "etc").mkdir(parents=True, exist_ok=True)
         (seed / "etc" / "hostname").write_text("stonelab\n")
         (seed / "var" / "lib" / "lab").mkdir(parents=True, exist_ok=True)
         (seed / "var" / "lib" / "lab" / "keep").write_text("user data\n")
-        self.disk = build_disk(workdir / "sut.img", DiskLayout(esp_mib=64, root_mib=root_mib), root_tree=seed)
+        self.disk = build_disk(workdir / "sut.img", DiskLayout(esp_mib=64, root_mib=root_mib), root_tree=seed,
+                               root_fs=self.root_fs)
         self.kernel = kernel or default_kernel()
         self.accel: AccelChoice = (selector or AccelSelector()).choose(self.kernel, accel)
-        config = agent_config(self.kernel, self.accel, [DiskSpec(self.disk.path)])
+        self.record = record
+        self.generation: Generation | None = None
+        self._flattened = False
+        self.marks: list[Mark] = []
+        # Recording boots (the crash engine's write logs over qcow2 overlay chains) keep the host root over 9p
+        # and boot afresh; a non-recording target runs on the EROFS userland image and restores a guest saved
+        # after boot (vm.snapshot) at every power-on.
+        fast = not record
+        config = agent_config(self.kernel, self.accel, [DiskSpec(self.disk.path)],
+                              userland="image" if fast else "9p")
         self.machine = Machine(config, name="sut", crash_on_fault=True, console_log=workdir / "console.log",
-                               restore_from=saved_state(config) if snapshots else None)
+                               restore_from=saved_state(config) if fast and snapshots else None)
+        self.machine.on_fault = lambda point: self.mark(f"fault:{point}")
         self.boots = 0
         self._pushed: dict[Path, str] = {}
         try:
@@ -71,11 +127,14 @@ class VmTarget:
             raise
 
     def describe(self) -> str:
-        return f"QEMU guest, kernel {self.kernel.image.name}, {self.accel.describe()}"
+        personality = f", personality {self.personality} (root {self.root_fs})" if self.personality else ""
+        return f"QEMU guest, kernel {self.kernel.image.name}, {self.accel.describe()}{personality}"
 
     def power_on(self) -> None:
         if self.machine.running:
             return
+        if self.record:
+            self._new_generation()
         try:
             self.machine.start()
         except VmError as err:
@@ -95,32 +154,102 @@ class VmTarget:
         # write. This is also how Asterinas behaves (it has no writeback thread).
         self.machine.succeed("echo 0 > /proc/sys/vm/dirty_writeback_centisecs && "
                              "echo 360000 > /proc/sys/vm/dirty_expire_centisecs")
-        self.machine.succeed(f"mkdir -p {GUEST_ROOT} && "
-                             f"mount -t ext4 -o commit={EXT4_COMMIT_SECONDS} {SUT_PARTITION} {GUEST_ROOT}")
+        options = [f"commit={EXT4_COMMIT_SECONDS}"] if self.root_fs == "ext4" else []
+        if mutants.active("no-flush") and self.root_fs == "ext4":
+            options.append("barrier=0")  # a seeded bug: fsync/syncfs write out but never send a cache FLUSH
+        flags = f"-o {','.join(options)} " if options else ""
+        self.machine.succeed(f"mkdir -p {GUEST_ROOT} && mount -t {self.root_fs} {flags}{SUT_PARTITION} {GUEST_ROOT}")
+
+    def _new_generation(self) -> None:
+        """The next boot writes a fresh overlay over what the disk holds now, and logs into a fresh file."""
+        number = self.generation.number + 1 if self.generation else 1
+        chained = self.generation is not None and not self._flattened
+        base, fmt = (self.generation.overlay, "qcow2") if chained else (self.disk.path, "raw")
+        self._flattened = False
+        overlay, log = self.workdir / f"gen-{number}.qcow2", self.workdir / f"gen-{number}.log"
+        proc = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", fmt,
+                               str(overlay)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise StonelabError(f"{overlay}: qemu-img create failed: {proc.stderr.strip()}")
+        log.write_bytes(b"")
+        self.generation = Generation(number, base, fmt, overlay, log)
+        self.marks = []
+        self.machine.config.disks = [DiskSpec(overlay, format="qcow2", log=log),
+                                     DiskSpec(base, format=fmt, readonly=True)]
+
+    def mark(self, label: str, exit_status: int | None = None) -> Mark | None:
+        """Note the current write-log length under ``label`` (None when not recording)."""
+        if self.generation is None:
+            return None
+        mark = Mark(label, self.generation.log.stat().st_size, exit_status)
+        self.marks.append(mark)
+        return mark
+
+    base_partition = BASE_PARTITION
+
+    @property
+    def root_partition(self) -> tuple[int, int]:
+        """(byte offset, byte length) of the root file system on the disk."""
+        layout = self.disk.layout
+        return layout.root_offset, layout.root_mib * 1024 * 1024
+
+    def run_guest(self, argv: list[str], timeout: float):
+        """Run ``python argv`` in the guest (the project directory, this interpreter)."""
+        return self._python(argv, timeout=timeout)
+
+    def _flatten(self) -> Path:
+        """The disk as it is now, as one raw image (what OVMF and mtools read): the recording's overlay chain is
+        converted into ``gen-<n>-flat.img``, which the next generation starts from. Raises StonelabError when
+        qemu-img fails."""
+        if self.generation is None:
+            return self.disk.path
+        flat = self.workdir / f"gen-{self.generation.number}-flat.img"
+        proc = subprocess.run(["qemu-img", "convert", "-q", "-f", "qcow2", "-O", "raw",
+                               str(self.generation.overlay), str(flat)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise StonelabError(f"{flat}: qemu-img convert failed: {proc.stderr.strip()}")
+        self.disk = dataclasses.replace(self.disk, path=flat)
+        self._flattened = True
+        return flat
 
     def _python(self, argv: list[str], env: str = "", timeout: float = COMMAND_TIMEOUT):
         self.power_on()
+        mutant = os.environ.get(mutants.ENV_VAR)
+        if mutant:  # the lab's own tests seed bugs in the system under test (reference_impl/mutants.py)
+            env = f"{mutants.ENV_VAR}={shlex.quote(mutant)} {env}"
         command = f"cd {shlex.quote(str(PROJECT_DIR))} && {env}{shlex.quote(sys.executable)} {shlex.join(argv)}"
         return self.machine.execute(command, timeout)
 
-    def stonelab(self, args: list[str], *, fault: str | None = None) -> CommandResult:
+    def stonelab(self, args: list[str], *, fault: str | None = None, env: dict[str, str] | None = None,
+                 trace: Path | None = None) -> CommandResult:
         argv = ["-m", "stonelab.cli", *args]
-        env = f"STONELAB_FAULT={shlex.quote(fault + ':pause')} " if fault else ""
+        if self.personality:
+            argv = ["-m", "lab.kernel.emulate", "--profile", self.personality, "--", sys.executable, *argv]
+        prefix = f"STONELAB_FAULT={shlex.quote(fault + ':pause')} " if fault else ""
+        prefix += "".join(f"{k}={shlex.quote(v)} " for k, v in (env or {}).items())
+        # trace: the host root is read-only in the guest, so the ALICE check judges host-target runs only
         started = time.monotonic()
+        self.power_on()
+        self.mark("start")
         try:
-            result = self._python(argv, env)
+            result = self._python(argv, prefix)
         except StonelabError as err:
-            crashed = bool(fault) and self.machine.faults is not None and fault in self.machine.faults.points
+            point = fault or ("cut" if env and "STONELAB_CUT" in env else None)
+            crashed = bool(point) and self.machine.faults is not None and point in self.machine.faults.points
             if not crashed:
                 raise
             self.machine.crash()  # the watcher only sent SIGKILL; make sure QEMU is gone and reaped
             return CommandResult(["stonelab", *args], -9, "", f"power cut at {fault}: {err}",
                                  time.monotonic() - started, crashed=True)
+        self.mark("return", result.exit_code)
         return CommandResult(["stonelab", *args], result.exit_code, result.stdout, result.stderr,
                              time.monotonic() - started)
 
     def path_for_package(self, path: Path) -> str:
-        """The guest path of a host package file, copied into the guest's /tmp once per power-on."""
+        """The guest path of a host package file: the same path over 9p; on the userland image a copy in the
+        guest's /tmp, made once per power-on."""
+        if self.machine.config.share_host_root:
+            return str(path)
         self.power_on()
         if path not in self._pushed:
             guest = f"{GUEST_PACKAGES}/{len(self._pushed)}-{path.name}"
@@ -129,16 +258,19 @@ class VmTarget:
             self._pushed[path] = guest
         return self._pushed[path]
 
-    def observe(self) -> Observation:
-        result = self._python(["-m", "lab.probe", GUEST_ROOT])
+    def observe(self, *, boot: bool = False) -> Observation:
+        result = self._python(["-m", "lab.probe", GUEST_ROOT, *(["--disk", GUEST_DISK] if boot else [])])
         if result.exit_code != 0:
             raise StonelabError(f"lab.probe failed in the guest: {result.stderr.strip()[-300:]}")
         return Observation(**json.loads(result.stdout))
 
     def corrupt_asset(self) -> str:
-        result = self._python(["-m", "lab.faults", "corrupt-asset", GUEST_ROOT])
+        return self.inject("corrupt-asset")
+
+    def inject(self, action: str, arg: str = "") -> str:
+        result = self._python(["-m", "lab.faults", action, GUEST_ROOT, GUEST_DISK, arg])
         if result.exit_code != 0:
-            raise StonelabError(f"corrupting an asset in the guest failed: {result.stderr.strip()[-300:]}")
+            raise StonelabError(f"{action} in the guest failed: {result.stderr.strip()[-300:]}")
         return result.stdout.strip()
 
     def console_text(self) -> str:
@@ -148,11 +280,80 @@ class VmTarget:
         except OSError:
             return ""
 
+    def boot_args(self) -> list[str]:
+        # the ESP partition's device node (mtools on the whole disk at the ESP's offset fails in the guest)
+        return ["--esp", f"{GUEST_DISK}1", "--root-device", f"{GUEST_DISK}:2"]
+
+    def shell(self, command: str) -> CommandResult:
+        self.power_on()
+        started = time.monotonic()
+        result = self.machine.execute(f"cd {GUEST_ROOT} && STONELAB_ROOT={GUEST_ROOT} {command}", COMMAND_TIMEOUT)
+        return CommandResult(["sh", "-c", command], result.exit_code, result.stdout, result.stderr,
+                             time.monotonic() - started)
+
+    def count_mutations(self, args: list[str]) -> int:
+        """Calibration on a copy of the root inside the guest (same filesystem); ESP arguments are dropped, so
+        a boot sync's calls are not counted."""
+        copy = GUEST_ROOT + "-calibrate"
+        self.machine.succeed(f"rm -rf {copy} && cp -a {GUEST_ROOT} {copy}")
+        kept, skip = [], False
+        for a in args:
+            if skip:
+                skip = False
+            elif a in ("--esp", "--root-device"):
+                skip = True
+            else:
+                kept.append(copy if a == GUEST_ROOT else a)
+        self.stonelab(kept, env={"STONELAB_CUT": f"count:{copy}.count"})
+        result = self.machine.execute(f"cat {copy}.count; rm -rf {copy} {copy}.count", 120)
+        return int(result.stdout.strip() or 0) if result.stdout.strip().isdigit() else 0
+
+    def boot_entry(self, entry: str) -> tuple[str, str, str]:
+        """Power off, then boot the SUT disk for real: OVMF → systemd-boot → the Type 1 entry ``entry`` (a file
+        name under loader/entries without .conf; the lab makes it the one-time default in loader.conf and puts the
+        original back afterwards). Returns (state id the initramfs found in /usr/.stateID, its moss.fstx=, the
+        console's last lines). Raises StonelabError when no state is reported in time."""
+        from lab.bootproof import BOOTED
+        from vm.machine import uefi_config
+
+        if self.machine.running:
+            self.machine.succeed(f"sync && umount {GUEST_ROOT}")
+            self.machine.shutdown()
+        disk = self._flatten()
+        fat = MtoolsEsp(disk, self.disk.layout.esp_offset)
+        original = fat.read(LOADER_CONF) or b""
+        lines = [ln for ln in original.decode().splitlines() if not ln.startswith("default ")]
+        fat.write_atomic(LOADER_CONF, "\n".join([f"default {entry}", *lines, ""]).encode())
+        config = uefi_config(self.accel, DiskSpec(disk), agent=False, share_host_root=False)
+        try:
+            with Machine(config, name="sut-uefi", transport=ConsoleTransport(),
+                         console_log=self.workdir / f"uefi-{self.boots}.log") as firmware:
+                try:
+                    firmware.wait_for_console(BOOTED.pattern, UEFI_BOOT_TIMEOUT)
+                    firmware.wait_for_exit(60)
+                except VmError as err:
+                    raise StonelabError(f"UEFI boot of entry {entry} reported no state: {err}") from None
+                found = BOOTED.findall(firmware.console.text)
+                tail = "\n".join(firmware.console.tail()[-8:])
+        finally:
+            fat.write_atomic(LOADER_CONF, original)
+        state, fstx = found[-1]
+        return state, fstx, tail
+
+    def reboot(self) -> str:
+        """A clean shutdown (the guest syncs and unmounts), then power on again."""
+        self.power_on()
+        self.machine.succeed(f"sync && umount {GUEST_ROOT}")
+        self.machine.shutdown()
+        self.power_on()
+        return f"clean shutdown and power on (boot {self.boots})"
+
     def close(self) -> None:
         self.machine.close()
         if self.keep is not None:  # --shell-on-failure: the disk outlives the run's temporary directory
             self.keep.mkdir(parents=True, exist_ok=True)
-            os.replace(self.disk.path, self.keep / self.disk.path.name)
+            disk = self._flatten() if self.generation is not None else self.disk.path
+            os.replace(disk, self.keep / "sut.img")
 
     def __enter__(self) -> VmTarget:
         return self
@@ -161,8 +362,8 @@ class VmTarget:
         self.close()
 
 
-def vm_target_factory(kernel: str | None = None, accel: str = "auto", *, snapshots: bool = True,
-                      keep: Path | None = None):
+def vm_target_factory(kernel: str | None = None, accel: str = "auto", personality: str | None = None,
+                      record: bool = True, *, snapshots: bool = True, keep: Path | None = None):
     """One accelerator probe for the whole run, one fresh disk and guest per scenario. ``keep``: a directory the
     system disk of each target is moved to when it closes (``keep/<n>/sut.img``, for a shell after a failure)."""
     selector = AccelSelector()
@@ -171,6 +372,6 @@ def vm_target_factory(kernel: str | None = None, accel: str = "auto", *, snapsho
 
     def make(workdir: Path) -> VmTarget:
         made[0] += 1
-        return VmTarget(workdir, kernel=image, accel=accel, selector=selector, snapshots=snapshots,
-                        keep=keep / str(made[0]) if keep else None)
+        return VmTarget(workdir, kernel=image, accel=accel, selector=selector, personality=personality,
+                        record=record, snapshots=snapshots, keep=keep / str(made[0]) if keep else None)
     return make

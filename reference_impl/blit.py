@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from reference_impl import mutants
 from reference_impl.stone import EMPTY_DIGEST, LayoutEntry, LayoutType
 from reference_impl.fsutil import syncfs_fd
 from reference_impl.store import ASSET_MODE, asset_path
@@ -148,6 +149,7 @@ class _Blitter:
             self.store_owner = (self.euid, self.egid)
             self.store_dev = None
         self.umask = _current_umask()
+        self.share_empty = mutants.active("hardlink-empty-files")
         self.strategy = BlitStrategy.HARDLINK
 
     def close(self) -> None:
@@ -432,7 +434,7 @@ class _Blitter:
             counts["files"] += 1
             digest = entry.digest
             mode = entry.mode & 0o7555  # & 0o7777 & ~0o222
-            if digest == EMPTY_DIGEST:
+            if digest == EMPTY_DIGEST and not self.share_empty:
                 self._empty(target, mode, uid, gid)
                 counts["empty"] += 1
                 continue

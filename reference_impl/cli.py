@@ -9,7 +9,7 @@ from pathlib import Path
 
 from reference_impl.blit import BlitStrategy
 from reference_impl.client import Client, ClientOptions, Outcome
-from reference_impl.faults import FAULT_DESCRIPTIONS, FAULT_POINTS, configured_fault
+from reference_impl.faults import FAULT_DESCRIPTIONS, FAULT_POINTS, configured_fault, install_cut
 from reference_impl.swap import SwapStrategy
 from reference_impl.transaction import Mode
 from stonelab.errors import StonelabError
@@ -72,6 +72,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def client_for(args: argparse.Namespace) -> Client:
     configured_fault()  # a malformed STONELAB_FAULT is a one-line error before anything happens
+    install_cut()
     options = ClientOptions(root=args.directory, mode=Mode(args.mode), swap=SwapStrategy(args.swap),
                             blit=BlitStrategy(args.blit), triggers=not args.no_triggers, esp=args.esp,
                             root_device=args.root_device)

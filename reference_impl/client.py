@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+from reference_impl import mutants
 from reference_impl.blit import BlitReport, BlitStrategy
 from reference_impl.db import Databases, Selection, State
 from reference_impl.installation import Installation
@@ -231,9 +232,15 @@ class Client:
         if keep < 1:
             raise StonelabError(f"--keep {keep}: must keep at least one state")
         active = self.active_state()
-        states = [s.id for s in self.dbs.state.all() if s.id != active]
+        states = [s.id for s in self.dbs.state.all() if s.id != active or mutants.active("prune-active")]
         kept = set(sorted(states)[-(keep - 1):] if keep > 1 else [])
-        return self.remove_states([s for s in states if s not in kept]) if len(states) >= keep else []
+        removed = self.remove_states([s for s in states if s not in kept]) if len(states) >= keep else []
+        # entries naming a pruned state drop the machine into emergency mode (upstream #585); moss-compat keeps
+        # upstream's behaviour
+        if removed and self.boot is not None and active is not None and self.options.mode is Mode.REFERENCE \
+                and not mutants.active("stale-boot-entries"):
+            self.boot(self.inst, active)
+        return removed
 
     def collect_garbage(self) -> None:
         referenced_packages = {sel.package_id for s in self.dbs.state.all() for sel in self.dbs.state.selections(s.id)}

@@ -100,3 +100,56 @@ def _announce(name: str) -> None:
             os.write(fd, line.encode())
         finally:
             os.close(fd)
+
+
+CUT_ENV_VAR = "STONELAB_CUT"
+# Audit events (https://docs.python.org/3/library/audit_events.html) of calls that change a filesystem.
+MUTATING_EVENTS = frozenset({"os.rename", "os.link", "os.symlink", "os.remove", "os.rmdir", "os.mkdir",
+                             "os.truncate", "os.chmod", "os.chown", "os.utime", "shutil.rmtree", "shutil.copyfile",
+                             "ctypes.call_function"})
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+
+def _mutates(event: str, args: tuple) -> bool:
+    if event in MUTATING_EVENTS:
+        return True
+    if event == "open" and len(args) >= 3:
+        mode, flags = args[1], args[2]
+        return (isinstance(mode, str) and any(c in mode for c in "wax+")) or bool(flags and flags & _WRITE_FLAGS)
+    return False
+
+
+def install_cut(environ: Mapping[str, str] | None = None) -> None:
+    """``STONELAB_CUT=N[:pause]``: stop the process right after its N-th call that changes a filesystem (a power
+    cut at a moment that is not a fault point); ``count:FILE`` writes the number of such calls to FILE at exit
+    (the calibration run). Uses a Python audit hook (PEP 578), so no code path needs to cooperate."""
+    text = (os.environ if environ is None else environ).get(CUT_ENV_VAR, "").strip()
+    if not text:
+        return
+    seen = [0]
+    if text.startswith("count:"):
+        import atexit
+        out = text.removeprefix("count:")
+        atexit.register(lambda: open(out, "w").write(str(seen[0])))
+
+        def count(event: str, args: tuple) -> None:
+            if _mutates(event, args):
+                seen[0] += 1
+        sys.addaudithook(count)
+        return
+    moment, _sep, action = text.partition(":")
+    if not moment.isdigit() or int(moment) < 1 or action not in ("", "crash", "pause"):
+        raise StonelabError(f"{CUT_ENV_VAR}={text}: expected N[:crash|pause] (N >= 1) or count:FILE")
+    limit = int(moment)
+
+    def cut(event: str, args: tuple) -> None:
+        # the hook runs before the call: stop before the (N+1)-th, so exactly N calls happened
+        if _mutates(event, args):
+            if seen[0] == limit:
+                if action == "pause":
+                    _announce("cut")
+                    while True:
+                        time.sleep(3600)
+                os.kill(os.getpid(), signal.SIGKILL)
+            seen[0] += 1
+    sys.addaudithook(cut)

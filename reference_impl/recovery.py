@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 
+from reference_impl import mutants
 from reference_impl.fsutil import fsync_dir
 from reference_impl.installation import ROOT_LINKS, read_state_id
 from reference_impl.swap import SwapStrategy, renameat2_exchange, switch_symlink, update_root_links
@@ -79,7 +80,10 @@ def _complete(tx: Transaction, intent: Intent) -> list[str]:
                      f"state {tx.active_state()} stays active")
     elif strategy is SwapStrategy.EXCHANGE and intent.op != "repair":
         if inst.staging_usr.is_dir() and read_state_id(inst.staging_usr) == intent.old and intent.old is not None:
-            tx._archive_staged(intent.old)
+            if mutants.active("recover-by-deleting"):
+                remove_tree(inst.staging)
+            else:
+                tx._archive_staged(intent.old)
             notes.append(f"archived the previous tree of state {intent.old}")
     update_root_links(inst, durable=True)
     boot = intent.boot_config()
@@ -101,6 +105,9 @@ def _tidy_staging(tx: Transaction) -> list[str]:
         return []
     staged = read_state_id(inst.staging_usr) if inst.staging_usr.is_dir() else None
     known = staged is not None and tx.dbs.state.get(staged) is not None
+    if known and mutants.active("recover-by-deleting"):
+        remove_tree(inst.staging)
+        return [f"removed the tree of state {staged} found in staging"]
     if known and staged != tx.active_state() and not inst.archived(staged).exists():
         inst.archived(staged).parent.mkdir(parents=True, exist_ok=True)
         os.rename(inst.staging_usr, inst.archived(staged))
@@ -130,7 +137,7 @@ def _drop_treeless_states(tx: Transaction) -> list[str]:
     inst = tx.inst
     active = tx.active_state()
     gone = [s.id for s in tx.dbs.state.all() if s.id != active and not inst.archived(s.id).is_dir()]
-    if not gone:
+    if not gone or mutants.active("keep-treeless-states"):
         return []
     tx.dbs.state.remove(gone)
     return [f"dropped state {i}: recorded but its tree never made it to disk" for i in gone]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import xxhash
 
+from reference_impl import mutants
 from reference_impl.stone import StoneFile
 from reference_impl.stone.extract import ExtractOptions, extract
 
@@ -74,7 +75,7 @@ class Store:
             actual = hash_file(path)
             if actual is None:
                 problems.append(AssetProblem(digest, path, "missing"))
-            elif actual != digest:
+            elif actual != digest and not mutants.active("skip-asset-hash-check"):
                 problems.append(AssetProblem(digest, path, f"content hashes to {actual:032x}"))
             for variant in path.parent.glob(path.name + ".*"):
                 if variant.name.endswith(".part"):

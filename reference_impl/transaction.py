@@ -20,6 +20,7 @@ from typing import TextIO
 
 from reference_impl.blit import BlitOptions, BlitReport, BlitStrategy, blit
 from reference_impl.db import Databases, State
+from reference_impl import mutants
 from reference_impl.faults import fault_point
 from reference_impl.fsutil import fsync_dir, syncfs
 from reference_impl.installation import STATE_ID_FILE, Installation, read_state_id
@@ -97,6 +98,8 @@ class Intent:
             raise StonelabError(f"{path}: unreadable intent record ({err}); inspect and remove it") from None
 
     def write(self, path: Path) -> None:
+        if mutants.active("drop-intent-record"):
+            return
         tmp = path.with_suffix(".tmp")
         with open(tmp, "w") as handle:
             json.dump(asdict(self), handle)
@@ -138,6 +141,8 @@ class Transaction:
             Intent("commit", "staging", None, old, self.settings.swap.value).write(inst.intent)
         inst.staging_usr.mkdir(parents=True)
         self.fault("blit.begin")
+        if mutants.active("swap-before-blit-complete"):
+            entries = list(entries)[: len(list(entries)) // 2]
         report = blit(entries, inst.assets, inst.staging_usr,
                       BlitOptions(strategy=self.settings.blit, fsync=False,
                                   on_halfway=lambda: self.fault("blit.mid")))
@@ -145,7 +150,8 @@ class Transaction:
         state = self.dbs.state.add(selections, summary=summary)
         self.fault("state.recorded")
         try:
-            (inst.staging_usr / STATE_ID_FILE).write_text(str(state.id))
+            if not mutants.active("skip-state-id"):
+                (inst.staging_usr / STATE_ID_FILE).write_text(str(state.id))
             os_release = inst.staging_usr / "lib" / "os-release"
             if not os_release.exists():
                 os_release.parent.mkdir(parents=True, exist_ok=True)
@@ -193,10 +199,13 @@ class Transaction:
     def switch(self, intent: Intent, *, intent_written: bool = False) -> None:
         inst, durable = self.inst, self.settings.durable
         if durable:
-            syncfs(inst.root if inst.root.is_dir() else inst.moss)
+            if not mutants.active("skip-syncfs", self.settings.environ):
+                syncfs(inst.root if inst.root.is_dir() else inst.moss)
             if not intent_written:
                 intent.write(inst.intent)
         self.fault("swap.before")
+        if self.settings.swap is SwapStrategy.EXCHANGE and mutants.active("archive-before-swap"):
+            self._archive_staged(intent.old)
         if self.settings.swap is SwapStrategy.EXCHANGE:
             self._exchange()
         else:
@@ -248,6 +257,8 @@ class Transaction:
     def _archive_staged(self, old: int | None) -> None:
         """After the exchange staging holds the previous /usr: archive it (or drop an unmanaged empty one)."""
         inst, durable = self.inst, self.settings.durable
+        if old is not None and mutants.active("leave-staging"):
+            return
         if old is not None:
             dest = inst.archived(old)
             if dest.exists():

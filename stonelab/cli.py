@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "reference_impl.stone.cli",
     "reference_impl.cli",
     "lab.cli",
+    "lab.crash.cli",
     "lab.kernel.cli",
     "reference_impl.boot.cli",
     "vm.cli",
@@ -30,7 +31,8 @@ COMMAND_INDEX = {
     "install": "reference_impl.cli", "remove": "reference_impl.cli", "sync": "reference_impl.cli",
     "state": "reference_impl.cli", "faults": "reference_impl.cli",
     "run": "lab.cli", "scenario": "lab.cli", "report": "lab.cli",
-    "kernel": "lab.kernel.cli", "boot": "reference_impl.boot.cli", "vm": "vm.cli",
+    "kernel": "lab.kernel.cli", "compat": "lab.kernel.cli", "crash": "lab.crash.cli",
+    "boot": "reference_impl.boot.cli", "vm": "vm.cli",
 }
 
 
@@ -58,12 +60,16 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt  # a cancelled CI job (SIGTERM) cleans up exactly like Ctrl-C
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+    """Run one command; ``parser``: a parser built earlier by build_parser (a process that runs many commands,
+    such as the crash engine's guest worker, builds it once). Without one, only the module of the named
+    subcommand is imported."""
     if argv is None:
         signal.signal(signal.SIGTERM, _interrupt)
     words = sys.argv[1:] if argv is None else argv
-    module = COMMAND_INDEX.get(_command_word(words) or "")
-    parser = build_parser([module] if module and "-h" not in words and "--help" not in words else None)
+    if parser is None:
+        module = COMMAND_INDEX.get(_command_word(words) or "")
+        parser = build_parser([module] if module and "-h" not in words and "--help" not in words else None)
     args = parser.parse_args(words)
     if args.verbose or getattr(args, "debug", False):
         from vm.log import configure  # logging costs a guest interpreter ~0.1 s of TCG time: only when asked

@@ -64,27 +64,34 @@ def read_yaml_marked(path: str | os.PathLike[str], *, error: type[StonelabError]
         raise error(f"{path}: cannot read: {err.strerror}") from None
     except UnicodeDecodeError as err:
         raise error(f"{path}: not UTF-8 text ({err.reason})") from None
-    loader = yaml.SafeLoader(text)
+    loader = None
     try:
+        loader = yaml.SafeLoader(text)
         node = loader.get_single_node()
         data = loader.construct_document(node) if node is not None else None
         values: dict[Path_, tuple[int, int]] = {}
         keys: dict[Path_, tuple[int, int]] = {}
         if node is not None:
-            _walk(loader, node, (), values, keys, path, error)
+            _walk(loader, node, (), values, keys, path, error, set())
+    except RecursionError:
+        raise error(f"{path}: {kind}: nested too deeply (or a YAML alias refers to itself)") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{mark.line + 1}:{mark.column + 1}:" if mark is not None else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise error(f"{path}:{where} {kind}: {problem}") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     return MarkedYaml(path, data, values, keys)
 
 
 def _walk(loader: yaml.SafeLoader, node: yaml.Node, loc: Path_, values: dict, keys: dict, path: Path,
-          error: type[StonelabError]) -> None:
+          error: type[StonelabError], walked: set[int]) -> None:
     values[loc] = (node.start_mark.line + 1, node.start_mark.column + 1)
+    if id(node) in walked:  # an alias: its marks are those of the anchored node, already recorded
+        return
+    walked.add(id(node))
     if isinstance(node, yaml.MappingNode):
         seen = set()
         for key_node, value_node in node.value:
@@ -96,7 +103,7 @@ def _walk(loader: yaml.SafeLoader, node: yaml.Node, loc: Path_, values: dict, ke
                 raise error(f"{path}:{mark.line + 1}:{mark.column + 1}: duplicate key {key!r}")
             seen.add(key)
             keys[(*loc, key)] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
-            _walk(loader, value_node, (*loc, key), values, keys, path, error)
+            _walk(loader, value_node, (*loc, key), values, keys, path, error, walked)
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
-            _walk(loader, item, (*loc, index), values, keys, path, error)
+            _walk(loader, item, (*loc, index), values, keys, path, error, walked)

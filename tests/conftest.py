@@ -41,6 +41,14 @@ def root(tmp_path: Path) -> Path:
     return root
 
 
+@pytest.fixture
+def bootloader(tmp_path: Path) -> Path:
+    """A stand-in systemd-boot binary (boot sync only copies it; it carries the string bootctl looks for)."""
+    path = tmp_path / "systemd-bootx64.efi"
+    path.write_bytes(b"MZ fake systemd-boot " * 64)
+    return path
+
+
 @pytest.fixture(scope="module")
 def kernel():
     """The default guest kernel, or a clean skip naming the Debian package."""

@@ -11,18 +11,12 @@ import pytest
 from reference_impl.boot import DirectoryEsp, EspFullError, EspMissingError, EspNotFatError, MtoolsEsp, \
     boot_status, sync_boot
 from reference_impl.boot.gpt import read_gpt
+from reference_impl.boot.ownership import record_path
 from stonelab.cli import main
 from tests.test_boot_helpers import ESP_START, add_state_rows, drop_state, esp_listing, esp_read, make_disk, \
     make_root, make_tree
 
 ROOT_ARG = "root=PARTUUID=00000000-0000-4000-8000-000000000001"
-
-
-@pytest.fixture
-def bootloader(tmp_path: Path) -> Path:
-    path = tmp_path / "systemd-bootx64.efi"
-    path.write_bytes(b"MZ fake systemd-boot " * 64)
-    return path
 
 
 def root_guid(disk: Path) -> str:
@@ -50,11 +44,14 @@ def test_entry_golden_and_layout(tmp_path: Path, bootloader: Path) -> None:
     assert b"\n\n" not in esp_read(disk, "loader/entries/aerynos-6.6.1-1.conf")   # blsforme #71
     assert esp_read(disk, "loader/loader.conf") == b"default aerynos-6.6.1-3.conf\ntimeout 3\n"
     assert report.default_entry == "aerynos-6.6.1-3.conf"
+    record = record_path(f"root=PARTUUID={guid}")
     assert esp_listing(disk) == sorted([
         "EFI/BOOT/BOOTX64.EFI", "EFI/systemd/systemd-bootx64.efi",
         "EFI/aerynos/6.6.1/vmlinuz", "EFI/aerynos/6.6.1/10-default.initrd",
         "loader/loader.conf", "loader/entries/aerynos-6.6.1-1.conf", "loader/entries/aerynos-6.6.1-2.conf",
-        "loader/entries/aerynos-6.6.1-3.conf"])
+        "loader/entries/aerynos-6.6.1-3.conf", record])
+    assert esp_read(disk, record).decode().splitlines()[1:] == ["EFI/aerynos/6.6.1/10-default.initrd",
+                                                                "EFI/aerynos/6.6.1/vmlinuz"]
     assert esp_read(disk, "EFI/BOOT/BOOTX64.EFI") == bootloader.read_bytes()
     assert esp_read(disk, "EFI/aerynos/6.6.1/vmlinuz") == (root / "usr/lib/kernel/6.6.1/vmlinuz").read_bytes()
     # A second run changes nothing.
@@ -70,7 +67,7 @@ def test_newest_five_states_with_trees_and_stale_cleanup(tmp_path: Path, bootloa
     esp = MtoolsEsp(disk, ESP_START * 512)
     foreign = ("title other\nlinux /EFI/aerynos/6.1.0/vmlinuz\n"
                "options root=PARTUUID=99999999-0000-4000-8000-000000000009 rw moss.fstx=1\n").encode()
-    esp.write_atomic("loader/entries/aerynos-6.1.0-1-other.conf", foreign)
+    esp.write_atomic("loader/entries/otheros-6.1.0-1.conf", foreign)
     esp.write_atomic("loader/entries/memtest.conf", b"title memtest\nefi /memtest.efi\n")
     report = sync_boot(root, esp=disk, root_arg=ROOT_ARG, bootloader=bootloader)
     assert report.entries == [f"aerynos-6.{i}.0-{i}.conf" for i in (7, 6, 5, 4, 3)]
@@ -89,12 +86,12 @@ def test_newest_five_states_with_trees_and_stale_cleanup(tmp_path: Path, bootloa
     listing = esp_listing(disk)
     entries = sorted(p for p in listing if p.startswith("loader/entries/"))
     assert entries == sorted([f"loader/entries/{name}" for name in report.entries]
-                             + ["loader/entries/aerynos-6.1.0-1-other.conf", "loader/entries/memtest.conf"])
-    assert esp_read(disk, "loader/entries/aerynos-6.1.0-1-other.conf") == foreign
+                             + ["loader/entries/otheros-6.1.0-1.conf", "loader/entries/memtest.conf"])
+    assert esp_read(disk, "loader/entries/otheros-6.1.0-1.conf") == foreign
     kernel_dirs = sorted({p.split("/")[2] for p in listing if p.startswith("EFI/aerynos/")})
     assert kernel_dirs == ["6.1.0", "6.2.0", "6.3.0", "6.7.0"]
     assert not any(p.endswith(".tmp") for p in listing)
-    esp.remove("loader/entries/aerynos-6.1.0-1-other.conf")
+    esp.remove("loader/entries/otheros-6.1.0-1.conf")
     esp.remove("loader/entries/memtest.conf")
     status = boot_status(root, esp=disk)
     assert status.problems == [] and status.active_state == 7
@@ -271,7 +268,8 @@ def test_xbootldr_gets_kernels_and_entries_esp_gets_the_bootloader(tmp_path: Pat
     esp, xbootldr = MtoolsEsp(disk, 2048 * 512), MtoolsEsp(disk, 6144 * 512)
     assert esp.list_files() == ["EFI/BOOT/BOOTX64.EFI", "EFI/systemd/systemd-bootx64.efi"]
     assert xbootldr.list_files() == sorted(["EFI/aerynos/6.6.1/10-default.initrd", "EFI/aerynos/6.6.1/vmlinuz",
-                                            "loader/entries/aerynos-6.6.1-1.conf", "loader/loader.conf"])
+                                            "loader/entries/aerynos-6.6.1-1.conf", "loader/loader.conf",
+                                            record_path(ROOT_ARG)])
     again = sync_boot(root, esp=disk, root_arg=ROOT_ARG, bootloader=bootloader)
     assert again.written == [] and again.removed == []
     assert boot_status(root, esp=disk).problems == []

@@ -78,3 +78,10 @@ def test_a_hang_is_counted(fuzz, tmp_path: Path, cwd_back) -> None:
 
     stats = fuzz.run_worker(0, 2, 1, {"slow": [b"x"]}, tmp_path / "work", 0.2, 0, None, {"slow": Slow})
     assert stats.hangs == 2 and stats.failure_count == 0
+
+
+def test_duration_stops_the_campaign_early_and_says_so(fuzz, tmp_path: Path, cwd_back) -> None:
+    import time
+    stats = fuzz.run_worker(0, 1000, 1, {"gpt": [bytes(2048)]}, tmp_path / "work", 10.0, 0, None, None,
+                            stop_at=time.time() - 1)
+    assert stats.inputs == 0 and stats.stopped_early

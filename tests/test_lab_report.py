@@ -22,7 +22,8 @@ def _results() -> list[ScenarioResult]:
                         verdict=Verdict.PASS, reason="all invariants held", seconds=0.5)
     bad = ScenarioResult("bad <script>[moss-compat/exchange]", "scenarios/bad.yaml", "shows #576", "vm",
                          "moss-compat", "exchange", "power cut",
-                         steps=[StepResult(0, "crash", "crashed", 0.2, "STONELAB_FAULT=blit.mid:crash ..."),
+                         steps=[StepResult(0, "crash", "crashed", 0.2, "STONELAB_FAULT=blit.mid:crash ...",
+                                           crash={"states": 7, "model": "write cache", "per_boundary": {"1": 7}}),
                                 StepResult(1, "recover", "ok", 0.1, violations=[
                                     Violation("staging_empty", "/.moss/root/staging holds usr")])],
                          verdict=Verdict.FAIL, reason="staging_empty violated", seconds=0.3,
@@ -49,7 +50,9 @@ def test_all_formats(tmp_path):
     assert data["counts"] == {"pass": 1, "fail": 1, "error": 1, "n/a": 1}
     bad = data["cases"][1]
     assert bad["observed_violations"] == ["staging_empty"] and bad["id"] == "bad::bad <script>[moss-compat/exchange]@vm"
-    assert bad["steps"][1]["started"] == pytest.approx(0.2) and bad["sections"][0]["kind"] == "crash-states"
+    assert bad["steps"][1]["started"] == pytest.approx(0.2)
+    assert [s["kind"] for s in bad["sections"]] == ["crash-states", "crash-states"]
+    assert bad["sections"][1]["title"] == "crash states of step 0: 7 checked, model write cache"
 
     cases = {case.name: case for suite in JUnitXml.fromfile(str(paths[1])) for case in suite}
     assert cases["good"].is_passed and cases["good"].classname == "stonelab.host.reference.auto"

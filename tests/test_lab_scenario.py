@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from lab.scenario import ScenarioError, load_scenario, load_suite
+from stonelab.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,7 +74,7 @@ def test_good_scenario_parses(tmp_path):
     ("name: x\nmatrix: {mode: [reference, upstream]}\nsteps: [recover]\n", "2:28", "matrix.mode[1]"),
     ("name: x\nsteps:\n  - {install: [a], remove: [b]}\n", "3:5", "a step is a name or a one-key mapping"),
 ])
-def test_broken_scenarios(tmp_path, text, where, problem):
+def test_broken_scenarios(tmp_path, capsys, text, where, problem):
     path = tmp_path / "broken.yaml"
     path.write_text(text)
     with pytest.raises(ScenarioError) as info:
@@ -81,10 +82,10 @@ def test_broken_scenarios(tmp_path, text, where, problem):
     message = str(info.value)
     assert message.startswith(f"{path}:{where}: "), message
     assert problem in message, message
-    result = subprocess.run([sys.executable, "-m", "stonelab.cli", "scenario", "check", str(path)],
-                            capture_output=True, text=True, cwd=REPO)
-    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert f"{path}:{where}: " in result.stderr and problem in result.stderr
+    capsys.readouterr()
+    assert main(["scenario", "check", str(path)]) == 2  # the CLI in process (one subprocess test below)
+    stderr = capsys.readouterr().err
+    assert len(stderr.strip().splitlines()) == 1 and f"{path}:{where}: " in stderr and problem in stderr, stderr
 
 
 def test_run_refuses_a_broken_scenario_before_running_anything(tmp_path):
@@ -104,3 +105,17 @@ def test_expected_violations_per_target(tmp_path):
     assert scenario.expected_for("vm") == ("atomic_usr", "store_integrity")
     assert scenario.expected_for("host") == ()
     assert scenario.target == "any"
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("name: x\nsteps: [recover]\ndescription: \"\\0\"\x00\n", "not valid YAML"),
+    ("&a [*a]\n", "1:1: top level: expected a mapping"),
+    ("name: x\nsteps:\n  - install: &a [*a]\n", "install"),
+    ("name: x\ntags: &t [*t]\nsteps: [recover]\n", "tags"),
+])
+def test_hostile_yaml_is_one_line(tmp_path, text, problem):
+    path = tmp_path / "h.yaml"
+    path.write_bytes(text.encode())
+    with pytest.raises(ScenarioError) as info:
+        load_scenario(path)
+    assert str(info.value).startswith(str(path)) and problem in str(info.value)

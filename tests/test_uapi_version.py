@@ -44,3 +44,12 @@ def test_kernels_of_a_state_are_newest_first_and_the_default_is_the_newest(tmp_p
     plan = plan_boot([state], "root=UUID=x", None, target=1)
     assert plan.default_entry == "aerynos-6.10.0-1.conf"
     assert plan.loader_conf.startswith("default aerynos-6.10.0-1.conf\n")
+
+
+def test_the_default_guest_kernel_is_the_newest_by_the_same_rules(tmp_path: Path) -> None:
+    from vm.host import default_kernel
+    boot = tmp_path / "boot"
+    boot.mkdir()
+    for release in ("6.9.0-1-amd64", "6.10.0-1-amd64", "6.10.0~rc7-1-amd64", "6.1.0-28-amd64"):
+        (boot / f"vmlinuz-{release}").write_bytes(b"MZ")
+    assert default_kernel(boot, tmp_path / "modules").release == "6.10.0-1-amd64"

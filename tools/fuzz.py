@@ -337,6 +337,7 @@ class Stats:
     failures_per_target: collections.Counter = field(default_factory=collections.Counter)
     hangs: int = 0
     outside: set[str] = field(default_factory=set)   # paths written outside the work directory
+    stopped_early: bool = False                      # --duration reached, or SIGINT/SIGTERM
 
     def merge(self, other: "Stats") -> None:
         self.inputs += other.inputs
@@ -347,6 +348,7 @@ class Stats:
         self.failures_per_target.update(other.failures_per_target)
         self.hangs += other.hangs
         self.outside |= other.outside
+        self.stopped_early |= other.stopped_early
 
 
 def _signature(target: str, err: BaseException) -> str:
@@ -360,8 +362,10 @@ def _on_alarm(_signum, _frame) -> None:
 
 
 def run_worker(worker: int, count: int, seed: int, seeds: dict[str, list[bytes]], work: Path, timeout: float,
-               progress_every: float, targets: list[str] | None = None, target_types: dict | None = None) -> Stats:
-    """Try ``count`` inputs; return the statistics.  Never raises for what an input does."""
+               progress_every: float, targets: list[str] | None = None, target_types: dict | None = None,
+               stop_at: float | None = None) -> Stats:
+    """Try ``count`` inputs (fewer when the wall clock passes ``stop_at``, a ``time.time()``, or on SIGINT/
+    SIGTERM); return the statistics.  Never raises for what an input does."""
     rng = random.Random(f"{seed}:{worker}")
     types = target_types or TARGET_TYPES
     names = [n for n in (targets or list(seeds)) if n in seeds]
@@ -373,21 +377,41 @@ def run_worker(worker: int, count: int, seed: int, seeds: dict[str, list[bytes]]
     stats = Stats()
     guard = WriteGuard(work)
     previous_handler = signal.signal(signal.SIGALRM, _on_alarm)
+    stop = _StopFlag()
+    previous_term = signal.signal(signal.SIGTERM, stop.set)
+    previous_int = signal.signal(signal.SIGINT, stop.set)
     started = time.monotonic()
     try:
-        _loop(count, names, chosen, rng, scratch, work, timeout, progress_every, stats, guard, worker, started)
+        _loop(count, names, chosen, rng, scratch, work, timeout, progress_every, stats, guard, worker, started,
+              lambda: stop.value or (stop_at is not None and time.time() >= stop_at))
     finally:
         guard.on = False
         signal.signal(signal.SIGALRM, previous_handler)
+        signal.signal(signal.SIGTERM, previous_term)
+        signal.signal(signal.SIGINT, previous_int)
     stats.outside = guard.outside
     return stats
 
 
-def _loop(count, names, chosen, rng, scratch, work, timeout, progress_every, stats, guard, worker, started) -> None:
+class _StopFlag:
+    """Set by SIGINT/SIGTERM: the worker finishes the input at hand and reports what it has."""
+
+    def __init__(self) -> None:
+        self.value = False
+
+    def set(self, _signum, _frame) -> None:
+        self.value = True
+
+
+def _loop(count, names, chosen, rng, scratch, work, timeout, progress_every, stats, guard, worker, started,
+          should_stop) -> None:
     from stonelab.errors import StonelabError
     last = started
     weights = [WEIGHTS.get(name, 1) for name in names]
-    for _ in range(count):
+    for n in range(count):
+        if n % 64 == 0 and should_stop():
+            stats.stopped_early = True
+            break
         target = chosen[rng.choices(names, weights)[0]]
         data = target.mutate(rng, rng.choices(target.seeds, target.seed_weights)[0])
         path = scratch / f"input{target.suffix}"
@@ -470,7 +494,8 @@ class WriteGuard:
 
 
 def campaign(inputs: int, jobs: int, seed: int, work: Path, timeout: float, progress_every: float,
-             targets: list[str] | None = None, target_types: dict | None = None) -> tuple[Stats, list[str], float]:
+             targets: list[str] | None = None, target_types: dict | None = None,
+             stop_at: float | None = None) -> tuple[Stats, list[str], float]:
     """Run the campaign over ``jobs`` processes (this one and ``jobs - 1`` extra).  Returns the merged stats,
     the paths written or changed outside ``work``, and the seconds it took."""
     work.mkdir(parents=True, exist_ok=True)
@@ -483,14 +508,14 @@ def campaign(inputs: int, jobs: int, seed: int, work: Path, timeout: float, prog
     context = multiprocessing.get_context("fork")
     queue = context.Queue()
     children = [context.Process(target=_worker_entry, args=((i, share[i], seed, seeds, work, timeout, progress_every,
-                                                             targets, target_types), queue))
+                                                             targets, target_types, stop_at), queue))
                 for i in range(1, jobs)]
     started = time.monotonic()
     cwd = os.getcwd()
     for child in children:
         child.start()
     try:
-        total = run_worker(0, share[0], seed, seeds, work, timeout, progress_every, targets, target_types)
+        total = run_worker(0, share[0], seed, seeds, work, timeout, progress_every, targets, target_types, stop_at)
     finally:
         os.chdir(cwd)
     for _ in children:
@@ -516,14 +541,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="work directory (default: a new one in /dev/shm, else in the temp dir; kept when "
                              "something failed)")
     parser.add_argument("--progress", type=float, default=30.0, help="seconds between progress lines")
+    parser.add_argument("--duration", type=float, default=None,
+                        help="stop after this many seconds even before --inputs (the summary says so)")
     args = parser.parse_args(argv)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**32)
     # tmpfs by default: every input is a file written and replaced, which a disk filesystem makes the bottleneck.
     shm = Path("/dev/shm")
     work = args.workdir or Path(tempfile.mkdtemp(prefix="stonelab-fuzz-", dir=shm if shm.is_dir() else None))
     print(f"fuzz: {args.inputs} inputs, {args.jobs} processes, seed {seed}, work directory {work}", flush=True)
+    stop_at = time.time() + args.duration if args.duration else None
     stats, outside, elapsed = campaign(args.inputs, max(1, args.jobs), seed, work, args.timeout, args.progress,
-                                       args.target)
+                                       args.target, stop_at=stop_at)
+    if stats.stopped_early:
+        print(f"fuzz: stopped early (--duration or a signal): {stats.inputs} of {args.inputs} inputs tried")
     print(f"fuzz: {stats.inputs} inputs in {elapsed:.0f} s ({stats.inputs / max(elapsed, 1e-9):.0f}/s): "
           + ", ".join(f"{name} {count}" for name, count in sorted(stats.per_target.items())))
     print(f"fuzz: {stats.refused} refused with a StonelabError, {stats.failure_count} other exceptions "

@@ -61,8 +61,11 @@ def _tool(name: str, package: str) -> str:
 
 
 def build_disk(path: Path, layout: DiskLayout = DiskLayout(), esp_tree: Path | None = None,
-               root_tree: Path | None = None, root_label: str = "sut-root") -> DiskImage:
-    """Create ``path`` (replacing it) with the GPT layout and filesystems, filled from the given trees."""
+               root_tree: Path | None = None, root_label: str = "sut-root", root_fs: str = "ext4") -> DiskImage:
+    """Create ``path`` (replacing it) with the GPT layout and filesystems, filled from the given trees.
+    ``root_fs`` is ``ext4`` or ``ext2`` (4 KiB blocks, no journal: what Asterinas mounts)."""
+    if root_fs not in ("ext4", "ext2"):
+        raise VmError(f"{path}: root filesystem {root_fs!r} is not ext4 or ext2")
     sfdisk = _tool("sfdisk", "fdisk")
     mkfs_vfat = _tool("mkfs.vfat", "dosfstools")
     mkfs_ext4 = _tool("mkfs.ext4", "e2fsprogs")
@@ -81,6 +84,8 @@ def build_disk(path: Path, layout: DiskLayout = DiskLayout(), esp_tree: Path | N
         if esp_tree is not None:
             copy_into_fat(tmp, layout.esp_offset, esp_tree)
         argv = [mkfs_ext4, "-q", "-F", "-L", root_label, "-E", f"offset={layout.root_offset}"]
+        if root_fs == "ext2":
+            argv += ["-t", "ext2", "-b", "4096"]
         if root_tree is not None:
             argv += ["-d", str(root_tree)]
         _run(argv + [str(tmp), f"{layout.root_mib * 1024}k"], tmp)

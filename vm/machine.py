@@ -73,11 +73,13 @@ def agent_config(kernel: Kernel, accel: AccelChoice, disks: list[DiskSpec] | Non
 
 
 def foreign_config(image: Path, accel: AccelChoice, append: str = "", *, memory_mb: int = 1024,
-                   cpus: int = 1, disks: list[DiskSpec] | None = None, machine_type: str = "q35") -> MachineConfig:
+                   cpus: int = 1, disks: list[DiskSpec] | None = None, machine_type: str = "q35",
+                   initrd: Path | None = None) -> MachineConfig:
     """A kernel that cannot run the lab's userland (e.g. Asterinas): booted directly (Linux boot protocol or
-    multiboot — QEMU recognises both), watched on the console, finished through ``isa-debug-exit``."""
+    multiboot — QEMU recognises both; ``initrd`` is the initramfs, or the first multiboot module), watched on the
+    console, finished through ``isa-debug-exit``."""
     return MachineConfig(accel=accel, kernel=Kernel(Path(image).resolve(), "", Path("/nonexistent")),
-                         append=append, memory_mb=memory_mb, cpus=cpus, machine_type=machine_type,
+                         initrd=initrd, append=append, memory_mb=memory_mb, cpus=cpus, machine_type=machine_type,
                          disks=list(disks or []), share_host_root=False, agent=False, debug_exit=True)
 
 
@@ -240,6 +242,7 @@ class Machine:
         self._qmp: QMP | None = None
         self._lock = threading.RLock()
         self.boots: list[dict] = []
+        self.on_fault: Callable[[str], None] | None = None  # called on a fault marker, before a power cut
 
     @property
     def exit_status(self) -> int | None:
@@ -343,6 +346,8 @@ class Machine:
                 time.sleep(0.02)
 
     def _on_fault(self, point: str) -> None:
+        if self.on_fault is not None:
+            self.on_fault(point)
         if self.crash_on_fault and self._process is not None:
             self._process.power_cut()  # only the signal here; the caller's thread reaps (waitpid is not thread-safe)
 

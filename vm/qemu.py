@@ -16,6 +16,16 @@ does on a flush:
 * ``none``: O_DIRECT on the host, guest still sees a write cache; ``directsync``/``writethrough``: the guest
   sees *no* write cache (WCE=0) and stops sending flushes — use them to check behaviour on write-through disks,
   never to test flush ordering.
+
+Recording a disk (``DiskSpec(log=PATH)``)
+-----------------------------------------
+QEMU's ``blklogwrites`` filter driver (QEMU ≥ 3.0; ``block/blklogwrites.c``) sits between the guest's virtio
+disk and the image and appends every write, write-zeroes, discard and flush to a second file in the
+dm-log-writes format (``lab/crash/logwrites.py`` reads it).  The chain is built with ``-blockdev``:
+image protocol node → format node → ``blklogwrites`` (``log`` = a protocol node on the log file,
+``log-sector-size``) → ``virtio-blk-pci,write-cache=on``.  The filter node itself keeps flushes (``cache.no-flush``
+off): the block layer skips a node's flush callback when that node has ``no-flush``, which would silently drop
+every FLUSH entry.  The protocol nodes below get the cache mode's host-side settings.
 """
 from __future__ import annotations
 
@@ -26,6 +36,10 @@ from vm.accel import AccelChoice
 from vm.host import Kernel
 
 CACHE_MODES = ("unsafe", "writeback", "none", "directsync", "writethrough")
+# -drive cache=MODE as -blockdev settings: (cache.direct, cache.no-flush, the device's write-cache)
+BLOCKDEV_CACHE = {"unsafe": ("off", "on", "on"), "writeback": ("off", "off", "on"), "none": ("on", "off", "on"),
+                  "directsync": ("on", "off", "off"), "writethrough": ("off", "off", "off")}
+LOG_SECTOR_SIZE = 512
 DEFAULT_CACHE = "unsafe"
 AGENT_PORT = "org.stonelab.agent"
 FAULT_PORT = "stonelab"
@@ -35,15 +49,38 @@ DEBUG_EXIT_FAILURE = 65   # guest writes 0x20
 
 @dataclass(frozen=True)
 class DiskSpec:
+    """One virtio disk. ``log``: record every write, flush and discard the guest sends to it into that file
+    (blklogwrites; the file must exist, empty); ``log_sector_size`` in bytes is the unit of the log's sector
+    fields and the alignment QEMU enforces on the guest's requests."""
+
     path: Path
     cache: str = DEFAULT_CACHE
     format: str = "raw"
     readonly: bool = False
+    log: Path | None = None
+    log_sector_size: int = LOG_SECTOR_SIZE
 
     def __post_init__(self) -> None:
+        from vm.errors import VmError
         if self.cache not in CACHE_MODES:
-            from vm.errors import VmError
             raise VmError(f"{self.path}: unknown disk cache mode {self.cache!r} (valid: {', '.join(CACHE_MODES)})")
+        if self.log is not None and BLOCKDEV_CACHE[self.cache][2] == "off":
+            raise VmError(f"{self.path}: cache={self.cache} shows the guest a write-through disk, which sends no "
+                          "flushes; a recording needs unsafe, writeback or none")
+        if self.log is not None and self.readonly:
+            raise VmError(f"{self.path}: a read-only disk has no writes to record")
+
+    def blockdev_args(self, number: int) -> tuple[list[str], str, str]:
+        """(``-blockdev`` argv, the top node's name, the device's ``write-cache``) for a recorded disk."""
+        direct, no_flush, write_cache = BLOCKDEV_CACHE[self.cache]
+        cache = f"cache.direct={direct},cache.no-flush={no_flush}"
+        image, fmt, log, top = (f"disk{number}-{part}" for part in ("file", "fmt", "logfile", "rec"))
+        args = ["-blockdev", f"driver=file,node-name={image},filename={self.path},{cache}",
+                "-blockdev", f"driver={self.format},node-name={fmt},file={image}",
+                "-blockdev", f"driver=file,node-name={log},filename={self.log},{cache}",
+                "-blockdev", f"driver=blklogwrites,node-name={top},file={fmt},log={log},"
+                             f"log-sector-size={self.log_sector_size},cache.no-flush=off"]
+        return args, top, write_cache
 
 
 @dataclass(frozen=True)
@@ -88,10 +125,15 @@ def qemu_args(config: MachineConfig, sockets: Path, uefi_vars: Path | None = Non
         if config.append:
             args += ["-append", config.append]
     for number, disk in enumerate(config.disks):
+        boot = ",bootindex=0" if number == 0 and config.kernel is None else ""
+        if disk.log is not None:
+            blockdev, node, write_cache = disk.blockdev_args(number)
+            args += [*blockdev, "-device", f"virtio-blk-pci,drive={node},write-cache={write_cache}{boot}"]
+            continue
         readonly = ",readonly=on" if disk.readonly else ""
         args += ["-drive", f"file={disk.path},if=none,id=disk{number},format={disk.format},"
                            f"cache={disk.cache}{readonly}",
-                 "-device", f"virtio-blk-pci,drive=disk{number}" + (",bootindex=0" if number == 0 and config.kernel is None else "")]
+                 "-device", f"virtio-blk-pci,drive=disk{number}{boot}"]
     if config.share_host_root:
         args += ["-virtfs", "local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap"]
     if config.agent:

@@ -1,4 +1,5 @@
-"""`stonelab kernel trace|probe|gaps`: what the reference needs from a kernel, and what a kernel lacks."""
+"""`stonelab kernel trace|probe|gaps` and `stonelab compat report`: what the reference needs from a kernel, what a
+kernel does, the gaps, and the report a porter reads."""
 from __future__ import annotations
 
 import argparse
@@ -8,10 +9,21 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from lab.kernel.gaps import KernelProfile, analyse, documented_profile, gaps_json, probed_profile
-from lab.kernel.probe import probe_here
-from lab.kernel.trace import Trace, trace_reference
+from lab.kernel.gaps import analyse, gaps_json
+from lab.kernel.probe import FILESYSTEMS, probe_here
+from lab.kernel.profile import PROFILE_DIR, load_profile, probed_profile
+from lab.kernel.trace import REQUIREMENTS, Trace
 from stonelab.errors import StonelabError
+
+
+
+def _fs_list(text: str) -> list[str]:
+    values = [v for v in text.split(",") if v]
+    bad = [v for v in values if v not in FILESYSTEMS]
+    if bad or not values:
+        raise argparse.ArgumentTypeError(f"{text!r}: filesystems are a comma-separated subset of "
+                                         f"{','.join(FILESYSTEMS)}")
+    return values
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,44 +31,92 @@ def register(sub: argparse._SubParsersAction) -> None:
     verbs = kernel.add_subparsers(dest="kernel_command", metavar="VERB")
     verbs.required = True
 
-    p = verbs.add_parser("trace", help="trace the system calls the reference implementation makes")
-    p.add_argument("-o", "--output", type=Path, help="write the trace as JSON here (default: stdout summary)")
+    p = verbs.add_parser("trace", help="trace every operation of the reference in the Linux guest (requirements)")
+    p.add_argument("-o", "--output", type=Path, default=REQUIREMENTS,
+                   help="requirements JSON (default: compat/requirements.json)")
+    p.add_argument("--host", action="store_true", help="trace on this machine's kernel instead of the guest")
+    p.add_argument("--kernel", help="guest kernel (default: the newest /boot/vmlinuz-*)")
+    p.add_argument("--accel", choices=["auto", "kvm", "tcg"], default="auto")
     p.set_defaults(func=cmd_trace)
 
-    p = verbs.add_parser("probe", help="run the feature probe on this kernel in the given directories")
-    p.add_argument("directories", nargs="+", type=Path)
-    p.add_argument("-o", "--output", type=Path, help="save the probe's lines here")
+    p = verbs.add_parser("probe", help="semantic probe: on a booted kernel (--kernel) or here (DIR…)")
+    p.add_argument("directories", nargs="*", type=Path, help="directories to probe on this machine's kernel")
+    p.add_argument("--kernel", type=Path, help="boot this kernel image with the probe")
+    p.add_argument("--initrd", type=Path, help="the kernel's own initramfs (the probe is appended to it)")
+    p.add_argument("--boot", choices=["linux", "multiboot", "uefi"], default="linux")
+    p.add_argument("--fs", type=_fs_list, default=list(FILESYSTEMS),
+                   help=f"filesystems to probe (default {','.join(FILESYSTEMS)})")
+    p.add_argument("--accel", choices=["auto", "kvm", "tcg"], default="auto")
+    p.add_argument("--name", help="profile name (default: from the kernel's release)")
+    p.add_argument("-o", "--output", type=Path,
+                   help="write the profile here (default with --kernel: compat/profiles/<name>.json)")
+    p.add_argument("--console", type=Path, help="save the guest console (the evidence) here")
     p.set_defaults(func=cmd_probe)
 
-    p = verbs.add_parser("gaps", help="what a kernel lacks for the traced features, with consequences")
+    p = verbs.add_parser("gaps", help="what a kernel lacks for the requirements, with consequences")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--profile", help="a documented kernel profile, e.g. asterinas-0.18.1")
-    source.add_argument("--probe-log", type=Path, help="console output of `stonelab kernel probe` (or a guest run)")
-    p.add_argument("--trace", type=Path, help="a saved trace (default: trace now)")
-    p.add_argument("--fs", default="ext2", help="filesystem of the root to judge (default ext2)")
+    source.add_argument("--profile", help="a kernel profile: name in compat/profiles or a path")
+    source.add_argument("--probe-log", type=Path, help="console output of the probe")
+    p.add_argument("--trace", type=Path, default=REQUIREMENTS, help="requirements (default compat/requirements.json)")
+    p.add_argument("--fs", default=None, help="filesystem of the root to judge (default: the profile's root)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_gaps)
 
+    from lab.kernel.report import register as register_report
+    register_report(sub)
+
 
 def cmd_trace(args: argparse.Namespace) -> int:
-    trace = trace_reference()
-    if args.output:
-        args.output.write_text(trace.to_json())
-        print(f"wrote {args.output}: {len(trace.features)} features over {len(trace.phases)} phases")
-        return 0
-    for feature in trace.features:
-        if feature.category == "transaction":
-            errors = " ".join(f"{k}×{v}" for k, v in feature.errors.items())
-            print(f"{feature.key:<40} {feature.calls:>7}  {errors}")
+    if args.host:
+        import tempfile
+
+        from lab.kernel.trace import run_workload
+        from vm.disk import DiskLayout, build_disk
+        with tempfile.TemporaryDirectory(prefix="stonelab-trace-") as tmp:
+            disk = build_disk(Path(tmp) / "esp.img", DiskLayout(esp_mib=48, root_mib=8))
+            trace = run_workload(Path(tmp), f"{disk.path}:1", root_device=f"{disk.path}:2", traced_on="this machine's kernel (--host)")
+    else:
+        from lab.kernel.trace import trace_in_guest
+        trace = trace_in_guest(args.kernel, args.accel)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(trace.to_json())
+    transaction = sum(f.category == "transaction" for f in trace.features)
+    print(f"wrote {args.output}: {len(trace.features)} features ({transaction} transaction) over "
+          f"{len(trace.phases)} phases")
     return 0
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    output = probe_here(args.directories)
-    if args.output:
-        args.output.write_text(output)
-    sys.stdout.write(output)
+    if args.kernel is None:
+        if not args.directories:
+            raise StonelabError("kernel probe: give --kernel IMAGE (boot it) or directories to probe here")
+        output = probe_here(args.directories)
+        if args.output:
+            args.output.write_text(output)
+        sys.stdout.write(output)
+        return 0
+    from lab.kernel.boot import probe_kernel
+    run = probe_kernel(args.kernel, initrd=args.initrd, boot=args.boot, filesystems=args.fs, accel=args.accel,
+                       name=args.name)
+    output = args.output or PROFILE_DIR / f"{run.profile.name}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(run.profile.to_json())
+    if args.console:
+        args.console.write_text(run.console)
+    Console().print(_profile_table(run.profile))
+    print(f"wrote {output} ({run.profile.facts})")
     return 0
+
+
+def _profile_table(profile) -> Table:
+    table = Table(title=f"{profile.name}: {profile.evidence}", show_lines=False)
+    table.add_column("feature")
+    filesystems = profile.filesystems or ["*"]
+    for fs in filesystems:
+        table.add_column(fs)
+    for key in sorted(profile.results):
+        table.add_row(key, *[(profile.exact(key, fs).short() if profile.exact(key, fs) else "") for fs in filesystems])
+    return table
 
 
 def _read(path: Path, what: str) -> str:
@@ -66,29 +126,26 @@ def _read(path: Path, what: str) -> str:
         raise StonelabError(f"{path}: cannot read the {what} ({err.strerror})") from None
 
 
-def _load_trace(path: Path | None) -> Trace:
-    if path is None:
-        return trace_reference()
-    return Trace.from_json(_read(path, "trace"), str(path))
+def load_requirements(path: Path) -> Trace:
+    return Trace.from_json(_read(path, "requirements"), str(path))
 
 
 def cmd_gaps(args: argparse.Namespace) -> int:
-    trace = _load_trace(args.trace)
-    profile: KernelProfile
     if args.profile:
-        profile = documented_profile(args.profile)
+        profile = load_profile(args.profile)
     else:
-        profile = probed_profile(str(args.probe_log), _read(args.probe_log, "probe log"))
-    gaps = analyse(trace, profile, args.fs)
+        profile = probed_profile(args.probe_log.name, "", _read(args.probe_log, "probe log"), str(args.probe_log))
+    filesystem = profile.judged_filesystem(args.fs, f"--fs {args.fs}")
+    gaps = analyse(load_requirements(args.trace), profile, filesystem)
     if args.json:
-        print(gaps_json(gaps, profile, args.fs))
+        print(gaps_json(gaps, profile, filesystem))
         return 0
-    table = Table(title=f"{profile.name} on {args.fs}: {profile.evidence}", show_lines=True)
-    for column in ("feature", "result", "severity", "consequence", "workaround"):
+    table = Table(title=f"{profile.name} on {filesystem} ({profile.evidence})", show_lines=True)
+    for column in ("feature", "result", "severity", "consequence", "workaround", "evidence"):
         table.add_column(column, overflow="fold")
     for gap in gaps:
-        table.add_row(gap.feature, gap.result, gap.severity, gap.consequence, gap.workaround)
-    Console(width=160).print(table)
+        table.add_row(gap.feature, gap.result, gap.severity, gap.consequence, gap.workaround, gap.evidence)
+    Console(width=180).print(table)
     blockers = sum(g.severity == "blocker" for g in gaps)
     print(f"{len(gaps)} gaps, {blockers} blockers")
     return 0

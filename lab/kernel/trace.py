@@ -1,12 +1,22 @@
-"""What the reference implementation asks of a kernel — traced, not guessed.
+"""What the reference implementation asks of a kernel — traced in the Linux guest, not guessed.
 
-Runs a representative workload of the reference package manager (install, upgrade, rollback, prune, verify,
-for both swap strategies) under ``strace -f`` and reduces every system call to a *feature*: the call plus the
-argument that decides whether a kernel supports it (``renameat2:RENAME_EXCHANGE``, ``unshare:CLONE_NEWNS``,
-``ioctl:FICLONE``, ``mount:MS_BIND``…), with how often each phase used it and which errors it saw.
+Every operation of the reference (install, upgrade with a transaction trigger, remove, sync from a repository,
+activate, prune, verify and ``verify --repair``, boot sync to a mounted vfat ESP with ``root=`` derived from
+sysfs, recovery after each fault point, both swap strategies, each blit strategy) runs under ``strace -f`` and
+every call is reduced to a *feature*: the syscall plus the flags that decide whether a kernel supports it
+(``renameat2:RENAME_EXCHANGE``, ``openat:O_CREAT|O_EXCL|O_NOFOLLOW``, ``unshare:CLONE_NEWNS|CLONE_NEWPID``,
+``mount:tmpfs:MS_NODEV|MS_NOSUID``, ``prctl:PR_SET_PDEATHSIG``, ``ioctl:FICLONE``), plus the needs that are paths
+rather than calls (``sysfs:block`` when ``/sys/dev/block`` or ``/sys/class/block`` is read).
+
+The result, ``compat/requirements.json``, holds only what does not depend on the machine: feature keys, flags,
+the phases that used each and the errno names seen (no counts, paths, users, TMPDIR or kernel release), sorted —
+so regenerating it reproduces it byte for byte.  ``stonelab kernel trace`` boots the default guest
+(``trace_in_guest``) and runs ``python -m lab.kernel.trace --run`` there; ``--host`` traces on this machine's
+kernel instead (quick, not the reference answer).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -20,50 +30,65 @@ from pathlib import Path
 from reference_impl.stone import PackageSpec, build_package_from_files
 from stonelab.errors import StonelabError
 
-# Calls whose outcome decides whether a transaction or a boot sync can work; everything else the interpreter
-# needs to run at all ("runtime").
+FORMAT = 2
+REQUIREMENTS = Path(__file__).resolve().parents[2] / "compat" / "requirements.json"
+# Calls whose outcome decides whether a transaction, the store or a boot sync can work; the rest is what the
+# interpreter needs to run at all ("runtime").
 TRANSACTION_CALLS = {
     "rename", "renameat", "renameat2", "link", "linkat", "symlink", "symlinkat", "mkdir", "mkdirat", "unlink",
-    "unlinkat", "rmdir", "open", "openat", "creat", "fsync", "fdatasync", "syncfs", "sync", "flock", "fcntl",
-    "ioctl", "copy_file_range", "sendfile", "fchmod", "fchmodat", "fchown", "fchownat", "chmod", "chown",
-    "lchown", "utimensat", "mount", "umount2", "unshare", "chroot", "pivot_root", "prlimit64", "setrlimit",
-    "readlink", "readlinkat", "getdents64", "statx", "newfstatat", "fstat", "lstat", "stat", "statfs", "fstatfs",
-    "pread64", "pwrite64", "ftruncate", "fallocate", "faccessat", "faccessat2", "access",
+    "unlinkat", "rmdir", "open", "openat", "openat2", "creat", "fsync", "fdatasync", "syncfs", "sync", "flock",
+    "fcntl", "ioctl", "copy_file_range", "sendfile", "fchmod", "fchmodat", "fchown", "fchownat", "chmod", "chown",
+    "lchown", "utimensat", "mount", "umount2", "unshare", "clone", "clone3", "setns", "chroot", "pivot_root",
+    "prctl", "prlimit64", "setrlimit", "readlink", "readlinkat", "getdents64", "statx", "newfstatat", "fstat",
+    "lstat", "stat", "statfs", "fstatfs", "pread64", "pwrite64", "ftruncate", "fallocate", "faccessat",
+    "faccessat2", "access", "setxattr", "fsetxattr", "lsetxattr", "getxattr", "fgetxattr", "lgetxattr",
+    "open_tree", "move_mount", "mount_setattr", "fsopen", "fsmount", "sync_file_range", "mknodat", "mknod",
 }
-TERMINAL_IOCTLS = {"TCGETS", "TIOCGWINSZ", "TCSETS", "FIONBIO", "FIOCLEX"}
+# Runtime calls a foreign kernel may lack (Asterinas: rseq) — traced too, so their ENOSYS is judged.
+RUNTIME_CALLS_OF_INTEREST = {"rseq", "clone", "clone3", "execve", "set_robust_list", "getrandom", "membarrier",
+                             "close_range", "pidfd_open", "statfs", "sched_getaffinity", "memfd_create", "epoll_create1"}
+TERMINAL_IOCTLS = {"TCGETS", "TIOCGWINSZ", "TCSETS", "FIONBIO", "FIOCLEX", "TIOCGPGRP", "TIOCSPGRP"}
+OPEN_FLAGS = ("O_CREAT", "O_EXCL", "O_TMPFILE", "O_SYNC", "O_DSYNC", "O_NOFOLLOW", "O_DIRECTORY", "O_PATH",
+              "O_TRUNC")
+SYSFS_BLOCK = re.compile(r'"/sys/(dev/block|class/block|block)[/"]')
 _LINE = re.compile(r"^(?P<pid>\d+)\s+(?:<\.\.\. (?P<resumed>\w+) resumed>(?P<rest>.*)|(?P<name>\w+)\((?P<args>.*))$")
 _RESULT = re.compile(r"\)\s+=\s+(?P<ret>-?\d+|\?|0x[0-9a-f]+)(?:\s+(?P<errno>E[A-Z0-9]+))?")
-_OPEN_FLAGS = ("O_DIRECTORY", "O_TMPFILE", "O_PATH", "O_NOFOLLOW", "O_EXCL")
 
 
 @dataclass
 class Feature:
-    key: str  # "renameat2:RENAME_EXCHANGE"
+    """One requirement: ``key`` (``syscall[:detail]``), the phases that used it, the errno names it met."""
+
+    key: str
     syscall: str
     detail: str
     category: str  # transaction | runtime
-    calls: int = 0
-    errors: dict[str, int] = field(default_factory=dict)
     phases: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    calls: int = 0  # this run only; not written to requirements.json (it varies with timing)
 
 
 @dataclass
 class Trace:
+    """The requirements: features sorted by (category, key); ``phases`` in the order they ran."""
+
     features: list[Feature]
     phases: list[str]
-    kernel: str
+    traced_on: str
 
     def to_json(self) -> str:
-        return json.dumps({"kernel": self.kernel, "phases": self.phases,
-                           "features": [asdict(f) for f in self.features]}, indent=1)
+        """The byte-stable form committed as ``compat/requirements.json``."""
+        features = [{k: v for k, v in asdict(f).items() if k != "calls"} for f in self.features]
+        return json.dumps({"format": FORMAT, "traced_on": self.traced_on, "phases": self.phases,
+                           "features": features}, indent=1, sort_keys=True) + "\n"
 
     @classmethod
     def from_json(cls, text: str, where: str = "trace") -> Trace:
         try:
             data = json.loads(text)
-            return cls([Feature(**f) for f in data["features"]], data["phases"], data["kernel"])
+            return cls([Feature(**f) for f in data["features"]], data["phases"], data["traced_on"])
         except (ValueError, KeyError, TypeError) as err:
-            raise StonelabError(f"{where}: not a stonelab kernel trace ({err})") from None
+            raise StonelabError(f"{where}: not a stonelab requirements file ({err})") from None
 
     def feature(self, key: str) -> Feature | None:
         return next((f for f in self.features if f.key == key), None)
@@ -104,35 +129,42 @@ def _split_args(args: str) -> list[str]:
     return parts
 
 
+def _flags(text: str, prefix: str = "") -> str:
+    """``A|B|0x10`` → sorted symbolic flags joined by ``|`` (numbers and ``0`` dropped)."""
+    return "|".join(sorted({f for f in re.split(r"[|\s]+", text) if f.startswith(prefix) and f[:1].isalpha()}))
+
+
 def feature_detail(name: str, args: list[str]) -> str:
+    """The part of a call that decides support (see the module docstring)."""
     def arg(i: int) -> str:
         return args[i] if len(args) > i else ""
-    if name == "renameat2":
-        return arg(4) or "0"
-    if name == "linkat":
-        return arg(4) or "0"
-    if name in ("openat", "open"):
-        flags = arg(2 if name == "openat" else 1)
-        return "|".join(f for f in _OPEN_FLAGS if f in flags)
-    if name in ("unshare", "chroot"):
-        return arg(0) if name == "unshare" else ""
+    if name in ("renameat2", "linkat"):
+        return _flags(arg(4))
+    if name in ("openat", "open", "openat2"):
+        flags = arg(2 if name != "open" else 1)
+        return "|".join(f for f in sorted(OPEN_FLAGS) if re.search(rf"\b{f}\b", flags))
+    if name == "unshare":
+        return _flags(arg(0), "CLONE_NEW")
+    if name in ("clone", "clone3"):
+        return _flags(" ".join(args).replace("flags=", " ").replace(",", " "), "CLONE_NEW")
     if name == "mount":
         fstype = arg(2).strip('"')
-        flags = "|".join(sorted(f for f in arg(3).split("|") if f.startswith("MS_")))
-        return ":".join(p for p in (fstype if fstype != "NULL" else "", flags) if p)
+        flags = _flags(arg(3), "MS_")
+        return ":".join(p for p in (fstype if fstype not in ("NULL", "") else "", flags) if p)
     if name == "ioctl":
         request = arg(1)
         return "FICLONE" if "FICLONE" in request else request.split(" ")[0]
-    if name in ("flock", "fcntl"):
-        return arg(1)
+    if name in ("flock", "fcntl", "umount2", "prctl"):
+        return _flags(arg(1) if name != "prctl" else arg(0)) or ""
     if name in ("prlimit64", "setrlimit"):
         return arg(1) if name == "prlimit64" else arg(0)
-    if name == "umount2":
-        return arg(1)
+    if name in ("mount_setattr", "open_tree"):
+        return _flags(arg(2))
     return ""
 
 
 def parse_strace(text: str, phase: str, into: dict[str, Feature]) -> None:
+    """Add every call of an ``strace -f`` log (``<unfinished>``/``resumed`` joined) to ``into`` under ``phase``."""
     pending: dict[str, tuple[str, str]] = {}
     for line in text.splitlines():
         match = _LINE.match(line)
@@ -149,36 +181,50 @@ def parse_strace(text: str, phase: str, into: dict[str, Feature]) -> None:
                 continue
         result = _RESULT.search(body)
         detail = feature_detail(name, _split_args(body))
-        key = f"{name}:{detail}" if detail else name
-        feature = into.get(key)
-        if feature is None:
-            category = "transaction" if name in TRANSACTION_CALLS and detail not in TERMINAL_IOCTLS else "runtime"
-            feature = into[key] = Feature(key, name, detail, category)
-        feature.calls += 1
-        if phase not in feature.phases:
-            feature.phases.append(phase)
-        if result and result["errno"]:
-            feature.errors[result["errno"]] = feature.errors.get(result["errno"], 0) + 1
+        keys = [f"{name}:{detail}" if detail else name]
+        if SYSFS_BLOCK.search(body):
+            keys.append("sysfs:block")
+        for key in keys:
+            syscall = key.split(":", 1)[0]
+            feature = into.get(key)
+            if feature is None:
+                transaction = (syscall in TRANSACTION_CALLS and detail not in TERMINAL_IOCTLS) or key == "sysfs:block"
+                feature = into[key] = Feature(key, syscall, "" if key == "sysfs:block" else detail,
+                                              "transaction" if transaction else "runtime")
+            feature.calls += 1
+            if phase not in feature.phases:
+                feature.phases.append(phase)
+            if result and result["errno"] and result["errno"] not in feature.errors and key != "sysfs:block":
+                feature.errors.append(result["errno"])
 
 
 @dataclass(frozen=True)
 class Phase:
+    """One traced command: ``argv`` of ``stonelab``, an optional untraced ``before`` (argv of ``python -m``)
+    and extra environment (fault points)."""
+
     name: str
     argv: list[str]
+    before: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    expect_failure: bool | None = False  # None: either (the exit status is not what is traced)
 
 
 BUSYBOX = Path("/bin/busybox")
+KERNEL_VERSION = "6.1.0-lab"
 TRIGGER = """\
 name: trace-trigger
 description: a transaction trigger, so the sandbox's namespace and mount calls are traced
 handlers:
-    touch:
+    noop:
         run: /usr/bin/busybox
-        args: ["touch", "/usr/share/tool/triggered"]
+        args: ["true"]
 paths:
     "/usr/share/tool/*":
-        handlers: [touch]
+        handlers: [noop]
 """
+FAULT_POINTS = ("blit.mid", "state.recorded", "swap.before", "swap.after", "archive.after", "boot.before",
+                "boot.mid", "commit.after")
 
 
 def _package(out: Path, name: str, version: str, files: dict[str, str | bytes],
@@ -189,49 +235,147 @@ def _package(out: Path, name: str, version: str, files: dict[str, str | bytes],
                                     symlinks={f"bin/{name}-link": Path(next(iter(files))).name}, level=3)
 
 
-def workload(workdir: Path) -> list[Phase]:
-    """The phases traced: every verb of a transaction's life, for both swap strategies."""
-    pkgs = workdir / "packages"
-    v1 = _package(pkgs, "tool", "1", {"bin/tool": "one", "share/tool/empty": "", "share/tool/a": "a"}, ("bin/tool",))
-    v2_files: dict[str, str | bytes] = {"bin/tool": "two", "share/tool/b": "b", "lib/libtool.so.2": "elf"}
+def packages(out: Path) -> dict[str, Path]:
+    """The workload's packages: tool 1 (an empty file, a kernel for boot sync), tool 2 (a trigger and busybox when
+    running as root), tool 3 (for the repository sync) and an extra package to remove."""
+    kernel = {f"lib/kernel/{KERNEL_VERSION}/vmlinuz": b"not a real kernel\n" * 64,
+              "lib/os-release": 'ID=aerynos\nNAME="AerynOS"\n'}
+    v1 = _package(out, "tool", "1", {"bin/tool": "one", "share/tool/empty": "", "share/tool/a": "a", **kernel},
+                  ("bin/tool",))
+    v2_files: dict[str, str | bytes] = {"bin/tool": "two", "share/tool/b": "b", "lib/libtool.so.2": "elf", **kernel}
     if BUSYBOX.is_file() and os.geteuid() == 0:  # the trigger sandbox needs root (mount namespaces)
         v2_files |= {"bin/busybox": BUSYBOX.read_bytes(), "share/moss/triggers/tx.d/trace.yaml": TRIGGER}
-    v2 = _package(pkgs, "tool", "2", v2_files, ("bin/tool", "bin/busybox"))
-    phases = []
+    v2 = _package(out, "tool", "2", v2_files, ("bin/tool", "bin/busybox"))
+    repo = out / "repo"
+    repo.mkdir(exist_ok=True)
+    v3 = _package(repo, "tool", "3", {"bin/tool": "three", **kernel}, ("bin/tool",))
+    extra = _package(out, "extra", "1", {"share/extra/data": "extra"})
+    return {"v1": v1, "v2": v2, "v3": v3, "extra": extra, "repo": repo}
+
+
+def workload(workdir: Path, esp: str, root_device: str | None = None) -> list[Phase]:
+    """The phases traced, in order: per swap strategy the whole life of an installation, then each blit
+    strategy, then a crash at each fault point and the recovery the next verb runs.  Boot sync writes ``esp``;
+    ``root=`` comes from ``root_device``, or (None) from /proc/self/mountinfo and sysfs as on a real system."""
+    pkgs = packages(workdir / "packages")
+    parent = workdir
+    esp_args = ["--esp", esp, *(["--root-device", root_device] if root_device else [])]
+    phases: list[Phase] = []
     for strategy in ("exchange", "symlink"):
-        root = workdir / f"root-{strategy}"
+        root = parent / f"root-{strategy}"
         root.mkdir()
         common = ["-D", str(root), "--swap", strategy]
-        phases += [Phase(f"{strategy}:install", ["install", *common, str(v1)]),
-                   Phase(f"{strategy}:upgrade", ["install", *common, str(v2)]),
-                   Phase(f"{strategy}:rollback", ["state", "activate", *common, "1"]),
-                   Phase(f"{strategy}:prune", ["state", "prune", *common, "--keep", "1"]),
-                   Phase(f"{strategy}:verify", ["state", "verify", *common])]
+        boot = esp_args if strategy == "exchange" else []
+        phases += [
+            Phase(f"{strategy}:install", ["install", *common, *boot, str(pkgs["v1"]), str(pkgs["extra"])]),
+            Phase(f"{strategy}:upgrade-trigger", ["install", *common, *boot, str(pkgs["v2"])]),
+            Phase(f"{strategy}:remove", ["remove", *common, *boot, "extra"]),
+            Phase(f"{strategy}:verify", ["state", "verify", *common]),
+            Phase(f"{strategy}:verify-repair", ["state", "verify", *common, "--repair"],
+                  before=["lab.faults", "corrupt-asset", str(root)], expect_failure=None),
+            Phase(f"{strategy}:sync", ["sync", *common, *boot, "--repo", str(pkgs["repo"] / "stone.index")],
+                  before=["stonelab.cli", "stone", "index", str(pkgs["repo"])]),
+            Phase(f"{strategy}:activate", ["state", "activate", *common, *boot, "1"]),
+            Phase(f"{strategy}:prune", ["state", "prune", *common, "--keep", "2"]),
+        ]
+        if strategy == "exchange":
+            phases.append(Phase("exchange:boot-sync", ["boot", "sync", "-D", str(root), *esp_args]))
+    for blit in ("hardlink", "reflink", "copy"):
+        root = parent / f"root-blit-{blit}"
+        root.mkdir()
+        phases.append(Phase(f"blit:{blit}", ["install", "-D", str(root), "--blit", blit, str(pkgs["v1"])],
+                            expect_failure=blit == "reflink"))
+    for point in FAULT_POINTS:
+        root = parent / f"root-fault-{point}"
+        root.mkdir()
+        boot = esp_args if point.startswith("boot") else []
+        phases.append(Phase(f"crash:{point}", ["install", "-D", str(root), *boot, str(pkgs["v1"])],
+                            env={"STONELAB_FAULT": f"{point}:crash"}, expect_failure=True))
+        phases.append(Phase(f"recover:{point}", ["state", "list", "-D", str(root)]))
     return phases
 
 
-def trace_reference(workdir: Path | None = None, strace: str | None = None) -> Trace:
+def run_workload(workdir: Path, esp: str, *, root_device: str | None = None, strace: str | None = None,
+                 only: tuple[str, ...] = (), traced_on: str = "") -> Trace:
+    """Run (a prefix-filtered part of) the workload under strace here; raises StonelabError naming the phase
+    that failed unexpectedly."""
     strace = strace or shutil.which("strace")
     if not strace:
         raise StonelabError("strace is not installed (Debian package strace)")
     features: dict[str, Feature] = {}
-    with tempfile.TemporaryDirectory(prefix="stonelab-trace-", dir=workdir) as tmp:
-        work = Path(tmp)
-        phases = workload(work)
-        for phase in phases:
-            log = work / f"{phase.name.replace(':', '-')}.strace"
-            argv = [strace, "-f", "-qq", "-s", "256", "-o", str(log), sys.executable, "-m", "stonelab.cli",
-                    *phase.argv]
-            proc = subprocess.run(argv, capture_output=True, text=True, env=_clean_env(), timeout=600)
-            if proc.returncode != 0:
-                tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
-                raise StonelabError(f"traced phase {phase.name} failed: {tail}")
-            parse_strace(log.read_text(errors="replace"), phase.name, features)
-    ordered = sorted(features.values(), key=lambda f: (f.category != "transaction", f.syscall, f.detail))
-    return Trace(ordered, [p.name for p in phases], os.uname().release)
-
-
-def _clean_env() -> dict[str, str]:
+    phases = [p for p in workload(workdir, esp, root_device) if not only or p.name.startswith(only)]
     env = {k: v for k, v in os.environ.items() if k != "STONELAB_FAULT"}
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
-    return env
+    # only the calls that decide support stop the process (--seccomp-bpf): under TCG a full trace is ~10x slower
+    traced = ",".join(sorted(TRANSACTION_CALLS | RUNTIME_CALLS_OF_INTEREST))
+    for phase in phases:
+        if phase.before:
+            subprocess.run([sys.executable, "-m", *phase.before], capture_output=True, env=env, check=True)
+        log = workdir / f"{phase.name.replace(':', '-')}.strace"
+        argv = [strace, "-f", "-qq", "-s", "256", "--seccomp-bpf", f"--trace={traced}", "-o", str(log),
+                sys.executable, "-m", "stonelab.cli", *phase.argv]
+        proc = subprocess.run(argv, capture_output=True, text=True, env=env | phase.env, timeout=900)
+        if phase.expect_failure is not None and (proc.returncode != 0) != phase.expect_failure:
+            tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
+            raise StonelabError(f"traced phase {phase.name} exited {proc.returncode}: {tail}")
+        parse_strace(log.read_text(errors="replace"), phase.name, features)
+        log.unlink()
+    for feature in features.values():
+        feature.errors.sort()
+    ordered = sorted(features.values(), key=lambda f: (f.category != "transaction", f.key))
+    return Trace(ordered, [p.name for p in phases], traced_on)
+
+
+GUEST_SUT = "/mnt/sut"
+GUEST_ESP = "/mnt/esp"
+
+
+def trace_in_guest(kernel_path: str | None = None, accel: str = "auto", workdir: Path | None = None,
+                   only: tuple[str, ...] = ()) -> Trace:
+    """Boot the default Linux guest with a GPT disk (vfat ESP, ext4 root), mount both and run the workload there
+    (``python -m lab.kernel.trace --run``); the guest is gone when this returns."""
+    from vm.accel import AccelSelector
+    from vm.disk import DiskLayout, build_disk
+    from vm.host import default_kernel, kernel_from_path
+    from vm.machine import PROJECT_DIR, Machine, agent_config
+    from vm.qemu import DiskSpec
+
+    kernel = kernel_from_path(Path(kernel_path)) if kernel_path else default_kernel()
+    choice = AccelSelector().choose(kernel, accel)
+    with tempfile.TemporaryDirectory(prefix="stonelab-trace-", dir=workdir) as tmp:
+        disk = build_disk(Path(tmp) / "trace.img", DiskLayout(esp_mib=48, root_mib=256))
+        config = agent_config(kernel, choice, [DiskSpec(disk.path)], memory_mb=1536)
+        with Machine(config, name="trace", console_log=Path(tmp) / "console.log") as guest:
+            guest.succeed(f"mkdir -p {GUEST_SUT} {GUEST_ESP} && mount -t ext4 /dev/vda2 {GUEST_SUT} && "
+                          f"mount -t vfat /dev/vda1 {GUEST_ESP}")
+            result = guest.execute(f"cd {PROJECT_DIR} && {sys.executable} -m lab.kernel.trace --run "
+                                   f"{GUEST_SUT}/work --esp {GUEST_ESP}" + "".join(f" --only {o}" for o in only),
+                                   timeout=3600)
+            if result.exit_code != 0:
+                raise StonelabError(f"the traced workload failed in the guest: {result.stderr.strip()[-400:]}")
+            guest.shutdown()
+    return Trace.from_json(result.stdout, "guest trace output")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m lab.kernel.trace --run DIR --esp ESP`` (in a guest): the requirements JSON on stdout."""
+    parser = argparse.ArgumentParser(prog="python -m lab.kernel.trace")
+    parser.add_argument("--run", type=Path, required=True, metavar="DIR", help="empty work directory (created)")
+    parser.add_argument("--esp", required=True, help="mounted vfat ESP, FAT image or IMG:N")
+    parser.add_argument("--only", action="append", default=[], help="phase name prefix (repeatable)")
+    args = parser.parse_args(argv)
+    args.run.mkdir(parents=True, exist_ok=False)
+    try:
+        trace = run_workload(args.run, args.esp, only=tuple(args.only), traced_on="Linux guest (QEMU), "
+                             "root ext4 + vfat ESP")
+    except StonelabError as err:
+        print(f"stonelab: error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        shutil.rmtree(args.run, ignore_errors=True)
+    sys.stdout.write(trace.to_json())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

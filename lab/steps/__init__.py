@@ -110,6 +110,8 @@ def _pydantic_message(kind: str, error: dict) -> str:
         return f"{kind}: unknown field {error['loc'][-1]!r}"
     if error["type"] == "missing":
         return f"{kind}: missing field {error['loc'][-1]!r}"
+    if error["type"] == "value_error":
+        return f"{kind}: {str(error['msg']).removeprefix('Value error, ')}"
     return f"{kind}: {error['msg']} (got {error['input']!r})"
 
 
@@ -134,3 +136,4 @@ def check_package_keys(keys: list[str], ctx: ParseContext, loc: Loc) -> None:
 from lab.steps import transactions as _transactions  # noqa: E402,F401
 from lab.steps import faults as _faults  # noqa: E402,F401
 from lab.steps import expectations as _expectations  # noqa: E402,F401
+from lab.steps import system as _system  # noqa: E402,F401

@@ -37,6 +37,16 @@ def _transaction_kinds() -> list[str]:
     return [name for name, cls in REGISTRY.items() if cls.transaction]
 
 
+class InterruptingStep(StepKind):
+    """A step that interrupts a transaction given as ``during: STEP`` (crash, power_loss)."""
+
+    checked = False
+
+    @classmethod
+    def check(cls, value, ctx, loc):
+        return value.model_copy(update={"during": parse_transaction(value.during, ctx, (*loc, "during"), cls.name)})
+
+
 class CrashArgs(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -45,17 +55,12 @@ class CrashArgs(BaseModel):
 
 
 @register
-class Crash(StepKind):
+class Crash(InterruptingStep):
     name = "crash"
     summary = ("run a transaction that dies at a named fault point (`stonelab faults`): SIGKILL on the host "
                "target, a power cut on the vm target")
     example = "crash: {at: swap.after, during: {install: [hello-2]}}"
     arg_type = CrashArgs
-    checked = False
-
-    @classmethod
-    def check(cls, value: CrashArgs, ctx, loc):
-        return value.model_copy(update={"during": parse_transaction(value.during, ctx, (*loc, "during"), cls.name)})
 
     @classmethod
     def describe(cls, arg: CrashArgs) -> str:

@@ -16,6 +16,7 @@ class Command:
     verb: list[str]
     rest: list[str]
     after: dict[str, Any] | None
+    plain: bool = False  # a command of its own, without the installation options (-D, --mode, --swap)
 
     def text(self) -> str:
         return " ".join(["stonelab", *self.verb, *self.rest])
@@ -33,7 +34,7 @@ class TransactionStep(StepKind):
     @classmethod
     def run(cls, runner, step: Step, result) -> list:
         cmd = cls.command(runner, step.arg)
-        outcome = runner.pm(cmd.verb, *cmd.rest)
+        outcome = runner.execute(cmd)
         runner.record(result, cmd.text(), outcome)
         if not outcome.ok:
             raise StepFailure(f"{cmd.text()}: {outcome.summary()}")
@@ -142,4 +143,8 @@ class Recover(StepKind):
         acceptable = runner.interrupted.trees() if runner.interrupted else [runner.model.tree()]
         if not outcome.ok:
             raise StepFailure(f"recovery failed: stonelab state list: {outcome.summary()}")
+        lost = sorted(set(runner.model.states) - set(runner.target.observe().db_states))
+        if lost:
+            raise StepFailure(f"recovery lost committed state(s) {', '.join(map(str, lost))} (tree and row gone: "
+                              "no rollback to them is possible)")
         return acceptable

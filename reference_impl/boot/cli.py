@@ -37,10 +37,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         parser.add_argument("--no-vfat-check", action="store_true",
                             help="accept an ESP directory that is not a vfat mount (testing only)")
         parser.set_defaults(func=func)
+        parser.add_argument("--root-device", default=None,
+                            help="DEV_OR_IMG[:PARTNUM] holding the root filesystem: root= of this installation "
+                                 "(default: from /proc/self/mountinfo)")
         if name == "sync":
-            parser.add_argument("--root-device", default=None,
-                                help="DEV_OR_IMG[:PARTNUM] holding the root filesystem, for root= "
-                                     "(default: from /proc/self/mountinfo)")
             parser.add_argument("--state", type=int, default=None, help="state to boot by default (default: active)")
             parser.add_argument("--rebuild", action="store_true",
                                 help="format the ESP when it holds no FAT filesystem, then repopulate it")
@@ -96,7 +96,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
         print(f"{report.esp}: formatted (FAT)")
     for note in report.notes:
         print(f"stonelab: warning: {note}", file=sys.stderr)
-    print(f"{report.esp}: {len(report.entries)} entries, default {report.default_entry or '-'}; "
+    print(f"{report.esp}: {len(report.entries)} entries (entry token {report.entry_token}), "
+          f"default {report.default_entry or '-'}; "
           f"{len(report.written)} files written, {len(report.removed)} removed")
     for name in report.entries:
         print(f"  {name}")
@@ -104,14 +105,23 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    status = boot_status(args.root, esp=args.esp, efivars=args.efivars, require_vfat=not args.no_vfat_check)
+    status = boot_status(args.root, esp=args.esp, efivars=args.efivars, require_vfat=not args.no_vfat_check,
+                         root_device=args.root_device)
     if args.json:
         print(json.dumps(asdict(status), indent=2))
     else:
         print(f"{status.esp}: active state {status.active_state}, default {status.default_entry or '-'}")
         for entry in status.entries:
-            flag = "ok" if not entry.missing_files and entry.state_tree_exists else "BROKEN"
-            print(f"  {entry.name}  state {entry.state_id}  {flag}")
+            if entry.owner == "this":
+                flag = "ok" if not entry.missing_files and entry.state_tree_exists else "BROKEN"
+                print(f"  {entry.name}  state {entry.state_id}  {flag}")
+            else:
+                what = "another installation" if entry.owner == "other" else "not written by stonelab"
+                print(f"  {entry.name}  {what}  {entry.root or '-'}")
+        for line in status.other_installations:
+            print(f"other installation: {line}")
+        for note in status.notes:
+            print(f"stonelab: note: {note}", file=sys.stderr)
         for problem in status.problems:
             print(f"problem: {problem}")
     return 1 if status.problems else 0

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import xxhash
 
+from reference_impl import mutants
+from reference_impl.boot.esp import EspError
 from reference_impl.boot.states import BootState, Kernel
 
 ENTRIES_DIR = "loader/entries"
@@ -37,8 +39,9 @@ class BootPlan:
     default_entry: str | None
 
 
-def entry_name(state: BootState, kernel: Kernel) -> str:
-    return f"{state.os_id}-{kernel.version}-{state.id}.conf"
+def entry_name(state: BootState, kernel: Kernel, token: str | None = None) -> str:
+    """``<entry token>-<kernel version>-<state id>.conf`` (the token defaults to the state's os-release ID)."""
+    return f"{token or state.os_id}-{kernel.version}-{state.id}.conf"
 
 
 def entry_text(state: BootState, kernel: Kernel, kernel_dir: str, root_arg: str) -> str:
@@ -59,12 +62,20 @@ def _content_key(kernel: Kernel) -> str:
     return digest.hexdigest()
 
 
-def plan_boot(states: list[BootState], root_arg: str, bootloader: Path | None,
-              target: int | None = None) -> BootPlan:
-    """Entries for every kernel of every state (newest state first) and the files they reference.
+BOOTLOADER_PATHS = ("EFI/BOOT/BOOTX64.EFI", "EFI/systemd/systemd-bootx64.efi")
 
-    Kernels live in ``EFI/<os-id>/<kver>/``; when two states ship different files under the same kernel version
-    the older one gets ``<kver>-<content hash>`` so that neither entry boots the other's kernel.
+
+def plan_boot(states: list[BootState], root_arg: str, bootloader: Path | None,
+              target: int | None = None, *, token: str | None = None,
+              avoid: frozenset[str] = frozenset()) -> BootPlan:
+    """Entries for every kernel of every state (newest state first, each state's newest kernel first) and the
+    files they reference.
+
+    Kernels live in ``EFI/<token>/<kver>/`` (token: the entry token, default the state's os-release ID); when
+    two states ship different files under the same kernel version the older one gets ``<kver>-<content hash>``
+    so that neither entry boots the other's kernel, and so does a kernel whose directory would hit one of
+    ``avoid`` (casefolded ESP paths of files this installation does not own).  The default entry is the target
+    state's newest kernel.  Raises EspError when no directory is free.
     """
     files: dict[str, Path] = {}
     entries: list[Entry] = []
@@ -72,27 +83,49 @@ def plan_boot(states: list[BootState], root_arg: str, bootloader: Path | None,
     taken: set[str] = set()
     for state in sorted(states, key=lambda s: s.id, reverse=True):
         for kernel in state.kernels:
-            key = (state.os_id, _content_key(kernel))
+            key = (token or state.os_id, _content_key(kernel))
             kernel_dir = dirs.get(key)
             if kernel_dir is None:
-                kernel_dir = f"EFI/{state.os_id}/{kernel.version}"
-                if kernel_dir in taken:
-                    kernel_dir = f"{kernel_dir}-{key[1][:8]}"
+                names = ["vmlinuz", *(initrd.name for initrd in kernel.initrds)]
+                base = f"EFI/{key[0]}/{kernel.version}"
+                kernel_dir = next((d for d in (base, f"{base}-{key[1][:8]}", f"{base}-{key[1]}")
+                                   if d not in taken and not any(f"{d}/{n}".casefold() in avoid for n in names)),
+                                  None)
+                if kernel_dir is None:
+                    raise EspError(f"no free directory for kernel {kernel.version} below EFI/{key[0]}/: files "
+                                   f"this installation did not write are in the way")
                 dirs[key] = kernel_dir
                 taken.add(kernel_dir)
                 files[f"{kernel_dir}/vmlinuz"] = kernel.vmlinuz
                 for initrd in kernel.initrds:
                     files[f"{kernel_dir}/{initrd.name}"] = initrd
-            entries.append(Entry(entry_name(state, kernel), state.id, kernel.version,
+            entries.append(Entry(entry_name(state, kernel, token), state.id, kernel.version,
                                  entry_text(state, kernel, kernel_dir, root_arg)))
     if bootloader is not None:
-        files["EFI/BOOT/BOOTX64.EFI"] = bootloader
-        files["EFI/systemd/systemd-bootx64.efi"] = bootloader
+        for path in BOOTLOADER_PATHS:
+            files[path] = bootloader
     default = next((e.name for e in entries if e.state_id == target), entries[0].name if entries else None)
     # An exact default (not blsforme's "<os-id>*" glob, which picks the highest kernel version rather than the
     # state just activated — moss #586).
+    if default and mutants.active("glob-default-entry"):
+        default = default.split("-")[0] + "*"  # blsforme's "<os-id>*" (moss #586)
     loader_conf = f"default {default}\ntimeout 3\n" if default else "timeout 3\n"
     return BootPlan(files, entries, loader_conf, default)
+
+
+def merge_loader_conf(current: bytes | None, plan: BootPlan) -> bytes:
+    """``loader.conf`` with the plan's ``default`` line and every other line of ``current`` kept (the file is
+    shared: another installation, bootctl or the user may have set ``timeout``, ``console-mode``, ...)."""
+    if current is None or plan.default_entry is None:
+        return plan.loader_conf.encode() if current is None else current
+    lines = current.decode(errors="replace").splitlines()
+    line = f"default {plan.default_entry}"
+    at = next((i for i, text in enumerate(lines) if text.split(maxsplit=1)[:1] == ["default"]), None)
+    if at is None:
+        lines.insert(0, line)
+    else:
+        lines[at] = line
+    return ("\n".join(lines) + "\n").encode()
 
 
 def parse_entry(text: str) -> dict[str, list[str]]:

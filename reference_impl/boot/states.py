@@ -33,6 +33,7 @@ class BootState:
     pretty_name: str = DEFAULT_PRETTY_NAME
     kernels: tuple[Kernel, ...] = ()
     cmdline: tuple[str, ...] = field(default_factory=tuple)
+    image_id: str | None = None       # os-release IMAGE_ID, a candidate entry token
 
 
 def read_state_ids(root: Path) -> list[int]:
@@ -55,7 +56,8 @@ def state_tree(root: Path, state_id: int, active: int | None) -> Path:
     return inst.usr if state_id == active else inst.archived(state_id)
 
 
-def read_os_release(tree: Path) -> tuple[str, str]:
+def read_os_release(tree: Path) -> tuple[str, str, str | None]:
+    """(ID, PRETTY_NAME or NAME, IMAGE_ID or None) from ``<tree>/lib/os-release``, with AerynOS' defaults."""
     values: dict[str, str] = {}
     try:
         text = (tree / "lib" / "os-release").read_text(errors="replace")
@@ -68,7 +70,8 @@ def read_os_release(tree: Path) -> tuple[str, str]:
             if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
                 value = value[1:-1]
             values[key.strip()] = value
-    return values.get("ID") or DEFAULT_OS_ID, values.get("PRETTY_NAME") or values.get("NAME") or DEFAULT_PRETTY_NAME
+    return (values.get("ID") or DEFAULT_OS_ID, values.get("PRETTY_NAME") or values.get("NAME") or DEFAULT_PRETTY_NAME,
+            values.get("IMAGE_ID") or None)
 
 
 def find_kernels(tree: Path) -> tuple[Kernel, ...]:
@@ -99,8 +102,8 @@ def load_state(root: Path, state_id: int, active: int | None) -> BootState | Non
     tree = state_tree(root, state_id, active)
     if not tree.is_dir():
         return None
-    os_id, pretty = read_os_release(tree)
-    return BootState(state_id, tree, os_id, pretty, find_kernels(tree), read_cmdline_snippets(tree))
+    os_id, pretty, image_id = read_os_release(tree)
+    return BootState(state_id, tree, os_id, pretty, find_kernels(tree), read_cmdline_snippets(tree), image_id)
 
 
 def bootable_states(root: Path, limit: int = 5, target: int | None = None) -> tuple[list[BootState], list[int]]:

@@ -156,8 +156,19 @@ def _hash_file(path: Path) -> tuple[int, int]:
     return hasher.intdigest(), size
 
 
+DEFAULT_DIRECTORY_MODE = 0o755
+
+
+def _records_directory(entry: LayoutEntry, empty: bool) -> bool:
+    """Upstream's builder records only empty directories; the reference records too every directory whose mode
+    or owner is not the default (0755, root:root), which the blit would otherwise create as 0755 root:root
+    (a 1777 tmp directory, a 0750 directory of a service user...)."""
+    return empty or stat.S_IMODE(entry.mode) != DEFAULT_DIRECTORY_MODE or (entry.uid, entry.gid) != (0, 0)
+
+
 def scan_tree(tree: Path, spec: PackageSpec) -> _TreeScan:
-    """Walk the /usr tree in a stable order: regular files, symlinks and empty directories."""
+    """Walk the /usr tree in a stable order: regular files, symlinks, and the directories that are empty or whose
+    mode (from the tree, or ``spec.modes``) or owner (``spec.owners``) is not 0755 root:root."""
     if not tree.is_dir():
         raise StonelabError(f"{tree}: not a directory")
     layout: list[LayoutEntry] = []
@@ -167,8 +178,10 @@ def scan_tree(tree: Path, spec: PackageSpec) -> _TreeScan:
         base = Path(dirpath)
         rel_dir = base.relative_to(tree).as_posix()
         names = sorted(filenames + [d for d in dirnames if (base / d).is_symlink()])
-        if not filenames and not dirnames and rel_dir != ".":
-            layout.append(_entry(spec, rel_dir, os.lstat(base), LayoutType.DIRECTORY))
+        if rel_dir != ".":
+            entry = _entry(spec, rel_dir, os.lstat(base), LayoutType.DIRECTORY)
+            if _records_directory(entry, not filenames and not dirnames):
+                layout.append(entry)
         for name in names:
             full = base / name
             rel = name if rel_dir == "." else f"{rel_dir}/{name}"
@@ -248,8 +261,8 @@ def _write_content(handle: BinaryIO, order: Iterable[tuple[int, tuple[int, Path]
 
 def build_package_from_files(files: Mapping[str, str | bytes], spec: PackageSpec, out: str | os.PathLike[str], *,
                              symlinks: Mapping[str, str] | None = None, level: int = DEFAULT_LEVEL) -> Path:
-    """A package from in-memory content (paths relative to /usr). Files are 0644 unless ``spec.modes`` says
-    otherwise, whatever the umask; the tree is built beside ``out`` and removed."""
+    """A package from in-memory content (paths relative to /usr). Files are 0644 and directories 0755 unless
+    ``spec.modes`` says otherwise, whatever the umask; the tree is built beside ``out`` and removed."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".tree-", dir=out.parent) as tmp:
@@ -263,4 +276,6 @@ def build_package_from_files(files: Mapping[str, str | bytes], spec: PackageSpec
             path = tree / rel
             path.parent.mkdir(parents=True, exist_ok=True)
             os.symlink(dest, path)
+        for directory in (p for p in tree.rglob("*") if p.is_dir() and not p.is_symlink()):
+            os.chmod(directory, DEFAULT_DIRECTORY_MODE)
         return build_package(tree, spec, out, level=level)

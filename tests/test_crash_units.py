@@ -1,0 +1,206 @@
+"""The crash engine without a guest: the write-log reader, the power-loss model, the enumeration, the job the
+guest gets, the scenario step, the recorded disk's QEMU arguments."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import struct
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lab.crash.enumerate import Window, cut_points, enumerate_states
+from lab.crash.explore import build_job
+from lab.crash.logwrites import LogFlag, RecordingError, read_log
+from lab.crash.model import CrashState, Granularity, Model, PowerLoss, Unit
+from lab.scenario import ScenarioError, load_scenario
+
+SECTOR = 512
+MAGIC = 0x6A736677736872
+
+
+def write_log(path: Path, requests: list[tuple[int, int, int, bytes]], *, counted: int | None = None,
+              magic: int = MAGIC) -> Path:
+    """A dm-log-writes file as QEMU writes it: requests are (flags, sector, nr_sectors, fill byte)."""
+    body = b""
+    for flags, sector, nr, fill in requests:
+        body += struct.pack("<QQQQ", sector, nr, flags, 0).ljust(SECTOR, b"\0")
+        if not flags & LogFlag.DISCARD:
+            body += fill * (nr * SECTOR)
+    count = len(requests) if counted is None else counted
+    path.write_bytes(struct.pack("<QQQI", magic, 1, count, SECTOR).ljust(SECTOR, b"\0") + body)
+    return path
+
+
+W, F, FUA = 0, int(LogFlag.FLUSH), int(LogFlag.FUA)
+
+
+def sample(tmp_path: Path, **kw) -> Path:
+    return write_log(tmp_path / "log", [(W, 8, 2, b"a"), (F, 0, 0, b""), (W, 16, 1, b"b"), (W, 24, 1, b"c"),
+                                        (F, 0, 0, b""), (W, 32, 1, b"d"), (FUA, 40, 1, b"e"), (W, 48, 1, b"f")],
+                     **kw)
+
+
+def test_reader_entries_data_and_positions(tmp_path):
+    rec = read_log(sample(tmp_path))
+    assert [e.describe() for e in rec.entries[:3]] == ["#0 WRITE sector 8 +2", "#1 FLUSH", "#2 WRITE sector 16 +1"]
+    assert rec.read(rec.entries[0]) == b"a" * 1024 and rec.read(rec.entries[0], 1, 1) == b"a" * 512
+    assert rec.position(SECTOR) == 0
+    assert rec.position(rec.entries[2].offset) == 2  # a mark taken before entry 2 was logged
+    assert rec.position(10 ** 9) == 8
+
+
+def test_reader_keeps_the_uncounted_tail(tmp_path):
+    """QEMU updates nr_entries on flushes: entries after the last flush are in the file but not counted."""
+    rec = read_log(sample(tmp_path, counted=5))
+    assert rec.counted == 5 and len(rec.entries) == 8
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda b: b"\x00" * 8 + b[8:], "offset 0: bad magic"),
+    (lambda b: b[:SECTOR * 4], "offset 2048: entry 1 of 8 is missing"),
+    (lambda b: b[:SECTOR + 16] + struct.pack("<Q", 0x80) + b[SECTOR + 24:], "offset 512: entry 0 has unknown flags"),
+    (lambda b: b[:SECTOR * 2 + 100], "offset 512: entry 0 needs 1024 data bytes past the end"),
+])
+def test_bad_recording_is_one_line_naming_file_and_offset(tmp_path, damage, message):
+    path = sample(tmp_path)
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(RecordingError) as caught:
+        read_log(path)
+    assert str(caught.value).startswith(f"{path}: ") and message in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_volatile_cache_boundary_and_in_flight(tmp_path):
+    rec = read_log(sample(tmp_path))
+    power = PowerLoss()
+    assert power.boundary(rec, 1) == 0 and power.boundary(rec, 2) == 2 and power.boundary(rec, 8) == 5
+    units, forced = power.in_flight(rec, 8)
+    assert units == [Unit(5), Unit(6), Unit(7)] and forced == {Unit(6)}
+    sectors = PowerLoss(granularity=Granularity.SECTOR).in_flight(rec, 1)[0]
+    assert sectors == [Unit(0, 0, 1), Unit(0, 1, 1)]
+    state = CrashState(8, 5, (Unit(7),), True, "subset")
+    assert [(e.index, f, n) for e, f, n in power.writes(rec, state)] == [(0, 0, 2), (2, 0, 1), (3, 0, 1), (7, 0, 1)]
+    assert PowerLoss(Model.OPTIMISTIC).boundary(rec, 7) == 7
+
+
+def test_enumeration_covers_boundaries_prefixes_and_subsets(tmp_path):
+    rec = read_log(sample(tmp_path))
+    window = Window(0, 8, 0)
+    assert cut_points(rec, window) == [1, 4, 8]
+    states = enumerate_states(rec, window, PowerLoss())
+    sets = {(s.boundary, tuple(u.entry for u in s.persisted)) for s in states if s.cut == 8}
+    # in flight at the end: 5, 6 (FUA), 7; the FUA write is in every state that has a later write
+    assert sets == {(5, ()), (5, (5,)), (5, (5, 6)), (5, (6,)), (5, (5, 6, 7)), (5, (6, 7))}
+    assert all(s.after_return for s in states if s.cut == 8) and not any(s.after_return for s in states if s.cut < 8)
+    assert {s.kind for s in states} >= {"boundary", "prefix", "subset"}
+    assert enumerate_states(rec, window, PowerLoss()) == states  # deterministic
+
+
+def test_enumeration_bound_and_seed(tmp_path):
+    many = [(W, 8 * i, 1, b"x") for i in range(12)] + [(F, 0, 0, b"")]
+    rec = read_log(write_log(tmp_path / "log", many))
+    window = Window(0, 13, 0)
+    a = enumerate_states(rec, window, PowerLoss(), max_states=20, seed=1)
+    assert len(a) == 20 and a == enumerate_states(rec, window, PowerLoss(), max_states=20, seed=1)
+    assert a != enumerate_states(rec, window, PowerLoss(), max_states=20, seed=2)
+    assert sum(s.kind == "boundary" for s in a) == 2
+    unbounded = enumerate_states(rec, window, PowerLoss(), max_states=10 ** 6)
+    assert any(s.kind == "sample" for s in unbounded)  # 12 in flight: sampled, not 4096 subsets
+
+
+def test_optimistic_is_in_order_prefixes(tmp_path):
+    rec = read_log(sample(tmp_path))
+    states = enumerate_states(rec, Window(0, 8, 0), PowerLoss(Model.OPTIMISTIC))
+    assert all(not s.persisted and s.boundary == s.cut for s in states)
+    assert sorted({s.boundary for s in states}) == [1, 3, 4, 6, 7, 8]
+
+
+def test_job_clips_to_the_partition_and_shares_the_common_prefix(tmp_path):
+    rec = read_log(sample(tmp_path))
+    states = [CrashState(8, 5, (), True, "boundary"), CrashState(8, 5, (Unit(7),), True, "subset")]
+    job, data = build_job(rec, states, PowerLoss(), device="/dev/vdb2", partition=(16 * SECTOR, 64 * SECTOR),
+                          recovery=["state", "list", "-D", "{root}"])
+    # entry 0 (sectors 8-9) lies before the partition: dropped; entries 2 and 3 are common to both states
+    assert [job.chunks[c][0] for c in job.common] == [0, 8 * SECTOR]
+    assert job.states[0] == [] and [job.chunks[c][0] for c in job.states[1]] == [32 * SECTOR]
+    offset, start, length = job.chunks[job.states[1][0]]
+    assert data[start:start + length] == b"f" * SECTOR
+
+
+def scenario(tmp_path: Path, step: dict, **top) -> Path:
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({"name": "x", "packages": {"a": {"name": "a", "version": "1"}}, "steps": [step],
+                                    **top}))
+    return path
+
+
+def test_power_loss_step_parses_and_refuses_bad_input(tmp_path):
+    parsed = load_scenario(scenario(tmp_path, {"power_loss": {"during": {"install": ["a"]}, "explore": True,
+                                                              "model": "optimistic", "max_states": 5}}))
+    arg = parsed.steps[0].arg
+    assert arg.during.kind == "install" and arg.model is Model.OPTIMISTIC and arg.max_states == 5
+    bad = [({"power_loss": {"during": {"install": ["a"]}, "explore": False}}, {}, "needs `at: random`"),
+           ({"power_loss": {"during": {"install": ["a"]}, "explore": True, "model": "cache"}}, {},
+            "steps[0].power_loss.model"),
+           ({"power_loss": {"during": "verify", "explore": True}}, {}, "can only interrupt a transaction"),
+           ({"power_loss": {"during": {"install": ["a"]}, "explore": True, "when": 1}}, {}, "unknown field 'when'"),
+           ({"power_loss": {"during": {"install": ["a"]}, "explore": True, "max_states": 0}}, {}, "max_states"),
+           ({"power_loss": {"during": {"install": ["a"]}, "explore": True}}, {"target": "host"}, "needs target vm")]
+    for step, top, message in bad:
+        with pytest.raises(ScenarioError, match=re.escape(message)):
+            load_scenario(scenario(tmp_path, step, **top))
+
+
+def test_recorded_disk_is_a_blklogwrites_chain_that_keeps_flushes(tmp_path):
+    from vm.errors import VmError
+    from vm.qemu import DiskSpec
+    args, node, write_cache = DiskSpec(tmp_path / "d.qcow2", format="qcow2", log=tmp_path / "d.log").blockdev_args(0)
+    top = args[-1]
+    assert node == "disk0-rec" and write_cache == "on"
+    assert top.startswith("driver=blklogwrites,") and "file=disk0-fmt" in top and "log=disk0-logfile" in top
+    assert "cache.no-flush=off" in top  # a no-flush filter node would drop every FLUSH entry
+    with pytest.raises(VmError, match="sends no flushes"):
+        DiskSpec(tmp_path / "d", cache="writethrough", log=tmp_path / "l")
+
+
+REPO_SCENARIOS = Path(__file__).resolve().parents[1] / "scenarios"
+
+
+def run_cli(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "stonelab.cli", *argv], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+
+
+def test_cli_refuses_bad_input_in_one_line(tmp_path):
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("name: x\ntarget: vm\nsteps: [recover]\n")
+    not_repro = tmp_path / "r.json"
+    not_repro.write_text('{"format": "something else"}')
+    broken = tmp_path / "b.json"
+    broken.write_text("{")
+    for argv, message in [(("crash", "explore", str(plain)), "no power_loss step to explore"),
+                          (("crash", "explore", str(REPO_SCENARIOS / "crash-reference.yaml"), "--max-states", "0"),
+                           "--max-states must be at least 1"),
+                          (("crash", "replay", str(not_repro)), "not a stonelab crash reproducer"),
+                          (("crash", "replay", str(broken)), "not JSON"),
+                          (("crash", "replay", str(tmp_path / "missing.json")), "cannot read the reproducer")]:
+        proc = run_cli(*argv)
+        assert proc.returncode == 2, (argv, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr, proc.stderr
+
+
+def test_replay_names_a_missing_recording_and_a_corrupt_log(tmp_path):
+    from lab.crash.replay import Reproducer, replay, write_reproducer
+    repro = write_reproducer(tmp_path / "repro.json", Reproducer(
+        base="recording/base.raw", log="recording/gen1.log", partition=[0, 1 << 20], model="volatile-cache",
+        granularity="request", cut=1, boundary=0, persisted=[], after_return=True, oracle={}, recovery=[]))
+    with pytest.raises(Exception, match="base.raw is missing"):
+        replay(repro)
+    (tmp_path / "recording").mkdir()
+    (tmp_path / "recording" / "base.raw").write_bytes(b"")
+    (tmp_path / "recording" / "gen1.log").write_bytes(b"\x01" * 600)
+    with pytest.raises(RecordingError, match=r"gen1.log: offset 0: bad magic"):
+        replay(repro)
