@@ -237,9 +237,9 @@ def run_cases(cases: Sequence[Case], options: RunOptions, console=None) -> Repor
                 return model
             log.info("%s: %s, running it again (attempt %d)", case.name, model.verdict, attempts + 1)
 
-    console.print(f"stonelab: {len(cases)} cases, {jobs} at a time"
-                  + (f", shard {options.shard}" if options.shard else ""))
     try:
+        console.print(f"stonelab: {len(cases)} cases, {jobs} at a time"
+                      + (f", shard {options.shard}" if options.shard else ""))
         with progress.live, ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="case") as pool:
             pending: dict[Future, Case] = {pool.submit(one, case): case for case in cases}
             try:

@@ -114,7 +114,10 @@ def test_ctrl_c_still_writes_the_report(suite, tmp_path):
     proc = subprocess.Popen([*STONELAB, "run", str(suite), "--tag", "tiny", "--jobs", "1", "--report-dir", "out"],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
-    time.sleep(4)   # the first case is running
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "out" / "latest").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(2)   # the first case is running
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 128 + signal.SIGINT, out + err
