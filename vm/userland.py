@@ -47,7 +47,11 @@ GUEST_PROGRAMS = ("sh", "bash", "env", "mount", "umount", "mkdir", "cat", "ls", 
                   "sed", "chmod", "dd", "id", "df", "find", "xargs", "wc", "cut", "tr", "sort", "base64",
                   "sha256sum", "cmp", "diff", "blockdev", "mcopy", "mmd", "mdel", "mdir", "mtype", "mattrib", "mren",
                   "mrd", "date", "mkfs.vfat", "mkfs.fat", "fsck.vfat", "strace")
-ETC_FILES = ("/etc/ld.so.cache", "/etc/passwd", "/etc/group", "/etc/nsswitch.conf", "/etc/localtime")
+ETC_FILES = ("/etc/ld.so.cache", "/etc/passwd", "/etc/group", "/etc/nsswitch.conf", "/etc/localtime",
+             "/etc/mtools.conf")
+# glibc's character set converters (mtools converts FAT names through IBM850/437) and the C.UTF-8 locale the
+# guest's commands run in
+SUPPORT_TREES = ("/usr/lib/x86_64-linux-gnu/gconv", "/usr/lib/locale/C.utf8")
 MOUNT_POINTS = ("proc", "sys", "dev", "tmp", "run", "var/tmp", "mnt", "root")
 MERGED_USR_LINKS = ("/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32")  # kept as on the host (merged /usr)
 STDLIB_SKIP = {"test", "site-packages", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3"}
@@ -102,7 +106,8 @@ def _walk(top: Path, skip: set[str]) -> Iterator[Path]:
 
 def _roots(spec: UserlandSpec) -> list[tuple[Path, set[str]]]:
     venv = Path(sys.prefix) if Path(spec.python).absolute().is_relative_to(sys.prefix) else None
-    roots = [(_stdlib_dir(), STDLIB_SKIP), (spec.project.resolve(), TREE_SKIP)]
+    roots = [(_stdlib_dir(), STDLIB_SKIP), (spec.project.resolve(), TREE_SKIP),
+             *((Path(tree), set()) for tree in SUPPORT_TREES if os.path.isdir(tree))]
     if venv is not None:
         roots.append((venv, {"pip"}))
     return roots
