@@ -43,7 +43,7 @@ FORMAT_VERSION = "1"
 log = get_logger("vm.userland")
 
 GUEST_PROGRAMS = ("sh", "bash", "env", "mount", "umount", "mkdir", "cat", "ls", "stat", "touch", "sync", "sleep",
-                  "uname", "rm", "cp", "mv", "ln", "printf", "true", "false", "test", "echo", "head", "tail", "grep",
+                  "uname", "rm", "cp", "mv", "ln", "truncate", "printf", "true", "false", "test", "echo", "head", "tail", "grep",
                   "sed", "chmod", "dd", "id", "df", "find", "xargs", "wc", "cut", "tr", "sort", "base64",
                   "sha256sum", "cmp", "diff", "blockdev", "mcopy", "mmd", "mdel", "mdir", "mtype", "mattrib", "mren",
                   "mrd", "date", "mkfs.vfat", "mkfs.fat", "fsck.vfat", "strace")
