@@ -24,17 +24,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lab.crash.check import Oracle  # noqa: E402
 from lab.crash.explore import ExploreOptions, explore  # noqa: E402
 from lab.invariants import ExpectedTree  # noqa: E402
-from lab.packages import build_packages, expected_tree  # noqa: E402
+from lab.packages import PackageDecl, build_packages, expected_tree  # noqa: E402
 from lab.runner import run_cache_dir  # noqa: E402
-from lab.scenario import PackageDecl  # noqa: E402
 from lab.vm_target import VmTarget  # noqa: E402
 from vm.accel import AccelSelector  # noqa: E402
 from vm.host import default_kernel, kernel_from_path  # noqa: E402
 
 
 def packages(count: int) -> dict[str, PackageDecl]:
-    return {f"p{i}": PackageDecl(f"p{i}", "hello", str(i), files={"bin/hello": f"{i}\n",
-                                                                  f"share/hello/{i}": "x" * 3000 * i})
+    return {f"p{i}": PackageDecl(key=f"p{i}", name="hello", version=str(i),
+                                 files={"bin/hello": f"{i}\n", f"share/hello/{i}": "x" * 3000 * i})
             for i in range(1, count + 1)}
 
 
@@ -48,7 +47,7 @@ def install(target: VmTarget, path: Path) -> float:
 
 def rate(kernel, selector, accel: str, states: int, work: Path) -> None:
     decls = packages(2)
-    built = build_packages(decls, work / "packages")
+    built, decls = build_packages(decls, work / "packages")
     with VmTarget(work / "rate", kernel=kernel, accel=accel, selector=selector) as target:
         install(target, built["p1"])
         baseline = target.observe().outside
@@ -66,7 +65,7 @@ def rate(kernel, selector, accel: str, states: int, work: Path) -> None:
 
 def overhead(kernel, selector, accel: str, transactions: int, work: Path) -> None:
     decls = packages(transactions)
-    built = build_packages(decls, work / "packages-overhead")
+    built, decls = build_packages(decls, work / "packages-overhead")
     times: dict[bool, list[float]] = {True: [], False: []}
     for record in (False, True):
         with VmTarget(work / f"overhead-{record}", kernel=kernel, accel=accel, selector=selector,

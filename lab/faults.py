@@ -16,9 +16,15 @@ SBIN_PATH = {"PATH": "/usr/sbin:/sbin:/usr/bin:/bin"}
 
 def corrupt_largest_asset(root: Path, disk: Path | None = None, arg: str = "") -> str:
     """Flip the first byte of the largest asset in the store; returns its path relative to the root."""
-    assets = sorted(p for p in (root / ".moss" / "assets").rglob("*") if p.is_file())
+    return corrupt_largest_file(root / ".moss" / "assets", root)
+
+
+def corrupt_largest_file(base: Path, root: Path, pattern: str = "*") -> str:
+    """Flip the first byte of the largest regular file below ``base`` whose name matches ``pattern`` (symlinks
+    not followed); returns its path relative to ``root``. Raises RuntimeError when there is none."""
+    assets = sorted(p for p in base.rglob(pattern) if p.is_file() and not p.is_symlink())
     if not assets:
-        raise RuntimeError(f"{root}: the store has no assets to corrupt")
+        raise RuntimeError(f"{base}: no file to corrupt")
     victim = max(assets, key=lambda p: (p.stat().st_size, str(p)))
     mode = victim.stat().st_mode
     victim.chmod(0o644)

@@ -73,6 +73,7 @@ class CaseModel(_Model):
     file: str
     description: str = ""
     target: str
+    system: str = "reference"         # the system under test (reference, nix, ostree)
     mode: str
     swap: str
     verdict: Verdict
@@ -124,7 +125,9 @@ def host_environment() -> dict[str, str]:
 
 def case_id(result) -> str:
     """The id of a ScenarioResult (or CaseModel) in reports and shards: file stem, name and target."""
-    return f"{Path(result.path if hasattr(result, 'path') else result.file).stem}::{result.name}@{result.target}"
+    system = getattr(result, "system", "reference")
+    suffix = "" if str(system) == "reference" else f"/{system}"
+    return f"{Path(result.path if hasattr(result, 'path') else result.file).stem}::{result.name}@{result.target}{suffix}"
 
 
 def case_from_result(result, *, attempts: int = 1, rerun: str = "") -> CaseModel:
@@ -147,7 +150,8 @@ def case_from_result(result, *, attempts: int = 1, rerun: str = "") -> CaseModel
                                     title=f"crash states of step {step.index}: {crash.get('states')} checked, "
                                           f"model {crash.get('model')}"))
     return CaseModel(id=case_id(result), name=result.name, file=result.path, description=result.description,
-                     target=result.target, mode=result.mode, swap=result.swap, verdict=Verdict(result.verdict),
+                     target=result.target, system=str(getattr(result, "system", "reference")), mode=result.mode,
+                     swap=result.swap, verdict=Verdict(result.verdict),
                      reason=result.reason, seconds=result.seconds, attempts=attempts,
                      expected_violations=list(result.expected_violations),
                      observed_violations=list(result.observed_violations), crash_semantics=result.crash_semantics,
@@ -227,7 +231,7 @@ def write_junit(report: ReportModel, path: Path) -> Path:
 
     suite = TestSuite("stonelab")
     for case in report.cases:
-        test = TestCase(case.name, classname=f"stonelab.{case.target}.{case.mode}.{case.swap}", time=case.seconds)
+        test = TestCase(case.name, classname=f"stonelab.{case.target}.{case.system}.{case.mode}.{case.swap}", time=case.seconds)
         if case.verdict == Verdict.FAIL:
             failure = Failure(first_violation(case))
             failure.text = f"{case.reason}\nre-run: {case.rerun}"
@@ -259,20 +263,24 @@ def write_tap(report: ReportModel, path: Path) -> Path:
         lines.append(f"{'ok' if ok else 'not ok'} {number} - {title}")
         if not ok:
             block = {"message": first_violation(case), "severity": str(case.verdict), "target": case.target,
-                     "mode": case.mode, "swap": case.swap, "rerun": case.rerun, "duration_s": round(case.seconds, 2)}
+                     "system": case.system, "mode": case.mode, "swap": case.swap, "rerun": case.rerun, "duration_s": round(case.seconds, 2)}
             dumped = yaml.safe_dump(block, sort_keys=False, allow_unicode=True, width=1000)
             lines += ["  ---", *("  " + line for line in dumped.splitlines()), "  ..."]
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
+def _column(case: CaseModel) -> str:
+    return f"{case.target} · {case.system} · {case.mode} · {case.swap}"
+
+
 def _matrix(report: ReportModel) -> tuple[list[str], list[tuple[str, dict[str, CaseModel]]]]:
     """Columns (target/mode/swap) and rows (scenario family → the case in each column)."""
-    columns = sorted({f"{c.target} · {c.mode} · {c.swap}" for c in report.cases})
+    columns = sorted({_column(c) for c in report.cases})
     rows: dict[str, dict[str, CaseModel]] = {}
     for case in report.cases:
         family = case.name.split("[", 1)[0]
-        rows.setdefault(family, {})[f"{case.target} · {case.mode} · {case.swap}"] = case
+        rows.setdefault(family, {})[_column(case)] = case
     return columns, sorted(rows.items())
 
 

@@ -19,7 +19,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lab.crash.explore import ExploreOptions
 from lab.invariants import INVARIANTS, CheckContext, ExpectedTree, Violation
 from lab.packages import PackageDecl, build_packages, expected_tree
 from lab.scenario import Scenario
@@ -44,7 +43,7 @@ class StepResult:
     note: str = ""
     violations: list[Violation] = field(default_factory=list)
     evidence: dict[str, str] = field(default_factory=dict)  # invariant -> what showed it held
-    crash: dict | None = None  # a power_loss explore step's crash-state exploration (lab.crash.explore.Exploration)
+    crash: dict | None = None  # a power_loss explore step's crash states (lab.crash.explore.Exploration)
 
 
 @dataclass
@@ -66,6 +65,7 @@ class ScenarioResult:
     traceback: str = ""  # set when the lab itself broke (verdict error)
     console: str = ""    # the guest's serial console (VM target), for the report's excerpt
     sections: list[dict] = field(default_factory=list)  # extra evidence for the report: {kind, title, data}
+    system: str = "reference"  # the system under test (lab.systems.SystemName)
 
     @property
     def observed_violations(self) -> list[str]:
@@ -88,9 +88,10 @@ class Runner:
     ``interrupt``/``interrupted``, ``resolve_state``, ``target``, ``scenario``, ``packages``."""
 
     def __init__(self, scenario: Scenario, target: Target, packages: dict[str, Path], workdir: Path, *,
-                 crash_defaults: ExploreOptions | None = None, crash_overrides: dict | None = None):
-        self.crash_defaults = crash_defaults or ExploreOptions()  # a power_loss explore step's settings
-        self.crash_overrides = crash_overrides or {}  # `stonelab crash explore` flags, over the step's own
+                 crash_defaults=None, crash_overrides: dict | None = None):
+        from lab.crash.explore import ExploreOptions
+        self.crash_defaults = crash_defaults or ExploreOptions()  # power_loss explore: the run's settings
+        self.crash_overrides = crash_overrides or {}  # ... and the command line's, which win over the step's
         self.scenario = scenario
         self.target = target
         self.packages = packages
@@ -174,7 +175,7 @@ class Runner:
         self.booted = None
         for name in only or self.scenario.invariants:
             if name not in INVARIANTS:
-                continue  # judged on crash states only (CRASH_STATE_INVARIANTS, lab/crash/check.py)
+                continue  # judged on crash states only (lab.crash.check.CRASH_INVARIANTS)
             outcome = INVARIANTS[name].check(ctx)
             if outcome.held:
                 result.evidence[name] = outcome.evidence
@@ -195,10 +196,9 @@ StepHook = Callable[[int, str], None]
 
 
 def run_scenario(scenario: Scenario, *, workdir: Path | None = None, target: str | None = None,
-                 vm_factory: TargetFactory | None = None, crash_defaults: ExploreOptions | None = None,
+                 vm_factory: TargetFactory | None = None, crash_defaults=None,
                  crash_overrides: dict | None = None, on_step: StepHook | None = None) -> ScenarioResult:
     """Run one scenario: where it is pinned (``target: host|vm`` in its file), else on ``target`` (default host).
-    ``crash_defaults``/``crash_overrides``: settings of its ``power_loss: {explore: true}`` steps (lab.crash).
 
     Never raises for a failure of the system under test (verdict ``fail``) nor for a broken lab (verdict
     ``error``: a StonelabError's message, or any other exception with its traceback); only KeyboardInterrupt
@@ -208,26 +208,31 @@ def run_scenario(scenario: Scenario, *, workdir: Path | None = None, target: str
     kind = TargetKind(scenario.target if scenario.target != TargetKind.ANY else (target or TargetKind.HOST))
     result = ScenarioResult(scenario.name, str(scenario.path), scenario.description, str(kind),
                             str(scenario.mode), str(scenario.swap), "",
-                            expected_violations=sorted(scenario.expected_for(kind)), upstream=scenario.upstream)
+                            expected_violations=sorted(scenario.expected_for(kind)), upstream=scenario.upstream,
+                            system=str(scenario.system))
     if scenario.not_applicable:
         result.verdict, result.reason = Verdict.NOT_APPLICABLE, scenario.not_applicable
         return result
     try:
-        _run_steps(scenario, result, kind, workdir, vm_factory, crash_defaults, crash_overrides, on_step)
+        if scenario.system != "reference":
+            from lab.systems.run import run_system_steps  # a real system: lab.systems builds on this module
+            run_system_steps(scenario, result, kind, workdir)
+        else:
+            _run_steps(scenario, result, kind, workdir, vm_factory,
+                       {"crash_defaults": crash_defaults, "crash_overrides": crash_overrides}, on_step)
     except StonelabError as err:
         result.verdict, result.reason = Verdict.ERROR, f"lab error: {err}"
     except Exception as err:  # a bug in the lab: report it, keep running the other scenarios
         result.verdict, result.reason = Verdict.ERROR, f"lab error: {type(err).__name__}: {err}"
         result.traceback = traceback.format_exc()
     else:
-        _judge(result)
+        judge(result)
     result.seconds = time.monotonic() - started
     return result
 
 
 def _run_steps(scenario: Scenario, result: ScenarioResult, kind: TargetKind, workdir: Path | None,
-               vm_factory: TargetFactory | None, crash_defaults: ExploreOptions | None,
-               crash_overrides: dict | None, on_step: StepHook | None = None) -> None:
+               vm_factory: TargetFactory | None, crash: dict, on_step: StepHook | None = None) -> None:
     if kind == TargetKind.VM and vm_factory is None:
         from lab.vm_target import vm_target_factory
         vm_factory = vm_target_factory()
@@ -240,8 +245,7 @@ def _run_steps(scenario: Scenario, result: ScenarioResult, kind: TargetKind, wor
         with make(Path(tmp) / "target") as sut:
             result.crash_semantics = sut.crash_semantics
             result.environment = sut.describe()
-            runner = Runner(scenario, sut, packages, Path(tmp), crash_defaults=crash_defaults,
-                            crash_overrides=crash_overrides)
+            runner = Runner(scenario, sut, packages, Path(tmp), **crash)
             try:
                 for step in scenario.steps:
                     if on_step:
@@ -261,7 +265,10 @@ def run_cache_dir() -> Path:
     return path
 
 
-def _judge(result: ScenarioResult) -> None:
+def judge(result: ScenarioResult) -> None:
+    """The verdict: the steps behaved and the violations observed are exactly the expected ones; expected
+    violations of upstream's sequence (moss-compat) or of a scenario naming an upstream report are an
+    "upstream gap reproduced"."""
     failed = [s for s in result.steps if s.status == "failed"]
     observed, expected = set(result.observed_violations), set(result.expected_violations)
     if failed:
@@ -273,7 +280,7 @@ def _judge(result: ScenarioResult) -> None:
     elif expected - observed:
         result.verdict = Verdict.FAIL
         result.reason = f"expected to catch {', '.join(sorted(expected - observed))}, but it held"
-    elif expected and result.mode == Mode.MOSS_COMPAT:
+    elif expected and (result.mode == Mode.MOSS_COMPAT or result.upstream):
         result.verdict = Verdict.PASS
         where = f" ({result.upstream})" if result.upstream else ""
         result.reason = f"upstream gap reproduced{where}: caught {', '.join(sorted(expected))}"

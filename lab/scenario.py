@@ -33,6 +33,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from lab.invariants import CRASH_STATE_INVARIANTS, INVARIANTS
 from lab.packages import PackageDecl
 from lab.steps import REGISTRY, Loc, ParseContext, Step, StepArgError
+from lab.systems import CRASH_INVARIANTS, SYSTEMS, RootFilesystem, SystemName, invariants_of
 from lab.target import TargetKind
 from reference_impl.swap import SwapStrategy
 from reference_impl.transaction import Mode
@@ -46,9 +47,14 @@ class ScenarioError(StonelabError):
     """A scenario file is unreadable or invalid; the message is ``FILE:LINE:COL: problem``."""
 
 
+# every invariant any system is judged by (which apply to a scenario's system is checked after the model)
+_ALL_INVARIANTS = tuple(dict.fromkeys([*INVARIANTS, *CRASH_STATE_INVARIANTS, *CRASH_INVARIANTS,
+                                       *(n for cls, _ in SYSTEMS.values() for n in cls.invariant_names)]))
+
+
 def _known_invariant(name: str) -> str:
-    if name not in INVARIANTS and name not in CRASH_STATE_INVARIANTS:
-        raise ValueError(f"unknown invariant {name!r}; known: {', '.join([*INVARIANTS, *CRASH_STATE_INVARIANTS])}")
+    if name not in _ALL_INVARIANTS:
+        raise ValueError(f"unknown invariant {name!r}; known: {', '.join(_ALL_INVARIANTS)}")
     return name
 
 
@@ -96,6 +102,8 @@ class ScenarioFile(_Strict):
     esp: bool = False
     matrix: MatrixAxes | None = None
     cells: list[Cell] = Field(default_factory=list)
+    system: SystemName = SystemName.REFERENCE
+    filesystem: RootFilesystem = RootFilesystem.EXT4
 
 
 @dataclass(frozen=True)
@@ -119,6 +127,8 @@ class Scenario:
     not_applicable: str = ""
     family: str = ""  # the file's scenario name, shared by every cell of a matrix
     esp: bool = False  # transactions synchronise boot entries on the target's system disk (--esp)
+    system: SystemName = SystemName.REFERENCE  # the system under test (lab.systems)
+    filesystem: RootFilesystem = RootFilesystem.EXT4  # the SUT root's file system on the vm target (real systems)
 
     @property
     def uses_esp(self) -> bool:
@@ -150,6 +160,7 @@ def load_scenarios(path: str | Path) -> list[Scenario]:
         if explored is not None:
             raise ScenarioError(doc.located(("target",), "target: power_loss explore checks the crash states of a "
                                                          "recorded virtual disk: the scenario needs target vm (or any)"))
+    _check_system(doc, spec, steps)
     return [_cell(spec, doc.path, packages, steps, mode, swap) for mode, swap in _combinations(spec)]
 
 
@@ -192,9 +203,44 @@ def _cell(spec: ScenarioFile, path: Path, packages: dict[str, PackageDecl], step
     name = spec.name if spec.matrix is None else f"{spec.name}[{mode}/{swap}]"
     return Scenario(
         name=name, path=path, description=spec.description, target=spec.target, swap=swap, mode=mode,
-        packages=packages, steps=steps, invariants=tuple(spec.invariants or INVARIANTS),
+        packages=packages, steps=steps, invariants=tuple(spec.invariants or _default_invariants(spec.system)),
         expect_violations=_expectation(expected), tags=tuple(spec.tags), upstream=upstream,
-        not_applicable=not_applicable, family=spec.name, esp=spec.esp)
+        not_applicable=not_applicable, family=spec.name, esp=spec.esp, system=spec.system,
+        filesystem=spec.filesystem)
+
+
+def _default_invariants(system: SystemName) -> tuple[str, ...]:
+    return tuple(INVARIANTS) if system == SystemName.REFERENCE else invariants_of(system)
+
+
+def _check_system(doc: MarkedYaml, spec: ScenarioFile, steps: list[Step]) -> None:
+    """What the scenario asks must exist for its system: options, invariants, steps (one located line)."""
+    from lab.systems.run import check_steps  # it runs scenarios, so it builds on this module
+
+    def fail(loc: Loc, problem: str, key: bool = False) -> ScenarioError:
+        return ScenarioError(doc.located(loc, f"{_dotted(loc)}: {problem}", key=key))
+
+    given = doc.data
+    if "filesystem" in given and spec.target != TargetKind.VM:
+        raise fail(("filesystem",), "the root's file system is chosen on the vm target only (target: vm)", True)
+    if spec.system != SystemName.REFERENCE:
+        for key in ("mode", "swap", "matrix"):
+            if key in given:
+                raise fail((key,), f"applies to the reference implementation only, not to system "
+                                   f"{str(spec.system)!r}", True)
+    allowed = _default_invariants(spec.system)
+    if spec.system == SystemName.REFERENCE:
+        allowed = (*allowed, *CRASH_STATE_INVARIANTS)  # judged on the crash engine's states
+    named = [(("invariants", i), n) for i, n in enumerate(spec.invariants or ())]
+    raw = spec.expect_violations
+    for target, names in (raw.items() if isinstance(raw, dict) else [(None, raw or [])]):
+        where = ("expect_violations",) if target is None else ("expect_violations", str(target))
+        named += [((*where, i), n) for i, n in enumerate(names)]
+    for loc, name in named:
+        if name not in allowed:
+            raise fail(loc, f"invariant {name!r} does not apply to system {str(spec.system)!r}; "
+                            f"known: {', '.join(allowed)}")
+    check_steps(str(spec.system), str(spec.target), steps, lambda index, problem: fail(("steps", index), problem))
 
 
 def _expectation(raw: list[str] | dict[TargetKind, list[str]] | None) -> dict[str, tuple[str, ...]]:

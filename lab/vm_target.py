@@ -49,10 +49,10 @@ log = get_logger("lab.vm_target")
 GUEST_ROOT = "/mnt/sut"
 GUEST_PACKAGES = "/tmp/stonelab-packages"
 SUT_PARTITION = "/dev/vda2"
+BASE_PARTITION = "/dev/vdb2"  # the generation's starting image, read-only (recording targets only)
 GUEST_DISK = "/dev/vda"
 LOADER_CONF = "loader/loader.conf"
 UEFI_BOOT_TIMEOUT = 600  # OVMF + systemd-boot + the kernel under TCG on a loaded 2-core CI machine
-BASE_PARTITION = "/dev/vdb2"  # the generation's starting image, read-only (recording targets only)
 EXT4_COMMIT_SECONDS = 3600
 
 
@@ -85,13 +85,13 @@ class VmTarget:
 
     def __init__(self, workdir: Path, *, kernel: Kernel | None = None, accel: str = "auto",
                  selector: AccelSelector | None = None, root_mib: int = 256, personality: str | None = None,
-                 record: bool = True, snapshots: bool = True, keep: Path | None = None):
+                 record: bool = True, root_fs: str = "ext4", snapshots: bool = True, keep: Path | None = None):
         self.workdir = workdir
         self.keep = keep
         # a kernel personality (lab.kernel.emulate): the package manager runs under its seccomp filter, on the
-        # profile's persistent root filesystem
+        # profile's persistent root filesystem; otherwise ``root_fs`` (ext4, or ext2 as on Asterinas)
         self.personality = personality
-        self.root_fs = "ext4"
+        self.root_fs = root_fs
         if personality:
             from lab.kernel.profile import load_profile
             self.root_fs = load_profile(personality).persistent_root or "ext4"
@@ -107,7 +107,7 @@ class VmTarget:
         self.accel: AccelChoice = (selector or AccelSelector()).choose(self.kernel, accel)
         self.record = record
         self.generation: Generation | None = None
-        self._flattened = False
+        self._flattened = False  # the next generation starts from the raw image, not the last overlay
         self.marks: list[Mark] = []
         # Recording boots (the crash engine's write logs over qcow2 overlay chains) keep the host root over 9p
         # and boot afresh; a non-recording target runs on the EROFS userland image and restores a guest saved
@@ -154,6 +154,10 @@ class VmTarget:
         # write. This is also how Asterinas behaves (it has no writeback thread).
         self.machine.succeed("echo 0 > /proc/sys/vm/dirty_writeback_centisecs && "
                              "echo 360000 > /proc/sys/vm/dirty_expire_centisecs")
+        self.mount_root()
+
+    def mount_root(self) -> None:
+        """Mount the SUT partition at GUEST_ROOT (ext4: journal commits only when something forces them)."""
         options = [f"commit={EXT4_COMMIT_SECONDS}"] if self.root_fs == "ext4" else []
         if mutants.active("no-flush") and self.root_fs == "ext4":
             options.append("barrier=0")  # a seeded bug: fsync/syncfs write out but never send a cache FLUSH
@@ -319,7 +323,7 @@ class VmTarget:
         if self.machine.running:
             self.machine.succeed(f"sync && umount {GUEST_ROOT}")
             self.machine.shutdown()
-        disk = self._flatten()
+        disk = self._flatten()  # a recording target's latest writes are in its overlay chain
         fat = MtoolsEsp(disk, self.disk.layout.esp_offset)
         original = fat.read(LOADER_CONF) or b""
         lines = [ln for ln in original.decode().splitlines() if not ln.startswith("default ")]

@@ -199,7 +199,7 @@ class Transaction:
     def switch(self, intent: Intent, *, intent_written: bool = False) -> None:
         inst, durable = self.inst, self.settings.durable
         if durable:
-            if not mutants.active("skip-syncfs", self.settings.environ):
+            if not mutants.active("skip-syncfs"):
                 syncfs(inst.root if inst.root.is_dir() else inst.moss)
             if not intent_written:
                 intent.write(inst.intent)

@@ -9,13 +9,14 @@ import struct
 from pathlib import Path
 
 import pytest
-import yaml
 
 from lab.crash.enumerate import Window, cut_points, enumerate_states
 from lab.crash.explore import build_job
 from lab.crash.logwrites import LogFlag, RecordingError, read_log
 from lab.crash.model import CrashState, Granularity, Model, PowerLoss, Unit
-from lab.scenario import ScenarioError, load_scenario
+from lab.crash.explore import ExploreOptions
+from lab.crash.step import step_options
+from lab.scenario import ScenarioError, load_scenarios
 
 SECTOR = 512
 MAGIC = 0x6A736677736872
@@ -107,6 +108,7 @@ def test_enumeration_bound_and_seed(tmp_path):
     assert len(a) == 20 and a == enumerate_states(rec, window, PowerLoss(), max_states=20, seed=1)
     assert a != enumerate_states(rec, window, PowerLoss(), max_states=20, seed=2)
     assert sum(s.kind == "boundary" for s in a) == 2
+    assert any(s.kind in ("subset", "sample") for s in a)  # a small budget still holds reordering states
     unbounded = enumerate_states(rec, window, PowerLoss(), max_states=10 ** 6)
     assert any(s.kind == "sample" for s in unbounded)  # 12 in flight: sampled, not 4096 subsets
 
@@ -130,28 +132,37 @@ def test_job_clips_to_the_partition_and_shares_the_common_prefix(tmp_path):
     assert data[start:start + length] == b"f" * SECTOR
 
 
-def scenario(tmp_path: Path, step: dict, **top) -> Path:
+def scenario_file(tmp_path: Path, step: str, top: str = "") -> Path:
     path = tmp_path / "s.yaml"
-    path.write_text(yaml.safe_dump({"name": "x", "packages": {"a": {"name": "a", "version": "1"}}, "steps": [step],
-                                    **top}))
+    path.write_text(f"name: x\n{top}packages:\n  a: {{name: a, version: '1'}}\nsteps:\n  - {step}\n")
     return path
 
 
-def test_power_loss_step_parses_and_refuses_bad_input(tmp_path):
-    parsed = load_scenario(scenario(tmp_path, {"power_loss": {"during": {"install": ["a"]}, "explore": True,
-                                                              "model": "optimistic", "max_states": 5}}))
+def test_power_loss_explore_step_parses_and_refuses_bad_input(tmp_path):
+    (parsed,) = load_scenarios(scenario_file(tmp_path, "power_loss: {during: {install: [a]}, explore: true, "
+                                                       "model: optimistic, max_states: 5, seed: 3}"))
     arg = parsed.steps[0].arg
-    assert arg.during.kind == "install" and arg.model is Model.OPTIMISTIC and arg.max_states == 5
-    bad = [({"power_loss": {"during": {"install": ["a"]}, "explore": False}}, {}, "needs `at: random`"),
-           ({"power_loss": {"during": {"install": ["a"]}, "explore": True, "model": "cache"}}, {},
-            "steps[0].power_loss.model"),
-           ({"power_loss": {"during": "verify", "explore": True}}, {}, "can only interrupt a transaction"),
-           ({"power_loss": {"during": {"install": ["a"]}, "explore": True, "when": 1}}, {}, "unknown field 'when'"),
-           ({"power_loss": {"during": {"install": ["a"]}, "explore": True, "max_states": 0}}, {}, "max_states"),
-           ({"power_loss": {"during": {"install": ["a"]}, "explore": True}}, {"target": "host"}, "needs target vm")]
-    for step, top, message in bad:
-        with pytest.raises(ScenarioError, match=re.escape(message)):
-            load_scenario(scenario(tmp_path, step, **top))
+    assert arg.during.kind == "install" and arg.model is Model.OPTIMISTIC and arg.max_states == 5 and arg.seed == 3
+    options = step_options(arg, ExploreOptions(), {"seed": 9})
+    assert (options.model, options.max_states, options.seed) == (Model.OPTIMISTIC, 5, 9)  # the CLI wins
+    bad = [("power_loss: {during: {install: [a]}, explore: true, model: cache}", "model"),
+           ("power_loss: {during: {install: [a]}, explore: true, max_states: 0}", "max_states"),
+           ("power_loss: {during: {install: [a]}, at: random, seed: 1, max_states: 4}", "belong to the explore form"),
+           ("power_loss: {during: verify, explore: true}", "can only interrupt a transaction"),
+           ("power_loss: {during: {install: [a]}, explore: true, when: 1}", "when")]
+    for step, message in bad:
+        with pytest.raises(ScenarioError, match=re.escape(message)) as caught:
+            load_scenarios(scenario_file(tmp_path, step))
+        assert str(caught.value).startswith(str(tmp_path / "s.yaml")) and "\n" not in str(caught.value)
+    host = scenario_file(tmp_path, "power_loss: {during: {install: [a]}, explore: true}", top="target: host\n")
+    with pytest.raises(ScenarioError, match=r"s\.yaml:2:\d+: target: .*needs target vm"):
+        load_scenarios(host)
+
+
+def test_crash_invariants_are_known_to_scenarios(tmp_path):
+    (parsed,) = load_scenarios(scenario_file(tmp_path, "power_loss: {during: {install: [a]}, explore: true}",
+                                             "expect_violations: [durable_success, recovers, atomic_usr]\n"))
+    assert parsed.expected_for("vm") == ("durable_success", "recovers", "atomic_usr")
 
 
 def test_recorded_disk_is_a_blklogwrites_chain_that_keeps_flushes(tmp_path):
@@ -204,3 +215,27 @@ def test_replay_names_a_missing_recording_and_a_corrupt_log(tmp_path):
     (tmp_path / "recording" / "gen1.log").write_bytes(b"\x01" * 600)
     with pytest.raises(RecordingError, match=r"gen1.log: offset 0: bad magic"):
         replay(repro)
+
+
+def test_judge_alice_contract_recovery_and_lab_invariants(tmp_path):
+    import xxhash
+    from dataclasses import asdict
+
+    from lab.crash.check import Oracle, judge
+    from lab.invariants import ExpectedTree
+    from lab.probe import observe
+    (tmp_path / "usr" / "bin").mkdir(parents=True)
+    (tmp_path / "usr" / "bin" / "hello").write_text("one\n")
+    obs = asdict(observe(tmp_path))
+    one = f"{xxhash.xxh3_128_intdigest(b'one' + bytes([10])):032x}"
+    oracle = Oracle(ExpectedTree("{hello-1}", {"bin/hello": ["file", one]}),
+                    ExpectedTree("new {hello-2}", {"bin/hello": ["file", "0" * 32]}), True, {})
+    ok = {"recovery": {"exit": 0, "output": ""}, "observation": obs}
+    assert judge(ok, oracle, after_return=False) == []  # before the return: the old tree is fine
+    (lost,) = judge(ok, oracle, after_return=True)  # after a reported success: it must survive
+    assert lost.invariant == "durable_success" and "old tree {hello-1}" in lost.detail
+    failed = judge({"recovery": {"exit": 2, "output": "stonelab: error: bad"}, "observation": obs}, oracle, False)
+    assert [v.invariant for v in failed] == ["recovers"]
+    (torn,) = judge(dict(ok, observation=dict(obs, usr={})), oracle, False)
+    assert torn.invariant == "atomic_usr"
+    assert judge({"mount_error": "Structure needs cleaning"}, oracle, False)[0].invariant == "recovers"

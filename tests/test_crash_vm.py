@@ -31,10 +31,12 @@ from lab.packages import build_packages, expected_tree
 from lab.runner import Runner, run_cache_dir
 from lab.scenario import load_scenario
 from lab.vm_target import VmTarget
+from reference_impl.swap import SwapStrategy
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.vm
 SCENARIOS = REPO / "scenarios"
+TEST_STATES = 9  # the default suite (make run) explores more: see max_states in the scenarios
 
 
 def qemu_children() -> list[str]:
@@ -47,13 +49,14 @@ def explore_both_models(name: str, kernel, accel, **changes) -> tuple[dict, dict
     the same recorded operation again under the optimistic model; both explorations as dicts."""
     scenario = replace(load_scenario(SCENARIOS / name), **changes)
     with tempfile.TemporaryDirectory(prefix="crash-test-", dir=run_cache_dir()) as tmp:
-        packages = build_packages(scenario.packages, Path(tmp) / "packages")
+        packages, decls = build_packages(scenario.packages, Path(tmp) / "packages")
+        scenario = replace(scenario, packages=decls)
         with VmTarget(Path(tmp) / "target", kernel=kernel, accel=accel.accel) as target:
-            runner = Runner(scenario, target, packages)
+            runner = Runner(scenario, target, packages, Path(tmp), crash_overrides={"max_states": TEST_STATES})
             steps = [runner.run_step(step) for step in scenario.steps]
             assert all(s.status != "failed" for s in steps), [s.note for s in steps]
             volatile = steps[-1].crash
-            inner = scenario.steps[-1].arg["during"]
+            inner = scenario.steps[-1].arg.during
             start, end = target.marks[-2], target.marks[-1]
             assert (start.label, end.label) == ("start", "return")
             # the oracle of the explored step, rebuilt from the packages (the runner's model moved on)
@@ -62,9 +65,9 @@ def explore_both_models(name: str, kernel, accel, **changes) -> tuple[dict, dict
             new = expected_tree(list(after.values()))
             oracle = Oracle(expected_tree(before), ExpectedTree("new " + new.label, new.files),
                             end.exit_status == 0, runner.baseline)
-            recovery = ["state", "list", "-D", "{root}", "--mode", scenario.mode, "--swap", scenario.swap]
+            recovery = ["state", "list", "-D", "{root}", "--mode", str(scenario.mode), "--swap", str(scenario.swap)]
             optimistic = explore(target, start.log_bytes, end.log_bytes, end.exit_status, oracle, recovery,
-                                 ExploreOptions(model=Model.OPTIMISTIC)).to_dict()
+                                 ExploreOptions(model=Model.OPTIMISTIC, max_states=TEST_STATES)).to_dict()
     assert not qemu_children()
     return volatile, optimistic
 
@@ -75,17 +78,17 @@ def invariants(exploration: dict) -> set[str]:
 
 def test_moss_compat_loses_what_it_reported_and_only_a_volatile_cache_shows_all_of_it(kernel, accel):
     volatile, optimistic = explore_both_models("crash-moss-compat.yaml", kernel, accel)
-    assert volatile["states"] >= 10 and volatile["model"] == "volatile-cache"
+    assert volatile["states"] >= 8 and volatile["model"] == "volatile-cache"
     assert {"durable_success", "atomic_usr"} <= invariants(volatile)
-    only_volatile = {(v["invariant"], v["detail"]) for v in volatile["violations"]} - {
-        (v["invariant"], v["detail"]) for v in optimistic["violations"]}
-    assert only_volatile, "the volatile-cache model must find violations the optimistic model cannot"
+    # states only a volatile cache can leave (an earlier write lost, a later one kept) fail too
+    assert volatile["failing_per_kind"].get("subset", 0) + volatile["failing_per_kind"].get("sample", 0) > 0
+    assert optimistic["model"] == "optimistic" and set(optimistic["per_kind"]) == {"prefix"}
 
 
 @pytest.mark.parametrize("swap", ["exchange", "symlink"])
 def test_reference_holds_in_every_crash_state(kernel, accel, swap):
-    volatile, optimistic = explore_both_models("crash-reference.yaml", kernel, accel, swap=swap)
-    assert volatile["states"] >= 10
+    volatile, optimistic = explore_both_models("crash-reference.yaml", kernel, accel, swap=SwapStrategy(swap))
+    assert volatile["states"] >= 8
     assert volatile["violations"] == [] and optimistic["violations"] == []
 
 
@@ -104,12 +107,12 @@ def test_seeded_fsync_without_flush_is_caught_by_the_volatile_cache_model_only(k
 def test_cli_explore_json_and_replay_of_a_reproducer(tmp_path, kernel, accel):
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "stonelab.cli", "crash", "explore",
-                           str(SCENARIOS / "crash-moss-compat.yaml"), "--max-states", "12", "--seed", "3",
+                           str(SCENARIOS / "crash-moss-compat.yaml"), "--max-states", "9", "--seed", "3",
                            "--accel", accel.accel, "--json", "--out", str(out)],
                           capture_output=True, text=True, cwd=REPO, timeout=1800)
     assert proc.returncode == 1, proc.stderr  # 1: violations found
     report = json.loads(proc.stdout)
-    assert report["states"] <= 12 and report["violations"]
+    assert report["states"] <= 9 and report["violations"]
     violation = report["violations"][0]
     assert violation["invariant"] and Path(violation["reproducer"]).is_file()
     repro = json.loads(Path(violation["reproducer"]).read_text())

@@ -55,7 +55,7 @@ def test_all_formats(tmp_path):
     assert bad["sections"][1]["title"] == "crash states of step 0: 7 checked, model write cache"
 
     cases = {case.name: case for suite in JUnitXml.fromfile(str(paths[1])) for case in suite}
-    assert cases["good"].is_passed and cases["good"].classname == "stonelab.host.reference.auto"
+    assert cases["good"].is_passed and cases["good"].classname == "stonelab.host.reference.reference.auto"
     (failure,) = cases["bad <script>[moss-compat/exchange]"].result
     assert isinstance(failure, Failure)
     assert failure.message == "staging_empty: /.moss/root/staging holds usr"    # the violated invariant
@@ -75,7 +75,7 @@ def test_all_formats(tmp_path):
     page = paths[3].read_text()
     assert "bad &lt;script&gt;" in page and "<script>" not in page
     assert "http" not in page.replace("http-equiv", "")  # self-contained: nothing fetched
-    for shown in ("Matrix", "vm · moss-compat · exchange", "Crash states", "STONELAB-USERLAND",
+    for shown in ("Matrix", "vm · reference · moss-compat · exchange", "Crash states", "STONELAB-USERLAND",
                   "/usr is exactly [a]", "Traceback (most recent call last)", "stonelab run scenarios/bad.yaml"):
         assert shown in page, shown
 

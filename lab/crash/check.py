@@ -4,16 +4,17 @@
 reported success survives a crash; any other leaves the old state or the new one — never neither, never a mix.
 Here: when the cut came after the command returned with exit 0, ``/usr`` must be the new tree
 (``durable_success``); otherwise it must be the old or the new tree (``atomic_usr``).  The other invariants are
-the lab's usual ones (``lab/invariants.py``): ``state_id_matches``, ``staging_empty``, ``stateless``,
-``store_integrity``; ``recovers`` fails when the file system does not mount or the recovery verb fails.
+the lab's own, from its registry (``lab/invariants.py``): ``usr_is_one_state`` (/usr against the layout the
+database records for the active state), ``state_id_matches``, ``no_orphan_states``, ``staging_empty``,
+``stateless``, ``store_integrity``; ``recovers`` fails when the file system does not mount or the recovery verb
+fails.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from lab import invariants as inv
-from lab.invariants import CRASH_STATE_INVARIANTS, INVARIANTS
-from lab.invariants import ExpectedTree, Violation
+from lab.invariants import CRASH_STATE_INVARIANTS, INVARIANTS, CheckContext, ExpectedTree, Violation
 from lab.probe import Observation
 
 CRASH_INVARIANTS = tuple(CRASH_STATE_INVARIANTS)
@@ -41,33 +42,31 @@ class Oracle:
                    dict(data.get("baseline") or {}), tuple(data.get("invariants") or ()))
 
 
+# the lab's invariants that judge a root from its observation alone (no trace, no ESP, no boot)
+ROOT_INVARIANTS = ("atomic_usr", "usr_is_one_state", "staging_empty", "state_id_matches", "no_orphan_states",
+                   "stateless", "store_integrity")
+
+
 def judge(result: dict, oracle: Oracle, after_return: bool) -> list[Violation]:
-    """Violations of one state from the guest's result (``mount_error`` | ``recovery`` + ``observation``)."""
+    """Violations of one state from the guest's result (``mount_error`` | ``recovery`` + ``observation``):
+    ``recovers``, the lab's root invariants (:data:`ROOT_INVARIANTS`, those the scenario enables) through the
+    invariant registry, and ``durable_success``."""
     if "error" in result:
         return [Violation("recovers", f"the state could not be built: {result['error']}")]
     if "mount_error" in result:
         return [Violation("recovers", f"the root file system does not mount: {result['mount_error']}")]
-    enabled = set(oracle.invariants) | set(CRASH_INVARIANTS)
     violations: list[Violation] = []
     recovery = result["recovery"]
     if recovery["exit"] != 0:
         last = (recovery["output"].strip().splitlines() or ["(no output)"])[-1]
         violations.append(Violation("recovers", f"the recovery verb exited {recovery['exit']}: {last}"))
-    obs = Observation(**result["observation"])
-    promised = after_return and oracle.succeeded
-    found, matched = inv.atomic_usr(obs, [oracle.old, oracle.new])
-    if "atomic_usr" in enabled:
-        violations += found
-    if promised and matched is not oracle.new and "durable_success" in enabled:
+    ctx = CheckContext(Observation(**result["observation"]), [oracle.old, oracle.new], oracle.baseline)
+    for name in ROOT_INVARIANTS:
+        if name in oracle.invariants:
+            violations += [Violation(name, problem) for problem in INVARIANTS[name].check(ctx).problems]
+    matched = ctx.matched if "atomic_usr" in oracle.invariants else inv.atomic_usr(ctx.obs, ctx.acceptable)[1]
+    if after_return and oracle.succeeded and matched is not oracle.new:
         what = f"the old tree {oracle.old.label}" if matched is oracle.old else "neither tree"
         violations.append(Violation("durable_success", f"the operation had reported success (exit 0), but after "
                                                        f"the cut /usr is {what}"))
-    if "staging_empty" in enabled:
-        violations += inv.staging_empty(obs)
-    if "state_id_matches" in enabled:
-        violations += inv.state_id_matches(obs)
-    if "stateless" in enabled and oracle.baseline:
-        violations += inv.stateless(obs, oracle.baseline)
-    if "store_integrity" in enabled:
-        violations += inv.store_integrity(obs)
     return violations

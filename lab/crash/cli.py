@@ -9,8 +9,6 @@ from pathlib import Path
 
 from lab.crash.explore import ExploreOptions
 from lab.crash.model import Granularity, Model
-from reference_impl.swap import SwapStrategy
-from reference_impl.transaction import Mode
 from stonelab.errors import StonelabError
 
 
@@ -21,8 +19,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     explore = verbs.add_parser("explore", help="run a scenario on a recorded VM disk and check every crash state "
                                                "of its power_loss steps")
     explore.add_argument("scenario", type=Path, metavar="SCENARIO.yaml")
-    explore.add_argument("--mode", choices=[m.value for m in Mode], help="override the scenario's mode")
-    explore.add_argument("--swap", choices=[SwapStrategy.EXCHANGE.value, SwapStrategy.SYMLINK.value], help="override the scenario's swap strategy")
+    explore.add_argument("--mode", choices=["reference", "moss-compat"],
+                         help="the scenario's matrix cell with this mode, or override its mode")
+    explore.add_argument("--swap", choices=["exchange", "symlink"],
+                         help="the scenario's matrix cell with this swap strategy, or override it")
     explore.add_argument("--max-states", type=int, metavar="N", help="at most N crash states per power_loss step")
     explore.add_argument("--seed", type=int, metavar="S", help="seed of the sample when there are more states")
     explore.add_argument("--model", choices=[m.value for m in Model], help="power-loss model (default "
@@ -54,25 +54,28 @@ def overrides(args: argparse.Namespace) -> dict:
 
 def cmd_explore(args: argparse.Namespace) -> int:
     from lab.runner import run_scenario
-    from lab.scenario import load_scenario
+    from lab.scenario import load_scenarios
     from lab.vm_target import vm_target_factory
-    scenario = load_scenario(args.scenario)
-    if not any(step.kind == "power_loss" for step in scenario.steps):
+    from reference_impl.swap import SwapStrategy
+    from reference_impl.transaction import Mode
+    cells = load_scenarios(args.scenario)
+    if not any(step.kind == "power_loss" and step.arg.explore for step in cells[0].steps):
         raise StonelabError(f"{args.scenario}: no power_loss step to explore (add power_loss: {{during: STEP, "
                             "explore: true})")
-    scenario = dataclasses.replace(scenario, mode=Mode(args.mode) if args.mode else scenario.mode,
-                                   swap=SwapStrategy(args.swap) if args.swap else scenario.swap)
+    mode, swap = args.mode and Mode(args.mode), args.swap and SwapStrategy(args.swap)
+    scenario = next((c for c in cells if mode in (None, c.mode) and swap in (None, c.swap)), cells[0])
+    scenario = dataclasses.replace(scenario, mode=mode or scenario.mode, swap=swap or scenario.swap)
     out = args.out or Path("reports") / "crash" / scenario.name
     result = run_scenario(scenario, target="vm", vm_factory=vm_target_factory(args.kernel, args.accel),
                           crash_defaults=ExploreOptions(out_dir=out), crash_overrides=overrides(args))
-    if result.verdict == "error":
+    if result.verdict == "error" and not any(step.crash for step in result.steps):
         raise StonelabError(f"{args.scenario}: {result.reason}")
     explorations = [step.crash for step in result.steps if step.crash]
     if not explorations:
         failed = next((s for s in result.steps if s.status == "failed"), None)
         raise StonelabError(f"{args.scenario}: the run stopped before a power_loss step"
                             + (f" ({failed.description}: {failed.note})" if failed else ""))
-    summary = {"scenario": scenario.name, "mode": scenario.mode, "swap": scenario.swap,
+    summary = {"scenario": scenario.name, "mode": str(scenario.mode), "swap": str(scenario.swap),
                "model": explorations[0]["model"], "states": sum(e["states"] for e in explorations),
                "violations": [v for e in explorations for v in e["violations"]],
                "explorations": explorations, "scenario_verdict": result.verdict, "reason": result.reason,

@@ -8,11 +8,12 @@ the model gives the flush boundary and the writes in flight, and the states are:
 * ``boundary``: exactly the boundary (every in-flight write lost);
 * ``prefix``: the first k in-flight writes, in issue order (k = 1..n);
 * ``subset``: every subset of the in-flight writes when there are at most ``subset_limit`` of them, else
-  ``sample_per_cut`` subsets drawn with a seeded generator (``sample``).
+  ``sample_per_cut`` subsets drawn with a seeded generator (``sample``).  Subsets that drop an earlier write and
+  keep a later one are the states only a volatile cache can leave; the optimistic model has prefixes only.
 
 FUA units are in every state whose cut follows them.  States are de-duplicated on (boundary, write set,
-after-return); when more than ``max_states`` remain, boundaries come first, then prefixes, then a seeded sample
-of the rest.  The same recording, window, model and seed always give the same list.
+after-return); when more than ``max_states`` remain, they are taken in turn from the boundary states, the
+reordering subsets and the prefixes (seeded order within each).  The same recording, window, model and seed always give the same list.
 """
 from __future__ import annotations
 
@@ -98,14 +99,21 @@ def _optimistic_prefixes(recording: Recording, window: Window, found: dict) -> l
 
 
 def _bounded(states: list[CrashState], limit: int, rng: random.Random) -> list[CrashState]:
-    ranked = sorted(states, key=lambda s: KIND_ORDER[s.kind])
-    keep, rest = [], []
-    for state in ranked:
-        (keep if KIND_ORDER[state.kind] == 0 else rest).append(state)
-    keep = keep[:limit]
-    room = limit - len(keep)
-    prefixes = [s for s in rest if s.kind == "prefix"]
-    others = [s for s in rest if s.kind != "prefix"]
-    if room <= len(prefixes):
-        return keep + sorted(rng.sample(prefixes, room), key=states.index)
-    return keep + prefixes + sorted(rng.sample(others, min(room - len(prefixes), len(others))), key=states.index)
+    """At most ``limit`` states, taken in turn from three classes — boundary states (every in-flight write
+    lost), states only a volatile cache can leave (subsets that drop an earlier write and keep a later one),
+    in-order prefixes — each class in a seeded random order, so a small budget still covers all three."""
+    classes = [[s for s in states if s.kind == "boundary"],
+               [s for s in states if s.kind in ("subset", "sample") and not _is_prefix(s, states)],
+               [s for s in states if s.kind == "prefix" or (s.kind != "boundary" and _is_prefix(s, states))]]
+    for members in classes[1:]:
+        rng.shuffle(members)
+    keep: list[CrashState] = []
+    while len(keep) < limit and any(classes):
+        for members in classes:
+            if members and len(keep) < limit:
+                keep.append(members.pop(0))
+    return keep
+
+
+def _is_prefix(state: CrashState, states: list[CrashState]) -> bool:
+    return any(other.kind == "prefix" and other.key() == state.key() for other in states)

@@ -24,7 +24,7 @@ from lab.crash.model import CrashState, Granularity, Model, PowerLoss
 from lab.crash.replay import Reproducer, write_reproducer
 from stonelab.errors import StonelabError
 
-SECONDS_PER_STATE = 20.0  # guest time budget per state (TCG, loaded machine) before the job is declared hung
+SECONDS_PER_STATE = 60.0  # guest time budget per state (TCG on a loaded machine) before the job counts as hung
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,7 @@ class Exploration:
     per_kind: dict[str, int] = field(default_factory=dict)
     violations: list[CrashViolation] = field(default_factory=list)
     failing_states: int = 0
+    failing_per_kind: dict[str, int] = field(default_factory=dict)  # subset/sample: only a volatile cache
     seconds: float = 0.0
     guest_seconds: float = 0.0
     phase_seconds: dict[str, float] = field(default_factory=dict)  # mean per state, in the guest
@@ -145,6 +146,8 @@ def explore(target, start_bytes: int, end_bytes: int, exit_status: int, oracle: 
     for state, outcome in zip(states, lines):
         violations = judge(outcome, oracle, state.after_return)
         result.failing_states += bool(violations)
+        if violations:
+            result.failing_per_kind[state.kind] = result.failing_per_kind.get(state.kind, 0) + 1
         for v in violations:
             found.setdefault((v.invariant, v.detail), []).append(state)
     result.states = len(states)

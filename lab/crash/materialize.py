@@ -89,8 +89,20 @@ def _unmount(target: str) -> str | None:
 
 def _snapshot(stack: ExitStack, name: str, origin: str, cow: str, sectors: int) -> str:
     _run("dmsetup", "create", name, "--table", f"0 {sectors} snapshot {origin} {cow} N 8")
-    stack.callback(_run, "dmsetup", "remove", "--retry", name)
+    stack.callback(_remove, name)
     return f"/dev/mapper/{name}"
+
+
+def _remove(name: str) -> None:
+    """Remove a dm device; one the kernel still holds for a moment is removed as soon as it is released
+    (``--deferred``) — it lives in the guest only, which the lab powers off in any case."""
+    for _ in range(20):
+        try:
+            _run("dmsetup", "remove", name)
+            return
+        except RuntimeError:
+            time.sleep(0.25)
+    _run("dmsetup", "remove", "--deferred", name)
 
 
 def _cow_device(stack: ExitStack, scratch: Path, name: str) -> str:

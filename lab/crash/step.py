@@ -1,10 +1,10 @@
-"""The explore form of the scenario step ``power_loss: {during: STEP, explore: true}``: run STEP on the recording
-VM target, then check every crash state the power-loss model allows during it (``lab.crash.explore``).
+"""The crash engine's form of the scenario step ``power_loss``: ``{during: STEP, explore: true}`` runs STEP on
+the recording VM target, then checks every crash state the power-loss model allows during it
+(``lab.crash.explore``).  The step class and its arguments are in ``lab/steps/system.py`` (``PowerLoss``).
 
-Optional keys override the run's defaults: ``model`` (volatile-cache | optimistic), ``granularity``
-(request | sector), ``max_states``, ``seed``.  The live guest is not cut: the scenario continues from the
-completed step, and the exploration's distinct violations become the step's violations.  The step kind itself
-(argument model, validation, the seeded-moment form) is ``lab.steps.system.PowerLoss``.
+Optional keys: ``model`` (volatile-cache | optimistic), ``granularity`` (request | sector), ``max_states``,
+``seed`` (the sample's seed).  The live guest is not cut: the scenario continues from the completed step, and
+the exploration's distinct violations become the step's violations.
 """
 from __future__ import annotations
 
@@ -14,28 +14,22 @@ from lab.crash.check import Oracle
 from lab.crash.explore import ExploreOptions, explore
 from lab.invariants import ExpectedTree, Violation
 from lab.packages import expected_tree
-from stonelab.errors import StonelabError
-
-EXPLORE_KEYS = ("model", "granularity", "max_states", "seed")
 
 
 def step_options(arg, defaults: ExploreOptions, overrides: dict | None = None) -> ExploreOptions:
-    """``defaults``, then the step's own settings (``arg``: lab.steps.system.PowerLossArgs), then ``overrides``
-    (e.g. ``stonelab crash explore`` flags)."""
-    changes = {key: getattr(arg, key) for key in EXPLORE_KEYS if getattr(arg, key) is not None}
-    return replace(defaults, **{**changes, **(overrides or {})})
+    """``defaults``, then the step's own settings, then ``overrides`` (e.g. ``stonelab crash explore`` flags)."""
+    own = {key: getattr(arg, key) for key in ("model", "granularity", "max_states", "seed")
+           if getattr(arg, key, None) is not None}
+    return replace(defaults, **{**own, **(overrides or {})})
 
 
 def run_power_loss(runner, step, result) -> list[ExpectedTree]:
-    """Run the step's transaction and explore its crash states; returns the trees the live system may show now.
-    The exploration's distinct violations are added to ``result.violations`` and its summary to
-    ``result.crash``. Raises StonelabError (a lab error, not a verdict) on a target that does not record its
-    disk."""
-    target, arg = runner.target, step.arg
+    """Run the step's transaction and explore it; the trees the live system may show now."""
+    from lab.steps import StepFailure
+    target = runner.target
     if getattr(target, "generation", None) is None:
-        raise StonelabError("power_loss: explore needs recorded writes: run the scenario on the vm target "
-                            "(target: vm, or stonelab run --target vm) with recording on")
-    inner = arg.during
+        raise StepFailure("power_loss explore checks recorded writes: it needs the vm target (recording on)")
+    inner = step.arg.during
     cmd = inner.spec.command(runner, inner.arg)
     old = runner.model.tree()
     outcome = runner.pm(cmd.verb, *cmd.rest)
@@ -46,7 +40,7 @@ def run_power_loss(runner, step, result) -> list[ExpectedTree]:
                     tuple(runner.scenario.invariants))
     recovery = ["state", "list", "-D", "{root}", "--mode", str(runner.scenario.mode),
                 "--swap", str(runner.scenario.swap)]
-    options = step_options(arg, runner.crash_defaults, runner.crash_overrides)
+    options = step_options(step.arg, runner.crash_defaults, runner.crash_overrides)
     exploration = explore(target, start.log_bytes, end.log_bytes, outcome.returncode, oracle, recovery, options)
     result.crash = exploration.to_dict()
     result.status = "explored"

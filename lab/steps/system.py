@@ -164,27 +164,26 @@ class Sync(TransactionStep):
 
 class PowerLossArgs(BaseModel):
     """Either a cut at a seeded moment (``at: random, seed: S``) during a transaction, or — the crash engine's
-    form — ``explore: true``: every crash state of the transaction (lab/crash), optionally with ``model``,
-    ``granularity``, ``max_states`` and ``seed`` (the sampling seed)."""
+    form — ``explore: true``: every crash state of the transaction (lab/crash)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     during: Any
     at: Literal["random"] | None = None
-    seed: int | None = None
+    seed: int | None = None  # explore: the seed of the sample when there are more states than max_states
     explore: bool = False
-    model: Model | None = None
-    granularity: Granularity | None = None
-    max_states: Annotated[int, Field(ge=1)] | None = None
+    model: Model | None = None  # explore only: volatile-cache (default) | optimistic
+    granularity: Granularity | None = None  # explore only: request (default) | sector
+    max_states: Annotated[int, Field(ge=1)] | None = None  # explore only
 
     @model_validator(mode="after")
     def _one_form(self) -> PowerLossArgs:
         if self.explore and self.at is not None:
             raise ValueError("give either `at: random, seed: S` or `explore: true`, not both")
+        if not self.explore and (self.model or self.granularity or self.max_states):
+            raise ValueError("model, granularity and max_states belong to the explore form (`explore: true`)")
         if not self.explore and (self.at is None or self.seed is None):
             raise ValueError("needs `at: random` and `seed: S` (or `explore: true`)")
-        if not self.explore and (self.model or self.granularity or self.max_states):
-            raise ValueError("model, granularity and max_states belong to the `explore: true` form")
         return self
 
 
@@ -192,9 +191,7 @@ class PowerLossArgs(BaseModel):
 class PowerLoss(InterruptingStep):
     name = "power_loss"
     summary = ("cut the power during a transaction at a seeded moment that is not a fault point: after the N-th "
-               "system call that changes the disk, N drawn from the seed over a calibration run on a copy; or, with "
-               "`explore: true` (vm target), check every crash state the power-loss model allows during it "
-               "(lab/crash, docs/CRASH.md)")
+               "system call that changes the disk, N drawn from the seed over a calibration run on a copy")
     example = "power_loss: {at: random, seed: 7, during: {install: [hello-2]}}"
     arg_type = PowerLossArgs
 

@@ -1,0 +1,131 @@
+"""Real systems in a lab guest: their root on a virtio disk (ext4 with a journal, or ext2 without one — the
+Asterinas 0.18.1 setup), their commands run by the guest agent, and a power cut the moment an operation returns.
+
+- :class:`GuestRunner` is a :class:`~lab.systems.base.CommandRunner` over a running machine: the same argv and
+  environment, executed in the guest. The guest sees this machine's root read-only over 9p (the binaries, the
+  project, the lab's work directory with the source store, binary cache and repository) and has tmpfs on
+  ``/tmp``, where a system's scratch directory (Nix's HOME) goes.
+- :class:`SystemGuest` is the VM target with the root file system of choice. As in :mod:`lab.vm_target`,
+  periodic writeback is off in the guest (and ext4's periodic journal commit): what survives a cut is exactly
+  what the system flushed. That is also Asterinas 0.18.1's behaviour, which has no writeback thread and whose only
+  persistent root file system is ext2 (``../shared/docs/asterinas-0.18.1.md``, "Durability").
+- :class:`GuestSystem` wraps an adapter whose commands run in the guest: its state and invariants are read in the
+  guest too (``python -m lab.systems.crashcheck``).
+"""
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from lab.invariants import Violation
+from lab.systems.base import Generation, RootFilesystem, SystemState, SystemUnderTest
+from lab.target import COMMAND_TIMEOUT, CommandResult
+from lab.vm_target import GUEST_ROOT, SUT_PARTITION, VmTarget
+from stonelab.errors import StonelabError
+
+GUEST_SCRATCH = Path("/tmp/stonelab-sut-scratch")
+
+
+class GuestRunner:
+    """Runs argv in the guest of ``machine`` (anything with ``execute(command, timeout)``)."""
+
+    def __init__(self, machine, timeout: float = COMMAND_TIMEOUT):
+        self.machine = machine
+        self.timeout = timeout
+
+    def __call__(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
+                 cwd: Path | None = None) -> CommandResult:
+        prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in (env or {}).items())
+        command = (f"cd {shlex.quote(str(cwd))} && " if cwd else "") + \
+            (f"env {prefix} " if prefix else "") + shlex.join(list(argv))
+        started = time.monotonic()
+        result = self.machine.execute(command, self.timeout)
+        return CommandResult(list(argv), result.exit_code, result.stdout, result.stderr,
+                             time.monotonic() - started)
+
+
+class SystemGuest(VmTarget):
+    """The VM target with the SUT root on ``filesystem``; ``cut()`` is a power cut (QEMU SIGKILLed), the next
+    ``power_on()`` boots again and mounts what the disk holds (ext4 replays its journal; ext2 has none)."""
+
+    crash_semantics = ("power cut the moment the operation returned (QEMU SIGKILLed): with writeback off, what "
+                       "the system did not flush is lost; one crash state per power_cut step")
+
+    def __init__(self, workdir: Path, filesystem: RootFilesystem = RootFilesystem.EXT4, **kwargs):
+        self.filesystem = RootFilesystem(filesystem)
+        # no write recording: this cut keeps every write the guest submitted (one state, after success)
+        super().__init__(workdir, root_fs=str(self.filesystem), record=False, **kwargs)
+
+    def describe(self) -> str:
+        return f"{super().describe()}, SUT root {self.filesystem} (writeback off)"
+
+    def fsck(self) -> str:
+        """e2fsck -n of the (unmounted) SUT partition after a cut: what the file system itself lost, one line."""
+        self.power_on()
+        self.machine.succeed(f"umount {GUEST_ROOT}")
+        result = self.machine.execute(f"e2fsck -fn {SUT_PARTITION}", 120)
+        self.mount_root()
+        lines = [line.strip() for line in result.stdout.splitlines() if line.strip()]
+        # a problem is the line asking to fix it, or the line before a bare "Fix? no"
+        problems = [(lines[i - 1] if line.startswith("Fix?") and i else line) for i, line in enumerate(lines)
+                    if "?" in line]
+        shown = "; ".join(dict.fromkeys(problems[:3]))
+        return f"e2fsck exit {result.exit_code}" + (f": {shown}" if shown else " (clean)")
+
+    def settle(self) -> None:
+        """``sync`` in the guest: everything written so far is on the disk."""
+        self.power_on()
+        self.machine.succeed("sync")
+
+    def cut(self) -> None:
+        """The power cut: QEMU SIGKILLed, nothing flushed (:meth:`vm.machine.Machine.crash`)."""
+        self.machine.crash()
+
+
+class GuestSystem:
+    """``inner`` (an adapter whose runner is a :class:`GuestRunner` on ``guest``) with its state and
+    invariants read in the guest."""
+
+    def __init__(self, inner: SystemUnderTest, guest: SystemGuest, scratch: Path):
+        self.inner = inner
+        self.guest = guest
+        self.scratch = scratch
+        self.name = inner.name
+        self.operations = inner.operations
+        self.invariant_names = inner.invariant_names
+        self.evidence = inner.evidence
+        self.root = inner.root
+        self._violations: list[Violation] = []
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)  # the operations: their commands already run in the guest
+
+    def prepare(self) -> None:
+        self.guest.machine.succeed(f"mkdir -p {shlex.quote(str(self.root))}")
+        self.inner.prepare()
+
+    def observe(self) -> dict:
+        """:func:`lab.systems.crashcheck.observe_system` run in the guest (powered on if it was cut)."""
+        self.guest.power_on()
+        result = self.guest._python(["-m", "lab.systems.crashcheck", self.name, str(self.root),
+                                     str(self.scratch)])
+        if result.exit_code != 0:
+            raise StonelabError(f"reading {self.name}'s state in the guest failed: {result.stderr.strip()[-300:]}")
+        return json.loads(result.stdout)
+
+    def state(self) -> SystemState:
+        data = self.observe()
+        self._violations = [Violation(**v) for v in data["violations"]]
+        return SystemState([Generation(n, ref) for n, ref in data["generations"]], data["current"], data["tree"])
+
+    def invariants(self, state: SystemState) -> list[Violation]:
+        return list(self._violations)  # read with the state, in the same guest command
+
+    def corrupt_store(self) -> str:
+        raise StonelabError(f"corrupt_store runs on the host target only (system {self.name!r})")
+
+    def cleanup(self) -> None:
+        """Nothing: the disk goes with the guest."""

@@ -1,0 +1,91 @@
+"""The check of one crash state of a real system: read where the disk is, judged with ALICE's contract. The
+states here are copies of real roots, damaged the way the public reports describe; the crash engine produces
+them from recorded writes instead."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lab.packages import expected_tree
+from lab.systems import make_system
+from lab.systems.crashcheck import CRASH_INVARIANTS, judge_system_state, observe_system
+from lab.systems.ostree import remove_root
+from tests.systems_helpers import HELLO_1, HELLO_2
+
+REPO = Path(__file__).resolve().parents[1]
+OLD, NEW = expected_tree([HELLO_1]), expected_tree([HELLO_2])
+
+
+def copy_state(system, tmp_path: Path) -> Path:
+    state = tmp_path / "state"
+    subprocess.run(["cp", "-a", str(system.root), str(state)], check=True)
+    return state
+
+
+@pytest.fixture
+def nix(tmp_path: Path):
+    if shutil.which("nix-env") is None:
+        pytest.skip("nix-env is absent (Debian package nix-bin)")
+    system = make_system("nix", tmp_path / "root", tmp_path / "work")
+    system.prepare()
+    assert system.install([HELLO_1], [HELLO_1]).ok
+    return system
+
+
+def judge(observed, *, succeeded=True, after_return=True, enabled=None):
+    from lab.systems.nix import INVARIANTS
+    return judge_system_state(observed, OLD, NEW, succeeded=succeeded, after_return=after_return,
+                              enabled=enabled or (*CRASH_INVARIANTS, *INVARIANTS))
+
+
+def test_old_state_is_fine_before_the_return_and_a_violation_after_it(nix, tmp_path: Path):
+    observed = observe_system("nix", copy_state(nix, tmp_path), tmp_path / "scratch")
+    assert observed["current"] == 1 and observed["violations"] == []
+    assert judge(observed, after_return=False) == []
+    assert judge(observed, succeeded=False) == []
+    found = judge(observed)
+    assert [v.invariant for v in found] == ["durable_success"]
+    assert "old tree" in found[0].detail
+
+
+def test_empty_schema_state_is_caught_in_a_subprocess(nix, tmp_path: Path):
+    state = copy_state(nix, tmp_path)
+    (state / "nix/var/nix/db/schema").write_bytes(b"")
+    proc = subprocess.run([sys.executable, "-m", "lab.systems.crashcheck", "nix", str(state),
+                           str(tmp_path / "scratch")], capture_output=True, text=True, cwd=REPO, check=True)
+    observed = json.loads(proc.stdout)
+    assert "nix_db_valid" in {v.invariant for v in judge(observed, after_return=False)}
+
+
+def test_a_torn_generation_is_neither_old_nor_new(nix, tmp_path: Path):
+    assert nix.install([HELLO_2], [HELLO_2]).ok
+    state = copy_state(nix, tmp_path)
+    observed = observe_system("nix", state, tmp_path / "scratch")
+    observed["tree"]["bin/hello"] = ["file", "0" * 32, "0444"]  # a file with other contents
+    found = {v.invariant for v in judge(observed)}
+    assert found == {"atomic_usr", "durable_success"}
+
+
+def test_ostree_state_with_a_dangling_loader_is_caught(tmp_path: Path):
+    if shutil.which("ostree") is None:
+        pytest.skip("ostree is absent (Debian package ostree)")
+    system = make_system("ostree", tmp_path / "root", tmp_path / "work")
+    system.prepare()
+    try:
+        assert system.install([HELLO_1], [HELLO_1]).ok
+        state = copy_state(system, tmp_path)
+        assert observe_system("ostree", state, tmp_path / "scratch")["violations"] == []
+        loader = state / "boot/loader"
+        loader.unlink()
+        loader.symlink_to("loader.0")
+        observed = observe_system("ostree", state, tmp_path / "scratch")
+        assert "ostree_loader_complete" in {v["invariant"] for v in observed["violations"]}
+        assert observed["current"] is None
+    finally:
+        remove_root(system.root)
+        remove_root(tmp_path / "state")
