@@ -27,10 +27,16 @@ run: setup
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
-bench: setup
+# The boot benchmark's baseline tool (virtme-ng, from PyPI) in a venv of its own: not a project dependency.
+BENCH_VENV := .bench-venv
+$(BENCH_VENV)/bin/vng:
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install -q virtme-ng
+
+bench: setup $(BENCH_VENV)/bin/vng
 	$(PY) bench/stone.py
 	$(PY) bench/blit.py
-	$(PY) bench/boot.py
+	$(PY) bench/boot.py --vng $(BENCH_VENV)/bin/vng
 
 # The long randomized campaign over the parsers of untrusted input (make test runs a short derandomized one).
 # FUZZ_ARGS=--inputs N --jobs N --seed N --target T ...
@@ -38,4 +44,4 @@ fuzz: setup
 	$(PY) tools/fuzz.py $(FUZZ_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .hypothesis
+	rm -rf $(VENV) $(BENCH_VENV) build *.egg-info .hypothesis

@@ -63,6 +63,8 @@ class ScenarioResult:
     seconds: float = 0.0
     upstream: str = ""
     traceback: str = ""  # set when the lab itself broke (verdict error)
+    console: str = ""    # the guest's serial console (VM target), for the report's excerpt
+    sections: list[dict] = field(default_factory=list)  # extra evidence for the report: {kind, title, data}
     system: str = "reference"  # the system under test (lab.systems.SystemName)
 
     @property
@@ -190,14 +192,17 @@ class Runner:
 TargetFactory = Callable[[Path], Target]
 
 
+StepHook = Callable[[int, str], None]
+
+
 def run_scenario(scenario: Scenario, *, workdir: Path | None = None, target: str | None = None,
                  vm_factory: TargetFactory | None = None, crash_defaults=None,
-                 crash_overrides: dict | None = None) -> ScenarioResult:
+                 crash_overrides: dict | None = None, on_step: StepHook | None = None) -> ScenarioResult:
     """Run one scenario: where it is pinned (``target: host|vm`` in its file), else on ``target`` (default host).
 
     Never raises for a failure of the system under test (verdict ``fail``) nor for a broken lab (verdict
     ``error``: a StonelabError's message, or any other exception with its traceback); only KeyboardInterrupt
-    and SystemExit pass through.
+    and SystemExit pass through. ``on_step(index, description)`` is called before each step (live progress).
     """
     started = time.monotonic()
     kind = TargetKind(scenario.target if scenario.target != TargetKind.ANY else (target or TargetKind.HOST))
@@ -214,7 +219,7 @@ def run_scenario(scenario: Scenario, *, workdir: Path | None = None, target: str
             run_system_steps(scenario, result, kind, workdir)
         else:
             _run_steps(scenario, result, kind, workdir, vm_factory,
-                       {"crash_defaults": crash_defaults, "crash_overrides": crash_overrides})
+                       {"crash_defaults": crash_defaults, "crash_overrides": crash_overrides}, on_step)
     except StonelabError as err:
         result.verdict, result.reason = Verdict.ERROR, f"lab error: {err}"
     except Exception as err:  # a bug in the lab: report it, keep running the other scenarios
@@ -227,7 +232,7 @@ def run_scenario(scenario: Scenario, *, workdir: Path | None = None, target: str
 
 
 def _run_steps(scenario: Scenario, result: ScenarioResult, kind: TargetKind, workdir: Path | None,
-               vm_factory: TargetFactory | None, crash: dict) -> None:
+               vm_factory: TargetFactory | None, crash: dict, on_step: StepHook | None = None) -> None:
     if kind == TargetKind.VM and vm_factory is None:
         from lab.vm_target import vm_target_factory
         vm_factory = vm_target_factory()
@@ -241,11 +246,16 @@ def _run_steps(scenario: Scenario, result: ScenarioResult, kind: TargetKind, wor
             result.crash_semantics = sut.crash_semantics
             result.environment = sut.describe()
             runner = Runner(scenario, sut, packages, Path(tmp), **crash)
-            for step in scenario.steps:
-                step_result = runner.run_step(step)
-                result.steps.append(step_result)
-                if step_result.status == "failed":
-                    break
+            try:
+                for step in scenario.steps:
+                    if on_step:
+                        on_step(step.index, step.describe())
+                    step_result = runner.run_step(step)
+                    result.steps.append(step_result)
+                    if step_result.status == "failed":
+                        break
+            finally:
+                result.console = getattr(sut, "console_text", lambda: "")()
 
 
 def run_cache_dir() -> Path:

@@ -1,7 +1,9 @@
 """The VM target: the system under test on its own virtio disk in a QEMU guest, where a crash is a power cut.
 
-The guest runs this project from the host root shared over 9p (same paths), with the root under test — an ext4
-partition of a GPT disk built without loop mounts — mounted at ``/mnt/sut``.  A crash step runs the package
+The guest runs this project from the read-only EROFS userland image (``vm.userland``: same paths as on the host),
+with the root under test — an ext4 partition of a GPT disk built without loop mounts — mounted at ``/mnt/sut``.
+Every power-on restores a guest saved right after boot (``vm.snapshot``) instead of booting, unless
+``snapshots=False``; the packages a step installs are copied into the guest's ``/tmp`` by the agent.  A crash step runs the package
 manager with ``STONELAB_FAULT=<point>:pause``; the moment the guest announces the point on its ``stonelab``
 virtio-serial port, the host SIGKILLs QEMU.  With ``cache=unsafe`` the guest's page cache and the disk's
 volatile state die with it.  Periodic writeback and ext4's periodic journal commit are switched off in the guest,
@@ -35,12 +37,17 @@ from stonelab.errors import StonelabError
 from vm.accel import AccelChoice, AccelSelector
 from vm.disk import DiskLayout, build_disk
 from vm.host import Kernel, default_kernel, kernel_from_path
-from vm.machine import PROJECT_DIR, Machine, agent_config
 from vm.errors import VmError
+from vm.log import get_logger
+from vm.machine import PROJECT_DIR, Machine, agent_config
 from vm.qemu import DiskSpec
+from vm.snapshot import resume, saved_state
+from vm.transport import ConsoleTransport
 from reference_impl.boot.esp import MtoolsEsp
 
+log = get_logger("lab.vm_target")
 GUEST_ROOT = "/mnt/sut"
+GUEST_PACKAGES = "/tmp/stonelab-packages"
 SUT_PARTITION = "/dev/vda2"
 BASE_PARTITION = "/dev/vdb2"  # the generation's starting image, read-only (recording targets only)
 GUEST_DISK = "/dev/vda"
@@ -78,8 +85,9 @@ class VmTarget:
 
     def __init__(self, workdir: Path, *, kernel: Kernel | None = None, accel: str = "auto",
                  selector: AccelSelector | None = None, root_mib: int = 256, personality: str | None = None,
-                 record: bool = True, root_fs: str = "ext4"):
+                 record: bool = True, root_fs: str = "ext4", snapshots: bool = True, keep: Path | None = None):
         self.workdir = workdir
+        self.keep = keep
         # a kernel personality (lab.kernel.emulate): the package manager runs under its seccomp filter, on the
         # profile's persistent root filesystem; otherwise ``root_fs`` (ext4, or ext2 as on Asterinas)
         self.personality = personality
@@ -101,10 +109,17 @@ class VmTarget:
         self.generation: Generation | None = None
         self._flattened = False  # the next generation starts from the raw image, not the last overlay
         self.marks: list[Mark] = []
-        self.machine = Machine(agent_config(self.kernel, self.accel, [DiskSpec(self.disk.path)]), name="sut",
-                               crash_on_fault=True, console_log=workdir / "console.log")
+        # Recording boots (the crash engine's write logs over qcow2 overlay chains) keep the host root over 9p
+        # and boot afresh; a non-recording target runs on the EROFS userland image and restores a guest saved
+        # after boot (vm.snapshot) at every power-on.
+        fast = not record
+        config = agent_config(self.kernel, self.accel, [DiskSpec(self.disk.path)],
+                              userland="image" if fast else "9p")
+        self.machine = Machine(config, name="sut", crash_on_fault=True, console_log=workdir / "console.log",
+                               restore_from=saved_state(config) if fast and snapshots else None)
         self.machine.on_fault = lambda point: self.mark(f"fault:{point}")
         self.boots = 0
+        self._pushed: dict[Path, str] = {}
         try:
             self.power_on()
         except BaseException:
@@ -120,8 +135,20 @@ class VmTarget:
             return
         if self.record:
             self._new_generation()
-        self.machine.start()
+        try:
+            self.machine.start()
+        except VmError as err:
+            if self.machine.restore_from is None:
+                raise
+            # a saved state QEMU cannot load (another QEMU build, a damaged file): drop it and boot instead
+            log.warning("restoring %s failed (%s); booting instead", self.machine.restore_from, err)
+            self.machine.restore_from.unlink(missing_ok=True)
+            self.machine.restore_from = None
+            self.machine.start()
         self.boots += 1
+        self._pushed.clear()  # the guest's /tmp starts empty on every power-on
+        if self.machine.restore_from is not None:
+            resume(self.machine)
         # Deterministic power cuts: no periodic writeback and no periodic journal commit, so what survives a
         # cut is exactly what the software under test flushed (fsync, syncfs) — not what a timer happened to
         # write. This is also how Asterinas behaves (it has no writeback thread).
@@ -223,7 +250,17 @@ class VmTarget:
                              time.monotonic() - started)
 
     def path_for_package(self, path: Path) -> str:
-        return str(path)  # the host root is the guest's root: same path
+        """The guest path of a host package file: the same path over 9p; on the userland image a copy in the
+        guest's /tmp, made once per power-on."""
+        if self.machine.config.share_host_root:
+            return str(path)
+        self.power_on()
+        if path not in self._pushed:
+            guest = f"{GUEST_PACKAGES}/{len(self._pushed)}-{path.name}"
+            self.machine.succeed(["mkdir", "-p", GUEST_PACKAGES])
+            self.machine.write_file(guest, path.read_bytes())
+            self._pushed[path] = guest
+        return self._pushed[path]
 
     def observe(self, *, boot: bool = False) -> Observation:
         result = self._python(["-m", "lab.probe", GUEST_ROOT, *(["--disk", GUEST_DISK] if boot else [])])
@@ -239,6 +276,13 @@ class VmTarget:
         if result.exit_code != 0:
             raise StonelabError(f"{action} in the guest failed: {result.stderr.strip()[-300:]}")
         return result.stdout.strip()
+
+    def console_text(self) -> str:
+        """The guest's serial console so far (every boot of this target)."""
+        try:
+            return (self.workdir / "console.log").read_text(errors="replace")
+        except OSError:
+            return ""
 
     def boot_args(self) -> list[str]:
         # the ESP partition's device node (mtools on the whole disk at the ESP's offset fails in the guest)
@@ -286,7 +330,7 @@ class VmTarget:
         fat.write_atomic(LOADER_CONF, "\n".join([f"default {entry}", *lines, ""]).encode())
         config = uefi_config(self.accel, DiskSpec(disk), agent=False, share_host_root=False)
         try:
-            with Machine(config, name="sut-uefi", transport="console",
+            with Machine(config, name="sut-uefi", transport=ConsoleTransport(),
                          console_log=self.workdir / f"uefi-{self.boots}.log") as firmware:
                 try:
                     firmware.wait_for_console(BOOTED.pattern, UEFI_BOOT_TIMEOUT)
@@ -310,6 +354,10 @@ class VmTarget:
 
     def close(self) -> None:
         self.machine.close()
+        if self.keep is not None:  # --shell-on-failure: the disk outlives the run's temporary directory
+            self.keep.mkdir(parents=True, exist_ok=True)
+            disk = self._flatten() if self.generation is not None else self.disk.path
+            os.replace(disk, self.keep / "sut.img")
 
     def __enter__(self) -> VmTarget:
         return self
@@ -319,12 +367,15 @@ class VmTarget:
 
 
 def vm_target_factory(kernel: str | None = None, accel: str = "auto", personality: str | None = None,
-                      record: bool = True):
-    """One accelerator probe for the whole run, one fresh disk and guest per scenario."""
+                      record: bool = True, *, snapshots: bool = True, keep: Path | None = None):
+    """One accelerator probe for the whole run, one fresh disk and guest per scenario. ``keep``: a directory the
+    system disk of each target is moved to when it closes (``keep/<n>/sut.img``, for a shell after a failure)."""
     selector = AccelSelector()
     image = kernel_from_path(Path(kernel)) if kernel else None
+    made = [0]
 
     def make(workdir: Path) -> VmTarget:
+        made[0] += 1
         return VmTarget(workdir, kernel=image, accel=accel, selector=selector, personality=personality,
-                        record=record)
+                        record=record, snapshots=snapshots, keep=keep / str(made[0]) if keep else None)
     return make

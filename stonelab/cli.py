@@ -2,6 +2,10 @@
 
 Each module in COMMAND_MODULES exposes ``register(subparsers)`` which adds its subcommands and sets
 ``func=callable(args) -> int`` on them.  User errors are :class:`StonelabError`: one line, exit 2.
+
+Start-up cost matters (every guest command of the lab is a fresh interpreter, under TCG): ``main`` imports only
+the module that provides the subcommand named on the command line (``COMMAND_INDEX``, checked against what the
+modules register by tests/test_cli_dispatch.py); ``--help`` or an unknown word imports them all.
 """
 from __future__ import annotations
 
@@ -22,25 +26,54 @@ COMMAND_MODULES = [
     "reference_impl.boot.cli",
     "vm.cli",
 ]
+COMMAND_INDEX = {
+    "inspect": "reference_impl.stone.cli", "stone": "reference_impl.stone.cli",
+    "install": "reference_impl.cli", "remove": "reference_impl.cli", "sync": "reference_impl.cli",
+    "state": "reference_impl.cli", "faults": "reference_impl.cli",
+    "run": "lab.cli", "scenario": "lab.cli", "report": "lab.cli",
+    "kernel": "lab.kernel.cli", "compat": "lab.kernel.cli", "crash": "lab.crash.cli",
+    "boot": "reference_impl.boot.cli", "vm": "vm.cli",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command_word(argv: list[str]) -> str | None:
+    """The subcommand named in ``argv`` (the first word that is not an option), or None."""
+    return next((word for word in argv if not word.startswith("-")), None)
+
+
+def build_parser(modules: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser with the subcommands of ``modules`` (default: all of COMMAND_MODULES)."""
     parser = argparse.ArgumentParser(
         prog="stonelab",
         description="Conformance lab for atomic, stateless operating systems (AerynOS model).",
     )
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="log progress (-v) and every QEMU argv and guest command (-vv)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name in COMMAND_MODULES:
+    for name in modules or COMMAND_MODULES:
         importlib.import_module(name).register(sub)
     return parser
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt  # a cancelled CI job (SIGTERM) cleans up exactly like Ctrl-C
+
+
 def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
     """Run one command; ``parser``: a parser built earlier by build_parser (a process that runs many commands,
-    such as the crash engine's guest worker, builds it once)."""
-    parser = parser or build_parser()
-    args = parser.parse_args(argv)
+    such as the crash engine's guest worker, builds it once). Without one, only the module of the named
+    subcommand is imported."""
+    if argv is None:
+        signal.signal(signal.SIGTERM, _interrupt)
+    words = sys.argv[1:] if argv is None else argv
+    if parser is None:
+        module = COMMAND_INDEX.get(_command_word(words) or "")
+        parser = build_parser([module] if module and "-h" not in words and "--help" not in words else None)
+    args = parser.parse_args(words)
+    if args.verbose or getattr(args, "debug", False):
+        from vm.log import configure  # logging costs a guest interpreter ~0.1 s of TCG time: only when asked
+        configure(2 if getattr(args, "debug", False) else args.verbose)
     try:
         return int(args.func(args) or 0)
     except StonelabError as err:

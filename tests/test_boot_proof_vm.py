@@ -18,13 +18,14 @@ from vm.errors import VmError
 from vm.host import default_kernel, ovmf_files
 from vm.machine import PROJECT_DIR, Machine, agent_config, uefi_config
 from vm.qemu import DiskSpec
+from vm.transport import ConsoleTransport
 
 pytestmark = pytest.mark.vm
 
 
 def uefi_boot(accel, disk: Path, timeout: float = 300) -> tuple[str, str]:
     config = uefi_config(accel, DiskSpec(disk), agent=False, share_host_root=False)
-    with Machine(config, name="uefi", transport="console") as machine:
+    with Machine(config, name="uefi", transport=ConsoleTransport()) as machine:
         machine.wait_for_console(BOOTED.pattern, timeout)
         machine.wait_for_exit(60)
         return booted_state(machine.console.text)

@@ -16,6 +16,7 @@ from vm.host import ovmf_files, systemd_boot
 from vm.initramfs import write_busybox_initramfs
 from vm.machine import Machine, uefi_config
 from vm.qemu import DiskSpec
+from vm.transport import ConsoleTransport
 
 MARKER = "STONELAB-FSTX-CMDLINE:"
 
@@ -49,7 +50,7 @@ def test_systemd_boot_boots_the_target_states_entry(tmp_path: Path, kernel, acce
     report = sync_boot(root, esp=disk, root_device=f"{disk}:2", target=2, bootloader=bootloader)
     assert report.default_entry == "aerynos-6.1.0-lab-2.conf"
     config = uefi_config(accel, DiskSpec(disk), agent=False, share_host_root=False)
-    with Machine(config, name="uefi-entry", transport="console") as machine:
+    with Machine(config, name="uefi-entry", transport=ConsoleTransport()) as machine:
         machine.wait_for_console(MARKER + r"[^\n]*\n", 240)  # the whole line, not its start
         text = machine.console.text
     lines = [line for line in text.splitlines() if line.startswith(MARKER)]

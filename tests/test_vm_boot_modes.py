@@ -19,6 +19,7 @@ from vm.host import OVMF_VARS, ovmf_files, systemd_boot
 from vm.initramfs import build_initramfs
 from vm.machine import PROJECT_DIR, Machine, agent_config, foreign_config, uefi_config
 from vm.qemu import DiskSpec, MachineConfig, agent_append, debug_exit_outcome
+from vm.transport import ConsoleTransport
 
 pytestmark = pytest.mark.vm
 REPO = Path(__file__).resolve().parents[1]
@@ -60,7 +61,7 @@ def multiboot_kernel(path: Path, text: bytes, exit_value: int) -> Path:
 def test_foreign_multiboot_kernel_and_debug_exit(accel, tmp_path):
     for value, outcome in ((0x10, "success"), (0x20, "failure")):
         image = multiboot_kernel(tmp_path / f"foreign-{value}.bin", b"FOREIGN-KERNEL-UP\n", value)
-        with Machine(foreign_config(image, accel), name="foreign", transport="console") as guest:
+        with Machine(foreign_config(image, accel), name="foreign", transport=ConsoleTransport()) as guest:
             guest.wait_for_console("FOREIGN-KERNEL-UP", 60)
             status = guest.wait_for_exit(60)
         assert debug_exit_outcome(status) == outcome, status
@@ -69,7 +70,7 @@ def test_foreign_multiboot_kernel_and_debug_exit(accel, tmp_path):
 
 def test_console_transport_on_a_shell_guest(kernel, accel):
     config = agent_config(kernel, accel, mode="shell")
-    with Machine(config, name="console", transport="console") as guest:
+    with Machine(config, name="console", transport=ConsoleTransport()) as guest:
         guest.wait_for_console("STONELAB-SHELL", 120)
         assert guest.succeed("echo from-console; uname -s", timeout=60).splitlines()[-2:] == ["from-console", "Linux"]
         assert guest.execute("exit_with() { return $1; }; exit_with 5", timeout=60).exit_code == 5
@@ -77,11 +78,14 @@ def test_console_transport_on_a_shell_guest(kernel, accel):
         assert not guest.running
 
 
-def test_cli_vm_run_output_and_status():
-    proc = subprocess.run([str(REPO / ".venv/bin/stonelab"), "vm", "run", "--", "echo out; echo err >&2; exit 3"],
-                          capture_output=True, text=True, timeout=600)
+def test_cli_vm_run_keeps_argv_and_exit_status():
+    # the words reach the guest exactly (no re-splitting, no shell), and the command's status comes back
+    words = ["a b", "it's", "$HOME", "*", ""]
+    proc = subprocess.run([str(REPO / ".venv/bin/stonelab"), "vm", "run", "--", "python3", "-c",
+                           "import sys; print(6*7); print(sys.argv[1:]); sys.stderr.write('err\\n'); sys.exit(3)",
+                           *words], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 3, proc.stderr
-    assert proc.stdout == "out\n"
+    assert proc.stdout.splitlines() == ["42", repr(words)]
     assert "err\n" in proc.stderr and "stonelab: accelerator " in proc.stderr
 
 
@@ -110,7 +114,7 @@ def _wait_for_qemu_child(pid: int, timeout: float = 60) -> list[int]:
 
 def test_qemu_dies_with_a_killed_controller():
     # SIGKILL of the controlling process allows no clean-up code at all: PR_SET_PDEATHSIG takes QEMU down
-    proc = subprocess.Popen([str(REPO / ".venv/bin/stonelab"), "vm", "run", "--accel", "tcg", "--", "sleep 600"],
+    proc = subprocess.Popen([str(REPO / ".venv/bin/stonelab"), "vm", "run", "--accel", "tcg", "--", "sleep", "600"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         qemu = _wait_for_qemu_child(proc.pid)
@@ -132,7 +136,7 @@ def test_qemu_dies_with_a_killed_controller():
 
 
 def test_cli_ctrl_c_leaves_no_qemu():
-    proc = subprocess.Popen([str(REPO / ".venv/bin/stonelab"), "vm", "run", "--accel", "tcg", "--", "sleep 600"],
+    proc = subprocess.Popen([str(REPO / ".venv/bin/stonelab"), "vm", "run", "--accel", "tcg", "--", "sleep", "600"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60

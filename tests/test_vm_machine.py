@@ -74,8 +74,8 @@ def test_succeed_fail_and_guest_userland(machine, accel):
     with pytest.raises(CommandFailed):
         machine.fail("true")
     mounts = machine.succeed("cat /proc/mounts")
-    assert " / 9p ro," in mounts and " /tmp tmpfs " in mounts and " /mnt tmpfs " in mounts
-    machine.fail("touch /etc/stonelab-must-not-write")  # the host root is read-only in the guest
+    assert " / erofs ro," in mounts and " /tmp tmpfs " in mounts and " /mnt tmpfs " in mounts
+    machine.fail("touch /etc/stonelab-must-not-write")  # the userland image is read-only
     assert machine.succeed("ls /dev/virtio-ports").split() == ["org.stonelab.agent", "stonelab"]
     # the project's venv runs unchanged in the guest, at the same path
     out = machine.succeed(f"{REPO}/.venv/bin/stonelab --help", timeout=300)

@@ -3,6 +3,7 @@ protocol against a real local agent process, the console transport against a loc
 from __future__ import annotations
 
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -374,3 +375,80 @@ def test_console_transport_over_a_local_shell(tmp_path):
     finally:
         child.close(force=True)
         console.close()
+
+
+# -- argv exactness, exit status, console files, nested logging -------------------------------------------------
+def test_agent_runs_a_word_list_exactly(local_agent):
+    agent, _ = local_agent
+    words = ["a b", "it's", "$HOME", "*", "", "x;y"]
+    result = agent.run([sys.executable, "-c", "import sys; print(sys.argv[1:])", *words], timeout=30)
+    assert result.stdout == f"{words!r}\n"
+    assert agent.run(["sh", "-c", "exit 3"], timeout=30).exit_code == 3
+
+
+def test_vm_run_exit_status_mapping():
+    from vm.cli import exit_status
+    from vm.protocol import RunResult
+
+    assert exit_status(RunResult(3, "", "")) == 3
+    assert exit_status(RunResult(0, "", "")) == 0
+    assert exit_status(RunResult(-9, "", "")) == 137  # killed by SIGKILL, as a shell reports it
+    assert exit_status(RunResult(-9, "", "", timed_out=True)) == 124
+
+
+def test_shell_line_quotes_words():
+    from vm.transport import shell_line
+
+    assert shell_line("echo $HOME; exit 3") == "echo $HOME; exit 3"
+    assert shell_line(["printf", "%s|", "a b", "it's"]) == "printf '%s|' 'a b' 'it'\"'\"'s'"
+
+
+def test_console_transport_word_lists_and_files(tmp_path):
+    child = pexpect.spawn("/bin/sh", ["-i"], echo=True, env={"PS1": "$ ", "PATH": os.environ["PATH"]})
+    console = Console(child, None)
+    try:
+        transport = ConsoleTransport(console.send, console.wait_for)
+        assert transport.run(["printf", "%s|", "a b", "it's"], timeout=10).stdout == "a b|it's|"
+        data = os.urandom(3000) + b"\n\0end"
+        transport.write_file(str(tmp_path / "blob"), data, mode=0o640)
+        assert (tmp_path / "blob").read_bytes() == data
+        assert stat.S_IMODE((tmp_path / "blob").stat().st_mode) == 0o640
+        assert transport.read_file(str(tmp_path / "blob")) == data
+        with pytest.raises(VmError, match="exited"):
+            transport.read_file(str(tmp_path / "absent"))
+    finally:
+        child.close(force=True)
+        console.close()
+
+
+def test_nested_logs_timed_indented_blocks(caplog):
+    import logging
+
+    from vm.log import get_logger, nested
+
+    log = get_logger("vm.test-nested")
+    with caplog.at_level(logging.INFO, logger="vm.test-nested"):
+        with nested(log, "outer"):
+            with nested(log, "inner"):
+                log.info("work")
+        with pytest.raises(ValueError):
+            with nested(log, "broken"):
+                raise ValueError("no good")
+    lines = [(r.indent, r.getMessage()) for r in caplog.records]
+    assert lines[:3] == [("", "outer"), ("  ", "inner"), ("    ", "work")]
+    assert lines[3][0] == "  " and re.fullmatch(r"inner \(\d+\.\d\d s\)", lines[3][1])
+    assert lines[4][0] == "" and re.fullmatch(r"outer \(\d+\.\d\d s\)", lines[4][1])
+    assert re.fullmatch(r"broken failed after \d+\.\d\d s: no good", lines[-1][1])
+
+
+def test_qemu_process_logs_its_argv_and_is_reaped(tmp_path, caplog):
+    import logging
+
+    from vm.machine import QemuProcess
+
+    with caplog.at_level(logging.DEBUG, logger="vm.machine"):
+        with QemuProcess("/bin/sh", ["-c", "echo up; sleep 30"], tmp_path / "console.log") as process:
+            process.console.wait_for("up", 10)
+            assert process.alive
+    assert not process.alive and process.exit_status == -9 and process.pidfd is None
+    assert any(r.getMessage() == "qemu argv: /bin/sh -c 'echo up; sleep 30'" for r in caplog.records)

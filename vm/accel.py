@@ -54,7 +54,7 @@ def probe_kvm(kernel: Kernel, timeout: float = 6.0, qemu: str | None = None,
     initrd = build_initramfs(kernel, "bare").path
     args = [qemu or qemu_binary(), "-accel", "kvm", "-cpu", "host", "-M", "q35", "-m", "256", "-nodefaults",
             "-display", "none", "-no-reboot", "-serial", "stdio", "-kernel", str(kernel.image), "-initrd",
-            str(initrd), "-append", "console=ttyS0 quiet panic=-1"]
+            str(initrd), "-append", "console=ttyS0 quiet panic=-1 no_timer_check"]
     proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
     seen = b""

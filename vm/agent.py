@@ -31,7 +31,8 @@ def _run(request: dict[str, Any]) -> dict[str, Any]:
         return {"exit_code": -9, "stdout": _text(err.stdout), "stderr": _text(err.stderr), "timed_out": True,
                 "seconds": time.monotonic() - started}
     except OSError as err:
-        return {"exit_code": 127, "stdout": "", "stderr": f"{command}: {err.strerror}", "seconds": 0.0}
+        name = command if shell else command[0]
+        return {"exit_code": 127, "stdout": "", "stderr": f"{name}: {err.strerror}", "seconds": 0.0}
     return {"exit_code": proc.returncode, "stdout": _text(proc.stdout), "stderr": _text(proc.stderr),
             "seconds": time.monotonic() - started}
 
@@ -86,6 +87,30 @@ def hash_tree(root: str) -> dict[str, str]:
     return entries
 
 
+BLKFLSBUF = 0x1261  # linux/fs.h: _IO(0x12, 97)
+BLKRRPART = 0x125F  # linux/fs.h: _IO(0x12, 95)
+
+
+def rescan_disks(sys_block: Path = Path("/sys/block"), dev: Path = Path("/dev")) -> list[str]:
+    """Flush the cached blocks of every writable virtio disk and re-read its partition table. A guest restored from
+    a saved state sees new disk files behind the same devices; without this it would trust its stale cache.
+    OSError (EBUSY) when a partition of such a disk is mounted."""
+    import fcntl
+
+    done = []
+    for entry in sorted(sys_block.glob("vd*")):
+        if (entry / "ro").read_text().strip() == "1":
+            continue  # the read-only userland image: mounted, and the same file before and after
+        fd = os.open(dev / entry.name, os.O_RDONLY)
+        try:
+            fcntl.ioctl(fd, BLKFLSBUF)
+            fcntl.ioctl(fd, BLKRRPART)
+        finally:
+            os.close(fd)
+        done.append(entry.name)
+    return done
+
+
 def handle(request: dict[str, Any]) -> dict[str, Any]:
     op = request.get("op")
     if op not in OPS:
@@ -100,33 +125,40 @@ def handle(request: dict[str, Any]) -> dict[str, Any]:
         return _write_file(request)
     if op == "hash_tree":
         return {"entries": hash_tree(request["path"])}
+    if op == "rescan_disks":
+        return {"disks": rescan_disks()}
     os.sync()
     return {"shutdown": True}
 
 
 def serve(channel: LineChannel) -> str:
-    """Answer requests until a shutdown request ("shutdown") or the end of the stream ("closed")."""
+    """Answer requests until a shutdown request ("shutdown") or the end of the stream ("closed": the host side
+    went away — e.g. the guest was saved and is being restored; the caller serves again when it comes back)."""
     uptime = None
     try:
         uptime = float(Path("/proc/uptime").read_text().split()[0])
     except (OSError, ValueError):
         pass
-    channel.send({"event": "ready", "pid": os.getpid(), "uptime": uptime})
-    while True:
-        try:
-            request = channel.receive(None)
-        except ChannelClosed:
-            return "closed"
-        except ProtocolError as err:
-            channel.send({"id": None, "ok": False, "error": str(err)})
-            continue
-        ident = request.get("id")
-        try:
-            channel.send({"id": ident, "ok": True, "result": handle(request)})
-        except Exception as err:  # noqa: BLE001 - every failure goes back to the host as one line
-            channel.send({"id": ident, "ok": False, "error": f"{type(err).__name__}: {err}"})
-        if request.get("op") == "shutdown":
-            return "shutdown"
+    try:
+        channel.send({"event": "ready", "pid": os.getpid(), "uptime": uptime})
+        while True:
+            try:
+                request = channel.receive(None)
+            except ChannelClosed:
+                return "closed"
+            except ProtocolError as err:
+                channel.send({"id": None, "ok": False, "error": str(err)})
+                continue
+            ident = request.get("id")
+            try:
+                answer = {"id": ident, "ok": True, "result": handle(request)}
+            except Exception as err:  # noqa: BLE001 - every failure goes back to the host as one line
+                answer = {"id": ident, "ok": False, "error": f"{type(err).__name__}: {err}"}
+            channel.send(answer)
+            if request.get("op") == "shutdown":
+                return "shutdown"
+    except (BrokenPipeError, ConnectionResetError):
+        return "closed"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,7 +36,8 @@ def register(subparsers) -> None:
                      help="boot OVMF → the bootloader on DISK's ESP instead of the kernel directly")
     run.add_argument("--timeout", type=float, default=600.0, help="seconds the command may take")
     run.add_argument("--console-log", type=Path, help="keep the serial console log here")
-    run.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ... (a shell command line)")
+    run.add_argument("cmd", nargs=argparse.REMAINDER,
+                     help="-- CMD [ARG ...]: run exactly these words in the guest (no shell: use -- sh -c '...')")
     run.set_defaults(func=cmd_run)
 
     shell = sub.add_parser("shell", help="an interactive shell on the guest console (exit it to power off)")
@@ -55,7 +56,7 @@ def _kernel(args):
 
 def _choose(args, kernel) -> AccelChoice:
     choice = AccelSelector().choose(kernel, args.accel)
-    print(f"stonelab: {choice.describe()}", file=sys.stderr)
+    print(f"stonelab: {choice.describe()}", file=sys.stderr)  # user-facing: which accelerator, and why
     return choice
 
 
@@ -91,14 +92,24 @@ def cmd_run(args) -> int:
         config = uefi_config(choice, DiskSpec(args.uefi.resolve(), cache=args.cache), extra_disks=config.disks,
                              memory_mb=args.memory, cpus=args.cpus)
     with Machine(config, console_log=args.console_log) as machine:
-        result = machine.execute(" ".join(command), timeout=args.timeout)
+        result = machine.execute(command, timeout=args.timeout)
         sys.stdout.write(result.stdout)
         sys.stderr.write(result.stderr)
         sys.stdout.flush()
         if result.timed_out:
             print(f"stonelab: the guest command timed out after {args.timeout:g}s", file=sys.stderr)
         machine.shutdown()
-    return result.exit_code if 0 <= result.exit_code < 256 else 1
+    return exit_status(result)
+
+
+def exit_status(result) -> int:
+    """The guest command's status as a shell reports it: its exit code, 128+N when killed by signal N, 124 when
+    it ran out of time (as timeout(1))."""
+    if result.timed_out:
+        return 124
+    if result.exit_code < 0:
+        return 128 - result.exit_code
+    return result.exit_code
 
 
 def cmd_shell(args) -> int:

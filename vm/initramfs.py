@@ -18,7 +18,7 @@ from vm.cpio import CpioWriter
 from vm.errors import VmError
 from vm.host import Kernel, busybox_binary, require_program
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
 INIT_SCRIPT = Path(__file__).with_name("init.sh")
 BARE_MARKER = "STONELAB-BARE-OK"
 BARE_INIT = f"""#!/bin/sh
@@ -26,12 +26,12 @@ BARE_INIT = f"""#!/bin/sh
 echo "{BARE_MARKER} uptime=$(/bin/cut -d' ' -f1 /proc/uptime)"
 /bin/poweroff -f
 """
-# What the guest needs: virtio PCI transport, the system-under-test disk, the agent/fault ports, the 9p host
-# root, and the filesystems the lab creates (ext4 root, FAT32 ESP, overlay for scenarios).
-GUEST_MODULES = ("virtio_pci", "virtio_blk", "virtio_console", "9pnet_virtio", "9p", "ext4", "vfat", "overlay",
+# What the guest needs: virtio PCI transport, the system-under-test disk, the agent/fault ports, the userland (an
+# EROFS image, or the 9p host root), and the filesystems the lab creates (ext4 root, FAT32 ESP, overlay).
+GUEST_MODULES = ("virtio_pci", "virtio_blk", "virtio_console", "erofs", "9pnet_virtio", "9p", "ext4", "vfat", "overlay",
                  "nls_cp437", "nls_iso8859_1", "nls_ascii", "crc32c_generic")
 APPLETS = ("sh", "mount", "umount", "cat", "cut", "echo", "insmod", "modprobe", "mkdir", "ln", "sleep", "usleep",
-           "poweroff", "reboot", "sync", "chroot", "setsid", "cttyhack", "ls", "dmesg", "env")
+           "poweroff", "reboot", "sync", "chroot", "setsid", "cttyhack", "ls", "dmesg", "env", "base64", "chmod")
 
 
 def cache_dir() -> Path:

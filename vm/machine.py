@@ -16,6 +16,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from contextlib import ExitStack, closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,10 +28,13 @@ from vm.console import Console
 from vm.errors import CommandFailed, VmError
 from vm.host import Kernel, qemu_binary
 from vm.initramfs import build_initramfs
-from vm.protocol import LineChannel, RunResult
+from vm.log import get_logger, nested
+from vm.protocol import RunResult
 from vm.qemu import DiskSpec, MachineConfig, agent_append, qemu_args
 from vm.qmp import QMP
-from vm.transport import AgentTransport, ConsoleTransport, SSHTransport, Transport
+from vm.transport import AgentTransport, Command, ConsoleTransport, GuestLink, Transport, shell_line
+
+log = get_logger("vm.machine")
 
 PROJECT_DIR = Path(_vm_package.__file__).resolve().parents[1]
 FAULT_MARKER = "STONELAB-FAULT"
@@ -44,14 +48,28 @@ def _die_with_parent() -> None:
 
 def agent_config(kernel: Kernel, accel: AccelChoice, disks: list[DiskSpec] | None = None, *,
                  memory_mb: int = 1024, cpus: int = 1, python: str | None = None,
-                 project: Path = PROJECT_DIR, mode: str = "agent", machine_type: str = "q35") -> MachineConfig:
-    """A guest booted directly from ``kernel`` with the lab's initramfs, the host root over 9p and the agent.
-    ``python`` (default: the interpreter running the lab, e.g. the project's venv) runs the agent in the guest
-    at the same path as on the host."""
+                 project: Path = PROJECT_DIR, mode: str = "agent", machine_type: str = "q35",
+                 userland: str = "image") -> MachineConfig:
+    """A guest booted directly from ``kernel`` with the lab's initramfs and the agent. ``python`` (default: the
+    interpreter running the lab, e.g. the project's venv) runs the agent at the same path as on the host.
+
+    ``userland="image"`` (default): the read-only EROFS image of ``vm.userland`` (interpreter, venv, project,
+    shell tools) as the last virtio disk, after ``disks`` (so they stay ``/dev/vda``, ``/dev/vdb``, …); such a
+    guest can be saved and restored. ``"9p"``: the whole host root over 9p (any host program, no snapshots)."""
+    from vm.userland import UserlandSpec, build_userland
+
+    if userland not in ("image", "9p"):
+        raise VmError(f"unknown guest userland {userland!r} (valid: image, 9p)")
     initrd = build_initramfs(kernel, "agent").path
+    disks = list(disks or [])
+    extra = ""
+    if userland == "image":
+        image = build_userland(UserlandSpec(python=Path(python or sys.executable), project=project))
+        extra = f"stonelab.userland=vd{chr(ord('a') + len(disks))}"
+        disks.append(DiskSpec(image.path, cache="unsafe", readonly=True))
     return MachineConfig(accel=accel, kernel=kernel, initrd=initrd, memory_mb=memory_mb, cpus=cpus,
-                         machine_type=machine_type, disks=list(disks or []),
-                         append=agent_append(python or sys.executable, str(project), mode))
+                         machine_type=machine_type, disks=disks, share_host_root=userland == "9p",
+                         append=agent_append(python or sys.executable, str(project), mode, extra))
 
 
 def foreign_config(image: Path, accel: AccelChoice, append: str = "", *, memory_mb: int = 1024,
@@ -150,21 +168,67 @@ class FaultWatch:
         return None
 
 
+class QemuProcess:
+    """One QEMU process under a pty: spawned on ``__enter__`` (dies with its parent: PR_SET_PDEATHSIG), its console
+    drained by a thread; ``__exit__`` SIGKILLs it if it still runs, reaps it, closes its pidfd and the console."""
+
+    def __init__(self, qemu: str, argv: list[str], console_log: Path):
+        self.qemu, self.argv, self.console_log = qemu, argv, console_log
+        self.exit_status: int | None = None
+        self._lock = threading.RLock()  # the fault watcher signals while the caller may be reaping
+
+    def __enter__(self) -> QemuProcess:
+        log.debug("qemu argv: %s", shell_line([self.qemu, *self.argv]))
+        self.child = pexpect.spawn(self.qemu, self.argv, echo=False, timeout=None, preexec_fn=_die_with_parent,
+                                   dimensions=(24, 200))
+        self.pidfd: int | None = os.pidfd_open(self.child.pid)
+        self.console = Console(self.child, self.console_log)
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self.child.isalive()
+
+    def power_cut(self) -> None:
+        """SIGKILL through the pidfd: never hits a recycled pid, safe from another thread."""
+        with self._lock:
+            if self.pidfd is not None:
+                try:
+                    signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    def __exit__(self, *exc) -> None:
+        self.power_cut()
+        with self._lock:
+            try:
+                self.child.wait()
+            except (pexpect.ExceptionPexpect, ChildProcessError):
+                pass  # already reaped
+            status = self.child.exitstatus
+            self.exit_status = status if status is not None else -(self.child.signalstatus or 0)
+            self.child.close(force=True)
+            os.close(self.pidfd)
+            self.pidfd = None
+        self.console.close()
+
+
 class Machine:
-    """One QEMU guest. ``transport`` is "agent" (default) or "console" (a shell on the serial console)."""
+    """One QEMU guest, reached through one ``Transport`` (default: the agent when the config has one, else the
+    console shell). Every boot owns its resources — QEMU, its sockets, QMP, the transport's connection — through
+    one ``ExitStack``; a power cut or a shutdown closes that stack, ``close()`` also removes the private directory.
+    ``restore_from``: a saved VM state (``vm.snapshot``) to resume instead of booting."""
 
     def __init__(self, config: MachineConfig, *, name: str = "guest", boot_timeout: float = 180.0,
-                 console_log: Path | None = None, crash_on_fault: bool = False, transport: str = "agent",
-                 qemu: str | None = None, ssh: SSHTransport | None = None):
+                 console_log: Path | None = None, crash_on_fault: bool = False,
+                 transport: Transport | None = None, qemu: str | None = None, restore_from: Path | None = None):
         self.config = config
         self.name = name
         self.boot_timeout = boot_timeout
         self.crash_on_fault = crash_on_fault
-        if transport not in ("agent", "console", "ssh") or (transport == "ssh") != (ssh is not None):
-            raise VmError(f"{name}: transport must be agent, console, or ssh (with an SSHTransport), not {transport!r}")
-        self.transport_kind = transport
-        self.ssh = ssh
+        self.transport: Transport = transport or (AgentTransport() if config.agent else ConsoleTransport())
         self.qemu = qemu or qemu_binary()
+        self.restore_from = restore_from
         sweep_dead_workdirs()
         self.workdir = Path(tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-{name}-"))
         self.console_log = console_log or self.workdir / "console.log"
@@ -172,64 +236,86 @@ class Machine:
         if config.uefi:
             self.uefi_vars = self.workdir / "OVMF_VARS.fd"
             shutil.copyfile(config.uefi.vars_template, self.uefi_vars)
-        self._child: pexpect.spawn | None = None
-        self.console: Console | None = None
-        self.agent: AgentTransport | None = None
+        self._boot: ExitStack | None = None
+        self._process: QemuProcess | None = None
         self.faults: FaultWatch | None = None
-        self._sockets: list[socket.socket] = []
         self._qmp: QMP | None = None
-        self._reap_lock = threading.RLock()
-        self._pidfd: int | None = None
+        self._lock = threading.RLock()
         self.boots: list[dict] = []
-        self.exit_status: int | None = None
         self.on_fault: Callable[[str], None] | None = None  # called on a fault marker, before a power cut
+
+    @property
+    def exit_status(self) -> int | None:
+        """QEMU's exit status of the last boot (negative: killed by that signal); None while it runs."""
+        return self._process.exit_status if self._process is not None else None
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     @property
     def pid(self) -> int | None:
-        return self._child.pid if self._child is not None else None
+        return self._process.child.pid if self._process is not None else None
 
     @property
     def running(self) -> bool:
-        return self._child is not None and self._child.isalive()
+        return self._process is not None and self._process.alive
+
+    @property
+    def console(self) -> Console | None:
+        return self._process.console if self._process is not None else None
+
+    @property
+    def agent(self) -> AgentTransport:
+        """The agent transport (files, tree hashes); VmError when this machine is reached another way."""
+        if not isinstance(self.transport, AgentTransport):
+            raise VmError(f"{self.name}: this operation needs the guest agent, the machine uses "
+                          f"{type(self.transport).__name__}")
+        return self.transport
 
     def start(self) -> Machine:
-        with self._reap_lock:  # a crash being reaped by the fault watcher must finish before a new boot
-            return self._start()
+        with self._lock:  # a crash being reaped by the fault watcher must finish before a new boot
+            if self.running:
+                return self
+            self._end_boot()  # the previous run died (a power cut): collect it before powering on again
+            with ExitStack() as boot:
+                self._boot_into(boot)
+                self._boot = boot.pop_all()
+        return self
 
-    def _start(self) -> Machine:
-        if self.running:
-            return self
-        if self._child is not None:
-            self._reap()  # the previous run died (a power cut): collect it before powering on again
+    def _boot_into(self, boot: ExitStack) -> None:
         for stale in ("agent.sock", "fault.sock", "qmp.sock"):
             (self.workdir / stale).unlink(missing_ok=True)
         argv = qemu_args(self.config, self.workdir, self.uefi_vars)
+        restoring = self.restore_from is not None
+        if restoring:
+            argv += ["-incoming", f"exec:cat {shell_line([str(self.restore_from)])}"]
         started = time.monotonic()
-        self.exit_status = None
-        self._child = pexpect.spawn(self.qemu, argv, echo=False, timeout=None, preexec_fn=_die_with_parent,
-                                    dimensions=(24, 200))
-        self._pidfd = os.pidfd_open(self._child.pid)
-        self.console = Console(self._child, self.console_log)
-        try:
+        action = f"restoring {self.name} from {self.restore_from.name}" if restoring else f"booting {self.name}"
+        with nested(log, action):
+            self._process = boot.enter_context(QemuProcess(self.qemu, argv, self.console_log))
             self._wait_for_path(self.workdir / "qmp.sock")  # QEMU has set up its devices
+            boot.callback(self._close_qmp)
             if self.config.agent:
-                agent_sock = self._connect("agent.sock")
-                self.faults = FaultWatch(self._connect("fault.sock"), self._on_fault)
-                self.agent = AgentTransport(LineChannel(agent_sock.fileno(), agent_sock.fileno()),
-                                            self.console.tail)
-                if self.transport_kind == "agent":
-                    ready = self.agent.wait_ready(self.boot_timeout, lambda: self.running)
-                    self.boots.append({"ready_seconds": time.monotonic() - started,
-                                       "guest_uptime": ready.get("uptime")})
-            if self.ssh is not None:
-                self.ssh.close()
-                self.ssh.connect(self.boot_timeout)
-                self.boots.append({"ready_seconds": time.monotonic() - started})
-        except BaseException:
-            self._kill()
-            raise
-        return self
+                self.faults = FaultWatch(boot.enter_context(closing(self._connect("fault.sock"))), self._on_fault)
+            if restoring:
+                self._wait_until_running()
+            link = GuestLink(self._connect, self._process.console, lambda: self.running, restored=restoring)
+            boot.callback(self.transport.detach)
+            ready = self.transport.attach(link, self.boot_timeout)
+            self.boots.append({"ready_seconds": time.monotonic() - started, "restored": restoring,
+                               "guest_uptime": ready.get("uptime")})
+
+    def _close_qmp(self) -> None:
+        if self._qmp is not None:
+            self._qmp.close()
+            self._qmp = None
+
+    def _wait_until_running(self) -> None:
+        """A restored guest runs once QEMU has loaded the whole saved state (input sent earlier would be lost)."""
+        deadline = time.monotonic() + self.boot_timeout
+        while (status := self.qmp().status()) != "running":
+            if status not in ("inmigrate", "prelaunch", "paused") or time.monotonic() > deadline:
+                raise VmError(f"{self.name}: restoring {self.restore_from} failed (QEMU status {status!r}); "
+                              "console: " + " | ".join(self.console.tail(10)))
+            time.sleep(0.02)
 
     def _wait_for_path(self, path: Path, timeout: float = 15.0) -> None:
         deadline = time.monotonic() + timeout
@@ -241,7 +327,7 @@ class Machine:
         """Raise when QEMU died at start-up or did not open ``path`` in time."""
         if not self.running:
             time.sleep(0.2)  # let the console thread collect QEMU's last words
-            raise VmError(f"{self.qemu} exited at start-up ({self._child.exitstatus}): "
+            raise VmError(f"{self.qemu} exited at start-up ({self._process.child.exitstatus}): "
                           + " | ".join(self.console.tail(10)))
         if time.monotonic() > deadline:
             raise VmError(f"{path}: QEMU did not open its socket within {timeout:g}s")
@@ -253,7 +339,6 @@ class Machine:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 sock.connect(str(path))
-                self._sockets.append(sock)
                 return sock
             except OSError:
                 sock.close()
@@ -263,48 +348,40 @@ class Machine:
     def _on_fault(self, point: str) -> None:
         if self.on_fault is not None:
             self.on_fault(point)
-        if self.crash_on_fault:
-            self._power_cut()  # only the signal here; the caller's thread reaps (waitpid is not thread-safe)
+        if self.crash_on_fault and self._process is not None:
+            self._process.power_cut()  # only the signal here; the caller's thread reaps (waitpid is not thread-safe)
 
-    def _power_cut(self) -> None:
-        """SIGKILL through a pidfd: never hits a recycled pid, safe from the fault watcher's thread."""
-        pidfd = self._pidfd
-        if pidfd is not None:
-            try:
-                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    def _end_boot(self) -> None:
+        """Close this boot's stack: transport, QMP, sockets, then QEMU (SIGKILL if still running, reaped)."""
+        with self._lock:
+            boot, self._boot = self._boot, None
+            if boot is not None:
+                boot.close()
 
     def crash(self) -> None:
         """Power cut: SIGKILL of QEMU. Unlike ``quit`` or ``stop`` nothing is flushed; the guest's page cache and
         in-flight requests are lost, exactly what reached the disk image stays."""
-        with self._reap_lock:
-            self._power_cut()
-            self._reap()
+        with self._lock:
+            if self._process is not None:
+                self._process.power_cut()
+            self._end_boot()
 
     def shutdown(self, timeout: float = 60.0) -> int | None:
-        """Clean power-off: the agent syncs, init powers off, QEMU exits. Returns QEMU's exit status."""
+        """Clean power-off: the guest syncs and powers off, QEMU exits. Returns QEMU's exit status."""
         if not self.running:
-            self._reap()
+            self._end_boot()
             return self.exit_status
         try:
-            if self.agent is not None and self.transport_kind == "agent":
-                self.agent.request("shutdown", 30)
-            elif self.transport_kind == "ssh":
-                try:
-                    self.ssh.run("sync; poweroff", 30)
-                except Exception:  # noqa: BLE001 - the connection drops while the guest powers off
-                    pass
-            elif self.transport_kind == "console" and self.console:
-                self.console.send("exit\n")  # the guest init powers off when the console shell ends
-            deadline = time.monotonic() + timeout
-            while self.running and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if self.running:
-                raise VmError(f"{self.name}: the guest did not power off within {timeout:g}s; last console lines: "
-                              + " | ".join(self.console.tail()))
+            with nested(log, f"powering off {self.name}"):
+                self.transport.request_poweroff()
+                deadline = time.monotonic() + timeout
+                while self.running and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                if self.running:
+                    raise VmError(f"{self.name}: the guest did not power off within {timeout:g}s; last console "
+                                  "lines: " + " | ".join(self.console.tail()))
         finally:
-            self._kill()
+            self._end_boot()
         return self.exit_status
 
     def reboot(self) -> Machine:
@@ -319,48 +396,11 @@ class Machine:
         if self.running:
             raise VmError(f"{self.name}: QEMU still running after {timeout:g}s; last console lines: "
                           + " | ".join(self.console.tail()))
-        self._reap()
+        self._end_boot()
         return self.exit_status
 
-    def _kill(self) -> None:
-        with self._reap_lock:
-            if self.running:
-                try:
-                    os.kill(self._child.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            self._reap()
-
-    def _reap(self) -> None:
-        if self.ssh is not None:
-            self.ssh.close()
-        with self._reap_lock:  # the fault watcher's crash() and the caller may reap at the same time
-            self._reap_locked()
-
-    def _reap_locked(self) -> None:
-        if self._qmp is not None:
-            self._qmp.close()
-            self._qmp = None
-        for sock in self._sockets:
-            sock.close()
-        self._sockets.clear()
-        if self._pidfd is not None:
-            os.close(self._pidfd)
-            self._pidfd = None
-        if self._child is not None:
-            try:
-                self._child.wait()
-            except (pexpect.ExceptionPexpect, ChildProcessError):
-                pass  # already reaped by the other thread (a crash from the fault watcher)
-            status = self._child.exitstatus
-            self.exit_status = status if status is not None else -(self._child.signalstatus or 0)
-            self._child.close(force=True)
-        if self.console is not None:
-            self.console.close()
-        self._child = None
-
     def close(self) -> None:
-        self._kill()
+        self._end_boot()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> Machine:
@@ -374,43 +414,37 @@ class Machine:
         self.close()
 
     # -- commands ----------------------------------------------------------------------------------------------
-    @property
-    def transport(self) -> Transport:
-        if self.transport_kind == "console":
-            return ConsoleTransport(self.console.send, self.console.wait_for)
-        if self.transport_kind == "ssh":
-            return self.ssh
-        if self.agent is None:
-            raise VmError(f"{self.name}: the machine is not running")
-        return self.agent
-
-    def execute(self, command: str, timeout: float | None = 600) -> RunResult:
+    def execute(self, command: Command, timeout: float | None = 600) -> RunResult:
+        """Run ``command`` (a word list, run exactly; or a shell command line) in the guest."""
         if not self.running:
-            raise VmError(f"{self.name}: the machine is not running (command {command!r})")
-        return self.transport.run(command, timeout)
+            raise VmError(f"{self.name}: the machine is not running (command {shell_line(command)!r})")
+        log.debug("%s$ %s", self.name, shell_line(command))
+        result = self.transport.run(command, timeout)
+        log.debug("%s: exit %d after %.2f s", self.name, result.exit_code, result.seconds)
+        return result
 
-    def succeed(self, command: str, timeout: float | None = 600) -> str:
+    def succeed(self, command: Command, timeout: float | None = 600) -> str:
         """stdout of ``command``; CommandFailed with its exit code and stderr when it fails."""
         result = self.execute(command, timeout)
         if result.exit_code != 0:
-            raise CommandFailed(command, result.exit_code, result.stdout, result.stderr)
+            raise CommandFailed(shell_line(command), result.exit_code, result.stdout, result.stderr)
         return result.stdout
 
-    def fail(self, command: str, timeout: float | None = 600) -> str:
+    def fail(self, command: Command, timeout: float | None = 600) -> str:
         """stderr of ``command``, which must fail; CommandFailed when it succeeds."""
         result = self.execute(command, timeout)
         if result.exit_code == 0:
-            raise CommandFailed(command, 0, result.stdout, "expected a failure, the command succeeded")
+            raise CommandFailed(shell_line(command), 0, result.stdout, "expected a failure, the command succeeded")
         return result.stderr
 
-    def wait_until_succeeds(self, command: str, timeout: float = 60.0, interval: float = 0.5) -> str:
+    def wait_until_succeeds(self, command: Command, timeout: float = 60.0, interval: float = 0.5) -> str:
         deadline = time.monotonic() + timeout
         while True:
             result = self.execute(command, max(1.0, deadline - time.monotonic()))
             if result.exit_code == 0:
                 return result.stdout
             if time.monotonic() >= deadline:
-                raise CommandFailed(command, result.exit_code, result.stdout,
+                raise CommandFailed(shell_line(command), result.exit_code, result.stdout,
                                     f"still failing after {timeout:g}s: {result.stderr}")
             time.sleep(interval)
 
@@ -426,10 +460,10 @@ class Machine:
         return point
 
     def read_file(self, path: str) -> bytes:
-        return self.agent.read_file(path)
+        return self.transport.read_file(path)
 
     def write_file(self, path: str, data: bytes, mode: int | None = None, fsync: bool = False) -> None:
-        self.agent.write_file(path, data, mode, fsync)
+        self.transport.write_file(path, data, mode, fsync)
 
     def hash_tree(self, path: str) -> dict[str, str]:
         return self.agent.hash_tree(path)

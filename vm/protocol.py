@@ -1,6 +1,7 @@
 """The guest agent's wire protocol: one JSON object per line, both directions.
 
-Host → guest: ``{"id": N, "op": "run"|"read_file"|"write_file"|"hash_tree"|"ping"|"shutdown", ...}``.
+Host → guest: ``{"id": N, "op": "run"|"read_file"|"write_file"|"hash_tree"|"rescan_disks"|"ping"|"shutdown", ...}``;
+``run`` takes ``command`` as a list of words (executed exactly, no shell) or a string (a ``/bin/sh -c`` line).
 Guest → host: ``{"id": N, "ok": true, "result": {...}}`` or ``{"id": N, "ok": false, "error": "..."}``, and once
 at start ``{"event": "ready", ...}``.  File contents travel base64-encoded.
 """
@@ -14,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-OPS = ("ping", "run", "read_file", "write_file", "hash_tree", "shutdown")
+OPS = ("ping", "run", "read_file", "write_file", "hash_tree", "rescan_disks", "shutdown")
 MAX_LINE = 256 << 20
 
 

@@ -158,6 +158,8 @@ def debug_exit_outcome(status: int | None) -> str:
 
 def agent_append(python: str, project: str, mode: str = "agent", extra: str = "") -> str:
     """The kernel command line of an agent guest booted with the lab's initramfs."""
-    parts = ["console=ttyS0", "quiet", "panic=-1", f"stonelab.mode={mode}", f"stonelab.python={python}",
+    # no_timer_check: under TCG on a loaded host the kernel's IO-APIC timer check can starve and panic ("IO-APIC +
+    # timer doesn't work!"); virtual machines do not need it (virtme-ng passes it too).
+    parts = ["console=ttyS0", "quiet", "panic=-1", "no_timer_check", f"stonelab.mode={mode}", f"stonelab.python={python}",
              f"stonelab.project={project}", extra]
     return " ".join(part for part in parts if part)

@@ -29,6 +29,7 @@ from vm.host import Kernel, default_kernel, kernel_from_path, require_program
 from vm.initramfs import module_files, write_busybox_initramfs
 from vm.machine import Machine, foreign_config, uefi_config
 from vm.qemu import DiskSpec
+from vm.transport import ConsoleTransport
 
 BOOT_PROTOCOLS = ("linux", "multiboot", "uefi")
 PROBE_MODULES = ("virtio_pci", "virtio_blk", "ext4", "vfat", "nls_cp437", "nls_iso8859_1", "nls_utf8", "nls_ascii",
@@ -160,7 +161,7 @@ def probe_kernel(image: Path, *, initrd: Path | None = None, boot: str = "linux"
             config.debug_exit = True
         else:
             config = foreign_config(image, choice, APPEND, disks=specs, initrd=cpio)
-        with Machine(config, name="kprobe", transport="console", console_log=work / "console.log") as guest:
+        with Machine(config, name="kprobe", transport=ConsoleTransport(), console_log=work / "console.log") as guest:
             try:
                 guest.wait_for_console(END_MARKER + r"\s", timeout)
             except Exception as err:  # noqa: BLE001 — any way the guest fails is one line for the user

@@ -1,0 +1,111 @@
+"""The EROFS userland image and saved guests, without booting: what the image holds (symlink chains as on the
+host, the venv without the editable hook, unchecked-hash bytecode), that its key follows its inputs, and which
+guests can be saved."""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vm.accel import AccelChoice
+from vm.errors import VmError
+from vm.host import Kernel
+from vm.qemu import DiskSpec, MachineConfig
+from vm.snapshot import state_key
+from vm.userland import UserlandSpec, _Stage, _stage, build_userland, input_key
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def small_project(tmp_path: Path) -> Path:
+    project = tmp_path / "proj"
+    (project / "pkg").mkdir(parents=True)
+    (project / "pkg" / "__init__.py").write_text("VALUE = 1\n")
+    (project / ".git").mkdir()
+    (project / ".git" / "HEAD").write_text("ref\n")
+    return project
+
+
+def test_stage_keeps_symlink_chains(tmp_path):
+    host = tmp_path / "host"
+    (host / "real").mkdir(parents=True)
+    (host / "real" / "python3.11").write_text("binary")
+    os.symlink("python3.11", host / "real" / "python3")
+    os.symlink(str(host / "real" / "python3"), host / "python")
+    stage = _Stage(tmp_path / "stage")
+    stage.add(host / "python")
+    staged = tmp_path / "stage" / host.relative_to("/")
+    assert os.readlink(staged / "python") == str(host / "real" / "python3")   # every link of the chain
+    assert os.readlink(staged / "real" / "python3") == "python3.11"
+    assert (staged / "real" / "python3.11").read_text() == "binary"
+
+
+def test_image_contents(tmp_path):
+    project = small_project(tmp_path)
+    root = tmp_path / "root"
+    _stage(UserlandSpec(project=project, programs=("sh", "env")), root)
+    inside = root / project.relative_to("/")
+    assert (inside / "pkg" / "__init__.py").is_file() and not (inside / ".git").exists()
+    pyc = next((inside / "pkg" / "__pycache__").glob("__init__.*.pyc"))
+    assert int.from_bytes(pyc.read_bytes()[4:8], "little") == 0b01   # unchecked-hash: never stats the source
+    venv = root / Path(sys.prefix).relative_to("/")
+    assert (venv / "pyvenv.cfg").is_file()
+    site = next(venv.glob("lib/python3*/site-packages"))
+    assert not list(site.glob("__editable__*")) and not (site / "pip").exists()
+    assert (root / Path(shutil.which("sh")).relative_to("/")).exists()
+    assert (root / Path(sys.executable).relative_to("/")).exists()
+    gconv = Path("/usr/lib/x86_64-linux-gnu/gconv/IBM850.so")
+    if gconv.exists():   # mtools converts FAT names through it (a boot sync in the guest needs it)
+        assert (root / gconv.relative_to("/")).exists()
+    for point in ("proc", "sys", "dev", "tmp", "mnt"):
+        assert (root / point).is_dir()
+
+
+def test_key_follows_inputs(tmp_path):
+    project = small_project(tmp_path)
+    spec = UserlandSpec(project=project, programs=("sh",))
+    first = input_key(spec)
+    assert input_key(spec) == first
+    (project / "pkg" / "__init__.py").write_text("VALUE = 2\n")
+    assert input_key(spec) != first
+    (project / ".git" / "HEAD").write_text("other\n")   # not an input
+    second = input_key(spec)
+    assert input_key(spec) == second
+
+
+@pytest.mark.skipif(not shutil.which("mkfs.erofs", path="/usr/sbin:/usr/bin:/sbin:/bin"),
+                    reason="mkfs.erofs absent (Debian package erofs-utils)")
+def test_build_is_cached_and_rebuilt_on_change(tmp_path):
+    project = small_project(tmp_path)
+    spec = UserlandSpec(project=project, programs=("sh",))
+    built = build_userland(spec, cache=tmp_path / "cache")
+    assert not built.cached and built.path.read_bytes()[1024:1028] == b"\xe2\xe1\xf5\xe0"  # EROFS magic
+    assert build_userland(spec, cache=tmp_path / "cache").cached
+    (project / "pkg" / "__init__.py").write_text("VALUE = 3\n")
+    again = build_userland(spec, cache=tmp_path / "cache")
+    assert not again.cached and again.path != built.path
+    assert not list((tmp_path / "cache" / "userland").glob(".stage-*"))   # nothing half-built left
+
+
+def test_state_key_and_what_cannot_be_saved(tmp_path):
+    kernel_image = tmp_path / "vmlinuz"
+    kernel_image.write_bytes(b"k")
+    image, disk = tmp_path / "userland.erofs", tmp_path / "sut.img"
+    image.write_bytes(b"u")
+    disk.write_bytes(b"\0" * 4096)
+    config = MachineConfig(accel=AccelChoice("tcg", "test"), kernel=Kernel(kernel_image, "", tmp_path),
+                           initrd=kernel_image, append="stonelab.python=/x", share_host_root=False,
+                           disks=[DiskSpec(disk), DiskSpec(image, readonly=True)])
+    key = state_key(config, sys.executable)
+    other_disk = tmp_path / "other.img"
+    other_disk.write_bytes(b"\1" * 4096)   # another scenario's disk of the same size: the same saved guest
+    assert state_key(dataclasses.replace(config, disks=[DiskSpec(other_disk), config.disks[1]]), sys.executable) == key
+    assert state_key(dataclasses.replace(config, memory_mb=2048), sys.executable) != key
+    with pytest.raises(VmError, match="9p"):
+        state_key(dataclasses.replace(config, share_host_root=True), sys.executable)
