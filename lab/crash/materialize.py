@@ -96,12 +96,12 @@ def _snapshot(stack: ExitStack, name: str, origin: str, cow: str, sectors: int) 
 def _remove(name: str) -> None:
     """Remove a dm device; one the kernel still holds for a moment is removed as soon as it is released
     (``--deferred``) — it lives in the guest only, which the lab powers off in any case."""
-    for _ in range(20):
+    for _ in range(4):
         try:
-            _run("dmsetup", "remove", name)
+            _run("dmsetup", "remove", "--retry", name)
             return
         except RuntimeError:
-            time.sleep(0.25)
+            time.sleep(1.0)
     _run("dmsetup", "remove", "--deferred", name)
 
 
