@@ -59,6 +59,14 @@ def test_reader_keeps_the_uncounted_tail(tmp_path):
     assert rec.counted == 5 and len(rec.entries) == 8
 
 
+def test_reader_takes_a_log_whose_super_block_was_never_written(tmp_path):
+    """A guest that never flushes (barrier=0) leaves QEMU's super block unwritten: zeros, entries after it."""
+    path = sample(tmp_path)
+    path.write_bytes(bytes(SECTOR) + path.read_bytes()[SECTOR:])
+    rec = read_log(path)
+    assert rec.counted == 0 and len(rec.entries) == 8 and rec.sector_size == SECTOR
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda b: b"\x00" * 8 + b[8:], "offset 0: bad magic"),
     (lambda b: b[:SECTOR * 4], "offset 2048: entry 1 of 8 is missing"),

@@ -101,8 +101,12 @@ class Recording:
         return done
 
 
-def read_log(path: Path) -> Recording:
-    """Parse the write log at ``path``. Raises RecordingError (file, offset, problem) on anything malformed."""
+def read_log(path: Path, sector_size_hint: int = 512) -> Recording:
+    """Parse the write log at ``path``. Raises RecordingError (file, offset, problem) on anything malformed.
+
+    A super block of zeros is a log QEMU has not yet summarised (it writes the super block only on a flush or
+    every 4096 entries — a guest that never flushes leaves it empty): its entries are read as the uncounted
+    tail, in units of ``sector_size_hint`` (QEMU's ``log-sector-size``, default 512)."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -113,6 +117,8 @@ def read_log(path: Path) -> Recording:
     if len(head) < SUPER.size:
         raise RecordingError(f"{path}: offset 0: {size} bytes, too short for a log super block")
     magic, version, counted, sector_size = SUPER.unpack(head)
+    if head == bytes(SUPER.size) and size > sector_size_hint:
+        magic, version, counted, sector_size = MAGIC, VERSION, 0, sector_size_hint
     if magic != MAGIC:
         raise RecordingError(f"{path}: offset 0: bad magic {magic:#x} (not a dm-log-writes log)")
     if version != VERSION:

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 MOUNTPOINT = "/mnt/stonelab-crash"
-BASE, TOP = "stonelab-crash-base", "stonelab-crash-state"
+BASE, TOP = "stonelab-crash-base", "stonelab-crash-state"  # + the job's pid (and the state's number)
 COW_BYTES = 1 << 30  # sparse: only the chunks a snapshot really changes take memory
 RECOVERY_TIMEOUT = 120.0
 
@@ -96,12 +96,12 @@ def _snapshot(stack: ExitStack, name: str, origin: str, cow: str, sectors: int) 
 def _remove(name: str) -> None:
     """Remove a dm device; one the kernel still holds for a moment is removed as soon as it is released
     (``--deferred``) — it lives in the guest only, which the lab powers off in any case."""
-    for _ in range(20):
+    for _ in range(4):
         try:
-            _run("dmsetup", "remove", name)
+            _run("dmsetup", "remove", "--retry", name)
             return
         except RuntimeError:
-            time.sleep(0.25)
+            time.sleep(1.0)
     _run("dmsetup", "remove", "--deferred", name)
 
 
@@ -188,14 +188,15 @@ class Phases:
         self.last = now
 
 
-def check_state(job: Job, data, base: str, cow: str, chunk_ids: list[int], sectors: int, parser) -> dict:
+def check_state(job: Job, data, base: str, cow: str, chunk_ids: list[int], sectors: int, parser,
+                name: str = TOP) -> dict:
     """Build one state over ``base``, mount it, recover, observe; the result as a JSON-ready dict."""
     from lab.probe import observe
     result: dict = {"chunks": len(chunk_ids)}
     clock = Phases()
     result["phases"] = clock.seconds
     with ExitStack() as stack:
-        device = _snapshot(stack, TOP, base, cow, sectors)
+        device = _snapshot(stack, name, base, cow, sectors)
         clock.done("snapshot")
         _apply(device, job, data, chunk_ids)
         clock.done("apply")
@@ -230,13 +231,16 @@ def run_job(directory: Path, out=sys.stdout) -> int:
     _run("modprobe", "loop")
     with tempfile.TemporaryDirectory(prefix="stonelab-cow-") as scratch, ExitStack() as stack:
         sectors = _sectors(job.device)
-        base = _snapshot(stack, BASE, job.device, _cow_device(stack, Path(scratch), "base.cow"), sectors)
+        # names of their own: a device the kernel still holds (removed --deferred) never blocks the next one
+        base = _snapshot(stack, f"{BASE}-{os.getpid()}", job.device, _cow_device(stack, Path(scratch), "base.cow"),
+                         sectors)
         _apply(base, job, data, job.common)
         cow = _cow_device(stack, Path(scratch), "state.cow")
         for number, chunk_ids in enumerate(job.states):
             started = time.monotonic()
             try:
-                result = check_state(job, data, base, cow, chunk_ids, sectors, parser)
+                result = check_state(job, data, base, cow, chunk_ids, sectors, parser,
+                                     f"{TOP}-{os.getpid()}-{number}")
             except RuntimeError as err:
                 first = err.__context__ if isinstance(err.__context__, RuntimeError) else err
                 result = {"error": str(first)[-600:]}
