@@ -287,17 +287,33 @@ def _dotted(loc: Loc) -> str:
     return text or "top level"
 
 
+def _document_path(data: object, pydantic_loc: tuple) -> tuple:
+    """The parts of a pydantic error location that name keys and indexes of the document; the others are
+    pydantic's own labels (a union branch such as ``list[str]``, ``[key]``). A key may contain any character,
+    so the document decides, not the spelling."""
+    path, node = [], data
+    for part in pydantic_loc:
+        if isinstance(node, dict) and part in node:
+            path.append(part)
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            path.append(part)
+            node = node[part]
+    return tuple(path)
+
+
 def _first_error(doc: MarkedYaml, err: ValidationError) -> str:
     errors = err.errors()
     # a union (list or mapping) reports one error per branch: the deepest names the real problem
     first = max((e for e in errors if e["loc"][:1] == errors[0]["loc"][:1]), key=lambda e: len(e["loc"]))
     on_key = "[key]" in first["loc"]
-    loc = tuple(p for p in first["loc"] if not (isinstance(p, str) and ("[" in p or p in {"list", "dict"})))
+    loc = _document_path(doc.data, first["loc"])
     kind = first["type"]
     if kind == "extra_forbidden":
-        message = f"unknown field {loc[-1]!r}"
+        message = f"unknown field {(loc or first['loc'])[-1]!r}"
         loc_for_mark, key = loc, True
     elif kind == "missing":
+        loc = (*loc, first["loc"][-1])  # the field the document lacks
         message = "required field missing"
         loc_for_mark, key = loc, False
     else:

@@ -55,6 +55,8 @@ def test_good_scenario_parses(tmp_path):
     ("name: x\nsteps: [recover]\nexpect_violations: {vm: atomic_usr}\n", "3:25",
      "expect_violations.vm: Input should be a valid list"),
     ("name: x\ncolour: red\nsteps: [recover]\n", "2:1", "colour: unknown field 'colour'"),
+    # a key spelled like pydantic's own labels (found by `make fuzz`: it used to be an IndexError)
+    ("name: x\nt[rget: host\nsteps: [recover]\n", "2:1", "t[rget: unknown field 't[rget'"),
     ("name: x\nsteps: [recover]\nexpect_violations: [vibes]\n", "3:21", "unknown invariant 'vibes'"),
     ("name: x\npackages: {p: {name: p, version: 1, files: {/etc/passwd: x}}}\nsteps: [recover]\n", "2:44",
      "must be relative to /usr"),
