@@ -34,7 +34,7 @@ from lab.vm_target import VmTarget
 from reference_impl.swap import SwapStrategy
 from tests.conftest import REPO
 
-pytestmark = pytest.mark.vm
+pytestmark = [pytest.mark.vm, pytest.mark.crash_vm]
 SCENARIOS = REPO / "scenarios"
 TEST_STATES = 9  # the default suite (make run) explores more: see max_states in the scenarios
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from reference_impl.boot.sync import HOST_SYSTEMD_BOOT
+
 from vm.accel import AccelChoice
 from vm.errors import VmError
 from vm.host import Kernel
@@ -63,6 +65,8 @@ def test_image_contents(tmp_path):
     gconv = Path("/usr/lib/x86_64-linux-gnu/gconv/IBM850.so")
     if gconv.exists():   # mtools converts FAT names through it (a boot sync in the guest needs it)
         assert (root / gconv.relative_to("/")).exists()
+    if HOST_SYSTEMD_BOOT.exists():   # a rescue guest's `boot sync --rebuild` installs it on a wiped ESP
+        assert (root / HOST_SYSTEMD_BOOT.relative_to("/")).is_file()
     for point in ("proc", "sys", "dev", "tmp", "mnt"):
         assert (root / point).is_dir()
 

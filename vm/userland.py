@@ -37,6 +37,7 @@ from pathlib import Path
 from vm.errors import VmError
 from vm.host import require_program
 from vm.initramfs import cache_dir
+from reference_impl.boot.sync import HOST_SYSTEMD_BOOT
 from vm.log import get_logger, nested
 
 FORMAT_VERSION = "1"
@@ -49,6 +50,9 @@ GUEST_PROGRAMS = ("sh", "bash", "env", "mount", "umount", "mkdir", "cat", "ls", 
                   "mrd", "date", "mkfs.vfat", "mkfs.fat", "fsck.vfat", "strace")
 ETC_FILES = ("/etc/ld.so.cache", "/etc/passwd", "/etc/group", "/etc/nsswitch.conf", "/etc/localtime",
              "/etc/mtools.conf")
+# the bootloader `boot sync` installs when a state ships none (reference_impl.boot.sync.HOST_SYSTEMD_BOOT): a
+# rescue guest rebuilding a wiped ESP must find it as the host does
+DATA_FILES = (str(HOST_SYSTEMD_BOOT),)
 # glibc's character set converters (mtools converts FAT names through IBM850/437) and the C.UTF-8 locale the
 # guest's commands run in
 SUPPORT_TREES = ("/usr/lib/x86_64-linux-gnu/gconv", "/usr/lib/locale/C.utf8")
@@ -114,7 +118,8 @@ def _roots(spec: UserlandSpec) -> list[tuple[Path, set[str]]]:
 
 
 def _inputs(spec: UserlandSpec) -> list[Path]:
-    files = [Path(spec.python), *_programs(spec), *(Path(p) for p in ETC_FILES if os.path.exists(p))]
+    files = [Path(spec.python), *_programs(spec),
+             *(Path(p) for p in (*ETC_FILES, *DATA_FILES) if os.path.exists(p))]
     for top, skip in _roots(spec):
         files.extend(_walk(top, skip))
     return files
