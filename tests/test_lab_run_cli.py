@@ -107,10 +107,19 @@ def test_pytest_collects_scenarios_and_runs_them_under_xdist(suite, tmp_path):
     assert "tiny-wrong.yaml::tiny-wrong-expectation" in listed.stdout
 
 
-def test_ctrl_c_still_writes_the_report(suite, tmp_path):
+# a case that is still running when Ctrl-C arrives, however fast the machine
+SLOW = GOOD.replace("tiny-install", "tiny-slow").replace("[default, tiny]", "[tiny]").replace(
+    "  - expect_usr: [[a-1]]\n", "  - run: {command: sleep 8, status: 0}\n")
+
+
+def test_ctrl_c_still_writes_the_report(tmp_path):
     import signal
     import time
 
+    suite = tmp_path / "scenarios"
+    suite.mkdir()
+    (suite / "tiny-install.yaml").write_text(GOOD)
+    (suite / "tiny-slow.yaml").write_text(SLOW)
     proc = subprocess.Popen([*STONELAB, "run", str(suite), "--tag", "tiny", "--jobs", "1", "--report-dir", "out"],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
