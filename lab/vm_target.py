@@ -85,7 +85,8 @@ class VmTarget:
 
     def __init__(self, workdir: Path, *, kernel: Kernel | None = None, accel: str = "auto",
                  selector: AccelSelector | None = None, root_mib: int = 256, personality: str | None = None,
-                 record: bool = True, root_fs: str = "ext4", snapshots: bool = True, keep: Path | None = None):
+                 record: bool = True, root_fs: str = "ext4", snapshots: bool = True, keep: Path | None = None,
+                 host_userland: bool = False):
         self.workdir = workdir
         self.keep = keep
         # a kernel personality (lab.kernel.emulate): the package manager runs under its seccomp filter, on the
@@ -111,8 +112,9 @@ class VmTarget:
         self.marks: list[Mark] = []
         # Recording boots (the crash engine's write logs over qcow2 overlay chains) keep the host root over 9p
         # and boot afresh; a non-recording target runs on the EROFS userland image and restores a guest saved
-        # after boot (vm.snapshot) at every power-on.
-        fast = not record
+        # after boot (vm.snapshot) at every power-on. ``host_userland``: the system under test is a program of the
+        # host (Nix, OSTree), which the userland image does not carry, so the guest sees the host root over 9p.
+        fast = not record and not host_userland
         config = agent_config(self.kernel, self.accel, [DiskSpec(self.disk.path)],
                               userland="image" if fast else "9p")
         self.machine = Machine(config, name="sut", crash_on_fault=True, console_log=workdir / "console.log",

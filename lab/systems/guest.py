@@ -57,7 +57,8 @@ class SystemGuest(VmTarget):
     def __init__(self, workdir: Path, filesystem: RootFilesystem = RootFilesystem.EXT4, **kwargs):
         self.filesystem = RootFilesystem(filesystem)
         # no write recording: this cut keeps every write the guest submitted (one state, after success)
-        super().__init__(workdir, root_fs=str(self.filesystem), record=False, **kwargs)
+        # Nix and OSTree are the host's binaries: the guest runs them from the host root over 9p
+        super().__init__(workdir, root_fs=str(self.filesystem), record=False, host_userland=True, **kwargs)
 
     def describe(self) -> str:
         return f"{super().describe()}, SUT root {self.filesystem} (writeback off)"
