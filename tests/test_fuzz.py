@@ -6,6 +6,7 @@ import importlib.util
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -38,8 +39,11 @@ def test_hypothesis_profile_is_derandomized() -> None:
 def test_short_campaign_over_the_binary_parsers_finds_nothing(fuzz, tmp_path: Path, cwd_back) -> None:
     if shutil.which("sfdisk") is None or shutil.which("mkfs.vfat") is None:
         pytest.skip("sfdisk/mkfs.vfat not installed (tools/debian-packages.txt)")
+    before = os.environ.get("TMPDIR"), tempfile.gettempdir()
     stats, outside, _elapsed = fuzz.campaign(600, 1, 15, tmp_path / "work", 10.0, 0,
                                              ["stone", "gpt", "superblock"])
+    # the campaign's private TMPDIR must not outlive it: later tests' guests put their sockets there (CI failed so)
+    assert (os.environ.get("TMPDIR"), tempfile.gettempdir()) == before
     assert stats.inputs == 600 and set(stats.per_target) == {"stone", "gpt", "superblock"}
     assert stats.refused > 0                      # the mutations reach the error paths
     assert (stats.failure_count, stats.hangs, outside) == (0, 0, []), stats.failures

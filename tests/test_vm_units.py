@@ -452,3 +452,27 @@ def test_qemu_process_logs_its_argv_and_is_reaped(tmp_path, caplog):
             assert process.alive
     assert not process.alive and process.exit_status == -9 and process.pidfd is None
     assert any(r.getMessage() == "qemu argv: /bin/sh -c 'echo up; sleep 30'" for r in caplog.records)
+
+
+def test_machine_workdir_fits_unix_socket_paths_under_a_deep_tmpdir(tmp_path, monkeypatch):
+    """CI failed once: a deep TMPDIR made every guest's QMP socket path longer than sun_path."""
+    import tempfile
+
+    from vm.machine import LONGEST_SOCKET, UNIX_PATH_MAX, workdir_base
+
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    monkeypatch.setattr(tempfile, "tempdir", str(deep))
+    prefix = f"stonelab-vm-{os.getpid()}-shared-"
+    assert workdir_base(len(prefix)) == Path("/tmp")
+    workdir = Path(tempfile.mkdtemp(prefix=prefix, dir=workdir_base(len(prefix))))
+    try:
+        assert len(str(workdir / LONGEST_SOCKET)) <= UNIX_PATH_MAX
+    finally:
+        workdir.rmdir()
+    short = Path(tempfile.mkdtemp(prefix="s", dir="/tmp"))  # a TMPDIR the sockets fit in is kept
+    try:
+        monkeypatch.setattr(tempfile, "tempdir", str(short))
+        assert workdir_base(len(prefix)) == short
+    finally:
+        short.rmdir()

@@ -524,8 +524,22 @@ def campaign(inputs: int, jobs: int, seed: int, work: Path, timeout: float, prog
     (work / "tmp").mkdir(exist_ok=True)
     (work / "seeds").mkdir(exist_ok=True)
     seeds = build_seeds(work / "seeds")
+    saved_tmpdir = os.environ.get("TMPDIR"), tempfile.tempdir
     os.environ["TMPDIR"] = str(work / "tmp")
     tempfile.tempdir = None
+    try:
+        return _run_campaign(inputs, jobs, seed, work, timeout, progress_every, targets, target_types, stop_at, seeds)
+    finally:  # the caller (a test, in-process) gets its own temporary directory back
+        if saved_tmpdir[0] is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = saved_tmpdir[0]
+        tempfile.tempdir = saved_tmpdir[1]
+
+
+def _run_campaign(inputs: int, jobs: int, seed: int, work: Path, timeout: float, progress_every: float,
+                  targets: list[str] | None, target_types: dict | None, stop_at: float | None,
+                  seeds: dict) -> tuple[Stats, list[str], float]:
     share = [inputs // jobs + (1 if i < inputs % jobs else 0) for i in range(jobs)]
     context = multiprocessing.get_context("fork")
     queue = context.Queue()

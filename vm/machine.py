@@ -97,6 +97,20 @@ def uefi_config(accel: AccelChoice, boot_disk: DiskSpec, *, extra_disks: list[Di
 
 
 WORKDIR_PREFIX = "stonelab-vm-"
+# sun_path is 108 bytes with its terminating NUL (unix(7)); the longest socket name a machine creates is this one.
+UNIX_PATH_MAX = 107
+LONGEST_SOCKET = "agent.sock"
+
+
+def workdir_base(prefix_length: int) -> Path:
+    """The directory a machine's private workdir goes in: the temporary directory (``TMPDIR``) when its unix
+    sockets fit in ``sun_path`` there, else ``/tmp`` (a deep ``TMPDIR`` such as a test's work directory would
+    make QEMU refuse ``-qmp unix:…`` with "Path must be less than 108 bytes")."""
+    random_suffix = 8  # what mkdtemp appends
+    for base in (Path(tempfile.gettempdir()), Path("/tmp")):
+        if len(str(base)) + 1 + prefix_length + random_suffix + 1 + len(LONGEST_SOCKET) <= UNIX_PATH_MAX:
+            return base
+    return Path("/tmp")
 
 
 def sweep_dead_workdirs(tmp: Path | None = None) -> None:
@@ -229,8 +243,10 @@ class Machine:
         self.transport: Transport = transport or (AgentTransport() if config.agent else ConsoleTransport())
         self.qemu = qemu or qemu_binary()
         self.restore_from = restore_from
-        sweep_dead_workdirs()
-        self.workdir = Path(tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-{name}-"))
+        prefix = f"{WORKDIR_PREFIX}{os.getpid()}-{name}-"
+        base = workdir_base(len(prefix))
+        sweep_dead_workdirs(base)
+        self.workdir = Path(tempfile.mkdtemp(prefix=prefix, dir=base))
         self.console_log = console_log or self.workdir / "console.log"
         self.uefi_vars: Path | None = None
         if config.uefi:
