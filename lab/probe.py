@@ -120,8 +120,10 @@ def _read_layouts(obs: Observation, db: Path, usr: Path) -> None:
     """The active state's tree as its database rows record it (upstream's schema, read directly), the assets
     every state references that the store lacks, and empty files sharing an inode."""
     try:
-        with sqlite3.connect(f"file:{db / 'state'}?mode=ro", uri=True) as states, \
-                sqlite3.connect(f"file:{db / 'layout'}?mode=ro", uri=True) as layout:
+        # closing(): a connection's own `with` commits but never closes, and an open database keeps the
+        # crash engine's mount busy (umount: EBUSY)
+        with closing(sqlite3.connect(f"file:{db / 'state'}?mode=ro", uri=True)) as states, \
+                closing(sqlite3.connect(f"file:{db / 'layout'}?mode=ro", uri=True)) as layout:
             selections = states.execute("SELECT state_id, package_id FROM state_selections").fetchall()
             rows = layout.execute("SELECT package_id, entry_type, entry_value1, entry_value2, mode FROM layout").fetchall()
     except sqlite3.Error:

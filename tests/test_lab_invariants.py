@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import xxhash
 
@@ -107,3 +108,17 @@ def test_expected_tree_from_declarations():
     assert tree.files["share/b"] == ["file", f"{xxhash.xxh3_128_intdigest(b'bee'):032x}"]
     assert tree.files["bin/aa"] == ["symlink", "a"]
     assert isinstance(tree, ExpectedTree)
+
+
+def test_observing_an_installation_leaves_nothing_open_below_it(root, tmp_path):
+    """The crash engine unmounts each crash state after observing it; an SQLite connection left open by
+    observe() kept the mount busy (umount: EBUSY) in the guest."""
+    from tests.pm import make_package, pm
+    from reference_impl.boot.states import read_state_ids
+
+    pm(root, "exchange", "install", str(make_package(tmp_path, "hello", {"bin/hello": "hi\n"})), check=True)
+    obs = observe(root)
+    assert read_state_ids(root) == [1] and obs.state_id == "1"
+    open_below = [os.readlink(fd) for fd in Path("/proc/self/fd").iterdir()
+                  if os.path.exists(fd) and os.readlink(fd).startswith(str(root))]
+    assert open_below == []

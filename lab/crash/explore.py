@@ -72,6 +72,7 @@ class Exploration:
     seconds: float = 0.0
     guest_seconds: float = 0.0
     phase_seconds: dict[str, float] = field(default_factory=dict)  # mean per state, in the guest
+    guest_notes: list[str] = field(default_factory=list)  # the guest job's own warnings (a device held, …)
 
     @property
     def states_per_minute(self) -> float:
@@ -142,6 +143,7 @@ def explore(target, start_bytes: int, end_bytes: int, exit_status: int, oracle: 
     if run.exit_code != 0 or len(lines) != len(states):
         raise StonelabError(f"crash-state check in the guest failed after {len(lines)} of {len(states)} states "
                             f"(exit {run.exit_code}): {run.stderr.strip()[-400:]}")
+    result.guest_notes = [line for line in run.stderr.splitlines() if line.startswith("stonelab-crash:")]
     found: dict[tuple[str, str], list[CrashState]] = {}
     for state, outcome in zip(states, lines):
         violations = judge(outcome, oracle, state.after_return)

@@ -8,7 +8,7 @@ pre-recording image read-only as a second disk, ``python -m lab.crash.materializ
    attached to loop devices);
 2. ``stonelab-crash-base`` = a non-persistent dm snapshot of the pristine partition; the writes every state shares
    (the log before the earliest flush boundary) are written into it once;
-3. for each state: ``stonelab-crash-state`` = a snapshot of the base; its own writes; ``mount -t ext4`` (the
+3. for each state: ``stonelab-crash-state`` = a snapshot of the base with a COW store of its own; its own writes; ``mount -t ext4`` (the
    guest kernel replays the journal); the system under test's recovery (forked from this process, which has
    imported it already); ``lab.probe.observe``; unmount; remove the snapshot.  One JSON line per state on
    stdout.
@@ -103,12 +103,18 @@ def _remove(name: str) -> None:
         except RuntimeError:
             time.sleep(1.0)
     _run("dmsetup", "remove", "--deferred", name)
+    print(f"stonelab-crash: {name} still held after unmount, removal deferred ({_holders('/dev/mapper')})",
+          file=sys.stderr)
 
 
 def _cow_device(stack: ExitStack, scratch: Path, name: str) -> str:
+    """A sparse file on the guest's tmpfs behind a loop device, both gone when ``stack`` closes.  Every snapshot
+    gets its own: two snapshots sharing a COW device are a snapshot *handover* to dm-snapshot, which refuses to
+    resume the second while the first exists ("resume ioctl … Invalid argument")."""
     path = scratch / name
     with open(path, "wb") as handle:
         handle.truncate(COW_BYTES)
+    stack.callback(path.unlink, missing_ok=True)
     loop = _run("losetup", "--find", "--show", str(path))
     stack.callback(_run, "losetup", "--detach", loop)
     return loop
@@ -188,7 +194,7 @@ class Phases:
         self.last = now
 
 
-def check_state(job: Job, data, base: str, cow: str, chunk_ids: list[int], sectors: int, parser,
+def check_state(job: Job, data, base: str, scratch: Path, chunk_ids: list[int], sectors: int, parser,
                 name: str = TOP) -> dict:
     """Build one state over ``base``, mount it, recover, observe; the result as a JSON-ready dict."""
     from lab.probe import observe
@@ -196,7 +202,7 @@ def check_state(job: Job, data, base: str, cow: str, chunk_ids: list[int], secto
     clock = Phases()
     result["phases"] = clock.seconds
     with ExitStack() as stack:
-        device = _snapshot(stack, name, base, cow, sectors)
+        device = _snapshot(stack, name, base, _cow_device(stack, scratch, f"{name}.cow"), sectors)
         clock.done("snapshot")
         _apply(device, job, data, chunk_ids)
         clock.done("apply")
@@ -235,11 +241,10 @@ def run_job(directory: Path, out=sys.stdout) -> int:
         base = _snapshot(stack, f"{BASE}-{os.getpid()}", job.device, _cow_device(stack, Path(scratch), "base.cow"),
                          sectors)
         _apply(base, job, data, job.common)
-        cow = _cow_device(stack, Path(scratch), "state.cow")
         for number, chunk_ids in enumerate(job.states):
             started = time.monotonic()
             try:
-                result = check_state(job, data, base, cow, chunk_ids, sectors, parser,
+                result = check_state(job, data, base, Path(scratch), chunk_ids, sectors, parser,
                                      f"{TOP}-{os.getpid()}-{number}")
             except RuntimeError as err:
                 first = err.__context__ if isinstance(err.__context__, RuntimeError) else err

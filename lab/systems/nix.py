@@ -19,6 +19,7 @@ import os
 import re
 import sqlite3
 from collections.abc import Sequence
+from contextlib import closing
 from pathlib import Path
 
 from lab.faults import corrupt_largest_file
@@ -195,7 +196,7 @@ class NixSystem(RootedSystem):
             problems.append(f"nix cannot read its database: {nix_error}")
         elif (db / "db.sqlite").exists():
             try:
-                with sqlite3.connect(f"file:{db / 'db.sqlite'}?mode=ro", uri=True) as conn:
+                with closing(sqlite3.connect(f"file:{db / 'db.sqlite'}?mode=ro", uri=True)) as conn:
                     verdict = conn.execute("PRAGMA quick_check").fetchone()[0]
                 if verdict != "ok":
                     problems.append(f"db.sqlite quick_check: {verdict}")

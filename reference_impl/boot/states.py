@@ -7,6 +7,7 @@ directory, or a symlink to ``.moss/root/<id>/usr`` with the symlink swap); every
 from __future__ import annotations
 
 import sqlite3
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,7 +42,7 @@ def read_state_ids(root: Path) -> list[int]:
     if not db.exists():
         raise StonelabError(f"{db}: no state database (is {root} a moss installation?)")
     try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
             return [row[0] for row in conn.execute("SELECT id FROM state ORDER BY id")]
     except sqlite3.Error as err:
         raise StonelabError(f"{db}: cannot read the state table: {err}") from err
