@@ -49,10 +49,16 @@ class Job:
     recovery: list[str] = field(default_factory=list)
 
 
+def job_files(job: Job, data: bytes) -> dict[str, bytes]:
+    """The job as the guest reads it: file name in the job directory → content."""
+    return {"job.json": json.dumps(asdict(job)).encode(), "data.bin": data}
+
+
 def write_job(directory: Path, job: Job, data: bytes) -> Path:
+    """Write the job into ``directory`` (created), for a guest that sees the host's file system."""
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "data.bin").write_bytes(data)
-    (directory / "job.json").write_text(json.dumps(asdict(job)))
+    for name, content in job_files(job, data).items():
+        (directory / name).write_bytes(content)
     return directory
 
 
@@ -216,7 +222,10 @@ def check_state(job: Job, data, base: str, scratch: Path, chunk_ids: list[int], 
             argv = [a.replace("{root}", MOUNTPOINT) for a in job.recovery]
             result["recovery"] = _recover(argv, parser)
             clock.done("recovery")
-            result["observation"] = asdict(observe(Path(MOUNTPOINT)))
+            try:
+                result["observation"] = asdict(observe(Path(MOUNTPOINT)))
+            except OSError as err:  # e.g. EBADMSG: a metadata checksum the journal replay did not make whole
+                result["read_error"] = f"{err.strerror or err} ({str(err.filename or '').removeprefix(MOUNTPOINT)})"
             clock.done("observe")
         finally:
             problem = _unmount(MOUNTPOINT)
@@ -246,9 +255,9 @@ def run_job(directory: Path, out=sys.stdout) -> int:
             try:
                 result = check_state(job, data, base, Path(scratch), chunk_ids, sectors, parser,
                                      f"{TOP}-{os.getpid()}-{number}")
-            except RuntimeError as err:
+            except Exception as err:  # noqa: BLE001 — one state's failure is that state's result, not the job's
                 first = err.__context__ if isinstance(err.__context__, RuntimeError) else err
-                result = {"error": str(first)[-600:]}
+                result = {"error": f"{type(first).__name__}: {first}"[-600:]}
             result.update(state=number, seconds=round(time.monotonic() - started, 3))
             out.write(json.dumps(result) + "\n")
             out.flush()
