@@ -99,8 +99,10 @@ def replay(path: Path, *, kernel=None, accel: str = "auto") -> list[str]:
                           recovery=repro.recovery)
     image = kernel or default_kernel()
     choice = AccelSelector().choose(image, accel)
-    config = agent_config(image, choice, [DiskSpec(base, readonly=True)])
-    with Machine(config, name="replay") as machine:  # its userland image does not see the host: send the job
+    # the host root over 9p, as the exploring guest had it: the job needs dmsetup, losetup and the dm-snapshot and
+    # loop modules, which the userland image does not carry
+    config = agent_config(image, choice, [DiskSpec(base, readonly=True)], userland="9p")
+    with Machine(config, name="replay") as machine:  # the job goes to the guest's own tmpfs
         machine.succeed(["mkdir", "-p", GUEST_JOB_DIR])
         for name, content in job_files(job, data).items():
             machine.write_file(f"{GUEST_JOB_DIR}/{name}", content)
