@@ -99,7 +99,7 @@ class VmTarget:
     def __init__(self, workdir: Path, *, kernel: Kernel | None = None, accel: str = "auto",
                  selector: AccelSelector | None = None, root_mib: int = 256, personality: str | None = None,
                  record: bool = True, root_fs: str = "ext4", snapshots: bool = True, keep: Path | None = None,
-                 host_userland: bool = False, power: PowerLoss = PowerLoss()):
+                 host_userland: bool = False, power: PowerLoss = PowerLoss(), cpus: int | None = None):
         self.workdir = workdir
         self.power = power  # what a power cut loses (recording targets; without recording: optimistic)
         self.keep = keep
@@ -129,8 +129,9 @@ class VmTarget:
         # after boot (vm.snapshot) at every power-on. ``host_userland``: the system under test is a program of the
         # host (Nix, OSTree), which the userland image does not carry, so the guest sees the host root over 9p.
         fast = not record and not host_userland
+        # a recording guest gets two vCPUs: the crash engine checks crash states in parallel workers, one per vCPU
         config = agent_config(self.kernel, self.accel, [DiskSpec(self.disk.path)],
-                              userland="image" if fast else "9p")
+                              userland="image" if fast else "9p", cpus=cpus or (2 if record else 1))
         self.machine = Machine(config, name="sut", crash_on_fault=True, console_log=workdir / "console.log",
                                restore_from=saved_state(config) if fast and snapshots else None)
         self.machine.on_fault = lambda point: self.mark(f"fault:{point}")
