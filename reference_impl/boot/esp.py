@@ -290,13 +290,33 @@ class MtoolsEsp:
         return _fat_cluster_size(self._head())
 
 
+FAT32_MIN_CLUSTERS = 65525  # fewer clusters and the filesystem is FAT12/16, whatever its boot sector says
+
+
+def fat32_sectors_per_cluster(size: int, sector: int = 512) -> int:
+    """The largest cluster (1-64 sectors, a power of two) that still gives a ``size``-byte region at least
+    ``FAT32_MIN_CLUSTERS`` clusters (with a margin for the reserved sectors and the two FATs).
+
+    The FAT type is decided by the cluster count alone (Microsoft's FAT specification, "FAT type determination";
+    mtools follows it): a FAT32 boot sector over too few clusters is read as FAT16 with a root directory of zero
+    entries, and the first directory made in it fails with "No directory slots".  ``mkfs.vfat --offset`` on a whole
+    disk image picks its cluster size from the size of the image, not of the region, so callers pass ``-s`` with
+    this.  Raises ``EspError`` when even 1-sector clusters are too few (below ~33 MiB)."""
+    sectors = size // sector
+    for per_cluster in (64, 32, 16, 8, 4, 2, 1):
+        if sectors // per_cluster >= FAT32_MIN_CLUSTERS * 102 // 100:
+            return per_cluster
+    raise EspError(f"a {size >> 20} MiB region is too small for FAT32 "
+                   f"(at least {FAT32_MIN_CLUSTERS} clusters of {sector} bytes)")
+
+
 def format_fat(image: Path, offset: int, size: int, label: str = "ESP") -> None:
     """mkfs.vfat a region of an image/device (FAT32 when big enough for it, else mkfs' choice)."""
     sectors = offset // 512
     blocks = size // 1024
     cmd = ["mkfs.vfat", "-n", label[:11]]
     if size >= 64 * 1024 * 1024:
-        cmd += ["-F", "32"]
+        cmd += ["-F", "32", "-s", str(min(8, fat32_sectors_per_cluster(size)))]
     if offset:
         cmd += ["--offset", str(sectors)]
     cmd += [str(image), str(blocks)]
