@@ -57,6 +57,8 @@ MUTANTS = (
     Mutant("skip-state-id", "the staged tree gets no /usr/.stateID", (UPGRADE,)),
     Mutant("keep-treeless-states", "recovery keeps a state row whose tree never reached the disk",
            ("window-state-recorded[reference/exchange]",)),
+    Mutant("swap-before-esp-check", "a boot sync that cannot fit on the ESP is found out only after the swap (#866)",
+           ("esp-full-refused-before-swap[reference/exchange]",)),
     Mutant("no-flush", "the root is mounted barrier=0: fsync/syncfs never send a cache FLUSH (crash engine)",
            ("crash-reference[reference/exchange]",)),
 )

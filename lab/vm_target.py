@@ -315,8 +315,8 @@ class VmTarget:
         return int(result.stdout.strip() or 0) if result.stdout.strip().isdigit() else 0
 
     def boot_entry(self, entry: str) -> tuple[str, str, str]:
-        """Power off, then boot the SUT disk for real: OVMF → systemd-boot → the Type 1 entry ``entry`` (a file
-        name under loader/entries without .conf; the lab makes it the one-time default in loader.conf and puts the
+        """Power off, then boot the SUT disk for real: OVMF → systemd-boot → the Type 1 entry ``entry`` (its id: the file
+        name under loader/entries, or a glob loader.conf already holds; the lab makes it the one-time default in loader.conf and puts the
         original back afterwards). Returns (state id the initramfs found in /usr/.stateID, its moss.fstx=, the
         console's last lines). Raises StonelabError when no state is reported in time."""
         from lab.bootproof import BOOTED

@@ -7,8 +7,10 @@ relative, '/'-separated (``loader/entries/x.conf``).  FAT names are case-insensi
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import re
+import stat
 import struct
 import subprocess
 import tempfile
@@ -166,6 +168,30 @@ class DirectoryEsp:
         return os.statvfs(self.root).f_bsize or 4096
 
 
+BLKFLSBUF = 0x1261  # <linux/fs.h>: _IO(0x12, 97), what ``blockdev --flushbufs`` issues
+
+
+def drop_block_cache(path: Path) -> None:
+    """Write out and forget the kernel's cached blocks of ``path`` when it is a block device (nothing otherwise).
+
+    A disk and its partitions have page caches of their own: what was written through ``/dev/vda1`` is on the
+    device, but a reader of ``/dev/vda`` that read the same blocks before still sees them as they were (and the
+    other way round).  Every use of an ESP on a block device starts with this, so it reads the device.  Raises
+    EspError when the kernel refuses (BLKFLSBUF needs CAP_SYS_ADMIN)."""
+    try:
+        if not stat.S_ISBLK(os.stat(path).st_mode):
+            return
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # check() reports a missing or unreadable device in its own words
+    try:
+        fcntl.ioctl(fd, BLKFLSBUF)
+    except OSError as err:
+        raise EspError(f"ESP {path}: cannot drop the kernel's cached blocks (BLKFLSBUF): {err.strerror}") from err
+    finally:
+        os.close(fd)
+
+
 # -- a FAT filesystem inside an image or device, through mtools -----------------------------------------------------
 
 @dataclass
@@ -203,6 +229,7 @@ class MtoolsEsp:
     def check(self) -> None:
         if not self.image.exists():
             raise EspMissingError(f"{self.describe()}: no such image or device")
+        drop_block_cache(self.image)
         foreign = foreign_filesystem(self._head())
         if foreign is not None:
             raise EspNotFatError(f"{self.describe()}: holds {foreign}, not a FAT filesystem")
