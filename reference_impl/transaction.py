@@ -158,7 +158,8 @@ class Transaction:
             entries = list(entries)[: len(list(entries)) // 2]
         report = blit(entries, inst.assets, inst.staging_usr,
                       BlitOptions(strategy=self.settings.blit, fsync=False,
-                                  on_halfway=lambda: self.fault("blit.mid")))
+                                  on_halfway=lambda: self.fault("blit.mid"),
+                                  owners=self.settings.mode is Mode.REFERENCE))
         self.fault("blit.end")
         state = self.dbs.state.add(selections, summary=summary)
         self.fault("state.recorded")

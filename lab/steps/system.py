@@ -126,6 +126,24 @@ class Run(StepKind):
 
 
 @register
+class LimitOpenFiles(StepKind):
+    name = "limit_open_files"
+    summary = ("from now on the package manager runs with at most N open files (RLIMIT_NOFILE, soft and hard: a "
+               "container's or a service's low limit); a blit that holds a file descriptor per entry meets EMFILE "
+               "(upstream #841)")
+    example = "limit_open_files: 16"
+    arg_type = Annotated[int, Field(ge=8, le=1 << 20)]
+
+    @classmethod
+    def run(cls, runner, step, result) -> list:
+        if not hasattr(runner.target, "nofile"):
+            raise StepFailure(f"limit_open_files: the {runner.target.kind} target cannot limit open files")
+        runner.target.nofile = step.arg
+        result.note = f"the package manager runs with RLIMIT_NOFILE {step.arg}:{step.arg}"
+        return [runner.model.tree()]
+
+
+@register
 class Reboot(StepKind):
     name = "reboot"
     summary = "a clean restart of the system under test (vm: shutdown, power on; host: nothing to restart)"
