@@ -8,16 +8,15 @@
 """
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from lab.runner import run_scenario
 from lab.scenario import load_scenario
-from lab.vm_target import vm_target_factory
+from tests.test_lab_vm import qemu_children, vm_factory  # noqa: F401 (a fixture)
 from vm.errors import VmError
-from vm.host import default_kernel, ovmf_files
+from vm.host import ovmf_files
 
 pytestmark = pytest.mark.vm
 
@@ -27,20 +26,6 @@ FAKE_KERNELS = '''
   linux-2: {name: linux, version: "6.2", files: {lib/kernel/6.2.0-lab/vmlinuz: "kernel two\\n",
                                                   lib/kernel/6.2.0-lab/10-lab.initrd: "initrd two\\n"}}
 '''
-
-
-@pytest.fixture(scope="module")
-def vm_factory():
-    try:
-        default_kernel()
-    except VmError as err:
-        pytest.skip(str(err))
-    return vm_target_factory()
-
-
-def qemu_children() -> list[str]:
-    out = subprocess.run(["pgrep", "-a", "-P", str(__import__("os").getpid())], capture_output=True, text=True)
-    return [line for line in out.stdout.splitlines() if "qemu-system" in line]
 
 
 def write(tmp_path: Path, text: str) -> Path:
