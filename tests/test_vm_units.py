@@ -388,7 +388,7 @@ def test_agent_runs_a_word_list_exactly(local_agent):
 
 def test_vm_run_exit_status_mapping():
     from vm.cli import exit_status
-    from vm.protocol import RunResult
+    from vm.transport import RunResult
 
     assert exit_status(RunResult(3, "", "")) == 3
     assert exit_status(RunResult(0, "", "")) == 0

@@ -29,10 +29,10 @@ from vm.errors import CommandFailed, VmError
 from vm.host import Kernel, qemu_binary
 from vm.initramfs import build_initramfs
 from vm.log import get_logger, nested
-from vm.protocol import RunResult
 from vm.qemu import DiskSpec, MachineConfig, agent_append, qemu_args
 from vm.qmp import QMP
-from vm.transport import AgentTransport, Command, ConsoleTransport, GuestLink, Transport, shell_line
+from vm.transport import (AgentTransport, Command, ConsoleTransport, GuestLink, RunResult, Transport,
+                          shell_line)
 
 log = get_logger("vm.machine")
 
