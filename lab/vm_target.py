@@ -110,13 +110,16 @@ class VmTarget:
         self.generation: Generation | None = None
         self._flattened = False  # the next generation starts from the raw image, not the last overlay
         self.marks: list[Mark] = []
-        # Recording boots (the crash engine's write logs over qcow2 overlay chains) keep the host root over 9p
-        # and boot afresh; a non-recording target runs on the EROFS userland image and restores a guest saved
-        # after boot (vm.snapshot) at every power-on. ``host_userland``: the system under test is a program of the
-        # host (Nix, OSTree), which the userland image does not carry, so the guest sees the host root over 9p.
-        fast = not record and not host_userland
-        config = agent_config(self.kernel, self.accel, [DiskSpec(self.disk.path)],
-                              userland="image" if fast else "9p")
+        # The guest runs on the EROFS userland image and every power-on restores a guest saved after boot
+        # (vm.snapshot), recording or not: a recording generation's overlay and read-only base are, to the guest,
+        # a disk of the same size and a read-only one, rescanned after the restore. ``host_userland``: the system
+        # under test is a program of the host (Nix, OSTree), which the image does not carry: the host root over
+        # 9p, booted afresh.
+        fast = not host_userland
+        disks = [DiskSpec(self.disk.path)]
+        if record:  # where each generation's base will be (/dev/vdb): the saved guest must have the same disks
+            disks.append(DiskSpec(self.disk.path, readonly=True))
+        config = agent_config(self.kernel, self.accel, disks, userland="image" if fast else "9p")
         self.machine = Machine(config, name="sut", crash_on_fault=True, console_log=workdir / "console.log",
                                restore_from=saved_state(config) if fast and snapshots else None)
         self.machine.on_fault = lambda point: self.mark(f"fault:{point}")
@@ -180,8 +183,8 @@ class VmTarget:
         log.write_bytes(b"")
         self.generation = Generation(number, base, fmt, overlay, log)
         self.marks = []
-        self.machine.config.disks = [DiskSpec(overlay, format="qcow2", log=log),
-                                     DiskSpec(base, format=fmt, readonly=True)]
+        self.machine.config.disks[:2] = [DiskSpec(overlay, format="qcow2", log=log),  # the userland image stays
+                                         DiskSpec(base, format=fmt, readonly=True)]
 
     def mark(self, label: str, exit_status: int | None = None) -> Mark | None:
         """Note the current write-log length under ``label`` (None when not recording)."""
