@@ -17,11 +17,10 @@ from reference_impl.boot.sync import HOST_SYSTEMD_BOOT
 
 from vm.accel import AccelChoice
 from vm.errors import VmError
-from vm.host import Kernel
+from vm.host import Kernel, default_kernel
+from vm.initramfs import module_files
 from vm.qemu import DiskSpec, MachineConfig
 from vm.snapshot import _placeholders, state_key, virtual_size
-from vm.host import default_kernel
-from vm.initramfs import module_files
 from vm.userland import GUEST_ON_DEMAND_MODULES, UserlandSpec, _Stage, _stage, build_userland, input_key
 
 REPO = Path(__file__).resolve().parents[1]
