@@ -32,7 +32,10 @@ from vm.log import get_logger, nested
 from vm.qemu import BLOCKDEV_CACHE, DiskSpec, MachineConfig
 
 FORMAT_VERSION = "2"
-WARM_IMPORTS = "import stonelab.cli, reference_impl.cli, lab.probe, lab.faults"
+# what the lab's guest commands import (the verbs import the client only when they open an installation): read once
+# before the save, they are in the restored guest's page cache
+WARM_IMPORTS = ("import stonelab.cli, reference_impl.cli, reference_impl.client, reference_impl.verify, lab.probe, "
+                "lab.faults")
 log = get_logger("vm.snapshot")
 
 
