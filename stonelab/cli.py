@@ -10,7 +10,6 @@ imports them all.
 """
 from __future__ import annotations
 
-import argparse
 import errno
 import importlib
 import signal
@@ -18,6 +17,9 @@ import sys
 
 from stonelab import __version__
 from stonelab.errors import StonelabError
+
+# argparse (and typing) are imported where needed: `stonelab --version` needs neither; the annotations that name
+# argparse are strings (PEP 563), never evaluated
 
 COMMAND_MODULES = [
     "reference_impl.stone.cli",
@@ -43,9 +45,10 @@ def _command_word(argv: list[str]) -> str | None:
     return next((word for word in argv if not word.startswith("-")), None)
 
 
-def build_parser(modules: list[str] | None = None) -> argparse.ArgumentParser:
+def build_parser(modules: list[str] | None = None) -> argparse.ArgumentParser:  # noqa: F821
     """The parser with the subcommands of ``modules`` (None: all of COMMAND_MODULES; []: none, enough for
     ``--version``)."""
+    import argparse  # not at module level: `stonelab --version` needs none of it
     parser = argparse.ArgumentParser(
         prog="stonelab",
         description="Conformance lab for atomic, stateless operating systems (AerynOS model).",
@@ -74,7 +77,7 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt  # a cancelled CI job (SIGTERM) cleans up exactly like Ctrl-C
 
 
-def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:  # noqa: F821
     """Run one command; ``parser``: a parser built earlier by build_parser (a process that runs many commands,
     such as the crash engine's guest worker, builds it once). Without one, only the module of the named
     subcommand is imported."""
