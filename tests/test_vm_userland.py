@@ -134,6 +134,11 @@ def test_image_carries_the_crash_engines_tools_and_modules(tmp_path):
     for program in ("modprobe", "dmsetup", "losetup"):
         if found := shutil.which(program, path="/usr/sbin:/sbin:/usr/bin:/bin"):
             assert os.path.lexists(root / Path(found).relative_to("/"))
+    # modprobe is a link to kmod: the libraries of the link's target are in the image too
+    kmod = Path(shutil.which("modprobe", path="/usr/sbin:/sbin")).resolve()
+    needed = subprocess.run(["ldd", str(kmod)], capture_output=True, text=True).stdout.split()
+    for library in (word for word in needed if word.startswith("/") and ".so" in word):
+        assert (root / Path(library).relative_to("/")).exists(), library
 
 
 def _qcow2_over(base: Path, overlay: Path) -> None:

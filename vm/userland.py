@@ -230,9 +230,10 @@ def _stage(spec: UserlandSpec, root: Path) -> list[Path]:
     inputs = _inputs(spec) + [Path(p) for p in MERGED_USR_LINKS if os.path.islink(p)]
     for path in inputs:
         stage.add(path)
-    elves = [p for p in inputs if not p.is_symlink() and (p.suffix == ".so" or ".so." in p.name or
-                                                          p.parent.name in ("bin", "sbin")) and _is_elf(p)]
-    elves.append(Path(spec.python).resolve())
+    programs = {path.resolve() for path in _programs(spec)}  # a program may be a link (modprobe -> kmod)
+    elves = sorted({p for p in inputs if not p.is_symlink() and (p.suffix == ".so" or ".so." in p.name or
+                                                                 p.parent.name in ("bin", "sbin")) and _is_elf(p)}
+                   | {p for p in programs if _is_elf(p)} | {Path(spec.python).resolve()})
     libraries = sorted(_shared_libraries(elves))
     for library in libraries:
         stage.add(library)
