@@ -20,13 +20,14 @@ with the same oracle and prints the verdict — the same lines as ``verdict`` wh
 from __future__ import annotations
 
 import json
-import tempfile
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from stonelab.errors import StonelabError
 
 FORMAT = "stonelab-crash-reproducer/1"
+GUEST_JOB_DIR = "/tmp/stonelab-crash-replay"  # in the guest's own tmpfs
 
 
 @dataclass
@@ -71,7 +72,7 @@ def replay(path: Path, *, kernel=None, accel: str = "auto") -> list[str]:
     from lab.crash.check import Oracle, judge
     from lab.crash.explore import build_job
     from lab.crash.logwrites import read_log
-    from lab.crash.materialize import write_job
+    from lab.crash.materialize import job_files
     from lab.crash.model import CrashState, Granularity, Model, PowerLoss, Unit
     from vm.accel import AccelSelector
     from vm.host import default_kernel
@@ -98,13 +99,14 @@ def replay(path: Path, *, kernel=None, accel: str = "auto") -> list[str]:
                           recovery=repro.recovery)
     image = kernel or default_kernel()
     choice = AccelSelector().choose(image, accel)
-    config = agent_config(image, choice, [DiskSpec(base, readonly=True)])
-    cache = Path.home() / ".cache" / "stonelab" / "runs"
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="crash-replay-", dir=cache) as tmp, Machine(config, name="replay") as m:
-        write_job(Path(tmp), job, data)
-        m.start()
-        run = m.execute(f"cd {PROJECT_DIR} && {__import__('sys').executable} -m lab.crash.materialize {tmp}", 600)
+    # the host root over 9p, as the exploring guest had it: the job needs dmsetup, losetup and the dm-snapshot and
+    # loop modules, which the userland image does not carry
+    config = agent_config(image, choice, [DiskSpec(base, readonly=True)], userland="9p")
+    with Machine(config, name="replay") as machine:  # the job goes to the guest's own tmpfs
+        machine.succeed(["mkdir", "-p", GUEST_JOB_DIR])
+        for name, content in job_files(job, data).items():
+            machine.write_file(f"{GUEST_JOB_DIR}/{name}", content)
+        run = machine.execute(f"cd {PROJECT_DIR} && {sys.executable} -m lab.crash.materialize {GUEST_JOB_DIR}", 600)
     lines = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     if run.exit_code != 0 or len(lines) != 1:
         raise StonelabError(f"{path}: checking the state in the guest failed (exit {run.exit_code}): "

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from lab.crash.model import Granularity, Model
 from lab.steps import StepArgError, StepFailure, StepKind, check_package_keys, register
-from lab.steps.faults import InterruptingStep
+from lab.steps.faults import InterruptingStep, cut_note
 from lab.steps.transactions import Command, TransactionStep
 from reference_impl.faults import CUT_ENV_VAR
 from reference_impl.stone.repository import write_repository_index
@@ -173,7 +173,7 @@ class PowerLossArgs(BaseModel):
     at: Literal["random"] | None = None
     seed: int | None = None  # explore: the seed of the sample when there are more states than max_states
     explore: bool = False
-    model: Model | None = None  # explore only: volatile-cache (default) | optimistic
+    model: Model | None = None  # what a cut loses: volatile-cache (default) | optimistic
     granularity: Granularity | None = None  # explore only: request (default) | sector
     max_states: Annotated[int, Field(ge=1)] | None = None  # explore only
 
@@ -181,8 +181,8 @@ class PowerLossArgs(BaseModel):
     def _one_form(self) -> PowerLossArgs:
         if self.explore and self.at is not None:
             raise ValueError("give either `at: random, seed: S` or `explore: true`, not both")
-        if not self.explore and (self.model or self.granularity or self.max_states):
-            raise ValueError("model, granularity and max_states belong to the explore form (`explore: true`)")
+        if not self.explore and (self.granularity or self.max_states):
+            raise ValueError("granularity and max_states belong to the explore form (`explore: true`)")
         if not self.explore and (self.at is None or self.seed is None):
             raise ValueError("needs `at: random` and `seed: S` (or `explore: true`)")
         return self
@@ -210,10 +210,9 @@ class PowerLoss(InterruptingStep):
         cmd = arg.during.spec.command(runner, arg.during.arg)
         total = runner.target.count_mutations(runner.pm_args(cmd.verb, *cmd.rest))
         moment = random.Random(arg.seed).randint(1, max(total, 1))
-        outcome = runner.pm(cmd.verb, *cmd.rest, env={CUT_ENV_VAR: str(moment)})
+        outcome = runner.pm(cmd.verb, *cmd.rest, env={CUT_ENV_VAR: str(moment)}, cut_model=arg.model)
         runner.record(result, f"{CUT_ENV_VAR}={moment} {cmd.text()}", outcome)
-        result.note = (f"cut after system call {moment} of {total} that change the disk; "
-                       f"{runner.target.crash_semantics}")
+        result.note = f"cut after system call {moment} of {total} that change the disk; {cut_note(runner, arg.model, outcome)}"
         if outcome.crashed:
             result.status = "crashed"
             runner.interrupt(cmd.after)
