@@ -139,6 +139,7 @@ class VmTarget:
         self.machine.on_fault = lambda point: self.mark(f"fault:{point}")
         self.boots = 0
         self._pushed: dict[Path, str] = {}
+        self._copies = 0  # host files and directories copied into the guest's /tmp (their names' prefix)
         try:
             self.power_on()
         except BaseException:
@@ -217,8 +218,15 @@ class VmTarget:
         return layout.root_offset, layout.root_mib * 1024 * 1024
 
     def run_guest(self, argv: list[str], timeout: float):
-        """Run ``python argv`` in the guest (the project directory, this interpreter)."""
-        return self._python(argv, timeout=timeout)
+        """Run ``python argv`` in the guest (the project directory, this interpreter). A word naming something that
+        exists below this target's work directory on the host (the crash engine's job) is replaced by its guest
+        path (``path_for_package``)."""
+        return self._python([self.path_for_package(Path(word)) if self._below_workdir(word) else word
+                             for word in argv], timeout=timeout)
+
+    def _below_workdir(self, word: str) -> bool:
+        path = Path(word)
+        return path.is_absolute() and path.is_relative_to(self.workdir) and path.exists()
 
     def _flatten(self) -> Path:
         """The disk as it is now, as one raw image (what OVMF and mtools read): the recording's overlay chain is
@@ -296,17 +304,27 @@ class VmTarget:
                              time.monotonic() - started)
 
     def path_for_package(self, path: Path) -> str:
-        """The guest path of a host package file: the same path over 9p; on the userland image a copy in the
-        guest's /tmp, made once per power-on."""
+        """The guest path of a host file or directory (a package, a repository, a crash job): the same path over
+        9p; on the userland image a copy in the guest's /tmp (a file once per power-on, a directory each time:
+        its contents may have changed)."""
         if self.machine.config.share_host_root:
             return str(path)
         self.power_on()
-        if path not in self._pushed:
-            guest = f"{GUEST_PACKAGES}/{len(self._pushed)}-{path.name}"
-            self.machine.succeed(["mkdir", "-p", GUEST_PACKAGES])
-            self.machine.write_file(guest, path.read_bytes())
+        if path in self._pushed:
+            return self._pushed[path]
+        self._copies += 1
+        guest = f"{GUEST_PACKAGES}/{self._copies}-{path.name}"
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        targets = {file: guest if file == path else f"{guest}/{file.relative_to(path)}" for file in files}
+        directories = {target.rsplit("/", 1)[0] for target in targets.values()}
+        if path.is_dir():
+            directories.add(guest)
+        self.machine.succeed(["mkdir", "-p", GUEST_PACKAGES, *sorted(directories)])
+        for file, target in targets.items():
+            self.machine.write_file(target, file.read_bytes())
+        if path.is_file():
             self._pushed[path] = guest
-        return self._pushed[path]
+        return guest
 
     def observe(self, *, boot: bool = False) -> Observation:
         result = self._python(["-m", "lab.probe", GUEST_ROOT, *(["--disk", GUEST_DISK] if boot else [])])

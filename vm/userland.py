@@ -11,7 +11,8 @@ host), so every command line the lab builds works unchanged in the guest. It hol
   interpreter never needs to stat a source to trust its ``.pyc``;
 * ``GUEST_PROGRAMS`` found on the host and the shared libraries of every ELF file above (``ldd``), plus the few
   ``/etc`` files the dynamic loader and ``pwd`` read; empty mount points for the init;
-* ``kernel_modules`` (the crash engine's device-mapper snapshot and loop drivers, ``GUEST_ON_DEMAND_MODULES``)
+* ``kernel_modules`` (the crash engine's device-mapper snapshot, loop and RAM disk drivers,
+  ``GUEST_ON_DEMAND_MODULES``)
   with their module tree's ``modules.*`` indexes, so ``modprobe`` in the guest loads them on demand.
 
 It is cached under ``$XDG_CACHE_HOME/stonelab/userland/`` with a key over the inputs' paths, sizes and mtimes
@@ -52,7 +53,7 @@ GUEST_PROGRAMS = ("sh", "bash", "env", "mount", "umount", "mkdir", "cat", "ls", 
                   "mrd", "date", "mkfs.vfat", "mkfs.fat", "fsck.vfat", "strace",
                   "dmsetup", "losetup", "modprobe")  # the crash engine's crash-state devices (lab/crash/materialize)
 # loaded by `modprobe` in the guest when needed (not at boot: every module loaded at boot delays agent-ready)
-GUEST_ON_DEMAND_MODULES = ("dm_snapshot", "loop")
+GUEST_ON_DEMAND_MODULES = ("dm_snapshot", "loop", "brd")  # brd: the crash states' copy-on-write RAM disks
 ETC_FILES = ("/etc/ld.so.cache", "/etc/passwd", "/etc/group", "/etc/nsswitch.conf", "/etc/localtime",
              "/etc/mtools.conf")
 # the bootloader `boot sync` installs when a state ships none (reference_impl.boot.sync.HOST_SYSTEMD_BOOT): a
