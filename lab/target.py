@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -109,6 +110,7 @@ class HostTarget:
         (self.root / "var" / "lib" / "lab" / "keep").write_text("user data\n")
 
         self._disk: Path | None = None
+        self.nofile: int | None = None  # RLIMIT_NOFILE (soft = hard) of the package manager: limit_open_files
 
     def stonelab(self, args: list[str], *, fault: str | None = None, env: dict[str, str] | None = None,
                  trace: Path | None = None, cut_model: Model | None = None) -> CommandResult:
@@ -124,8 +126,10 @@ class HostTarget:
         if fault:
             environ["STONELAB_FAULT"] = f"{fault}:crash"
         started = time.monotonic()
+        limit = None if self.nofile is None else \
+            (lambda n=self.nofile: resource.setrlimit(resource.RLIMIT_NOFILE, (n, n)))
         proc = subprocess.run(argv, capture_output=True, text=True, env=environ, timeout=COMMAND_TIMEOUT,
-                              stdin=subprocess.DEVNULL)
+                              stdin=subprocess.DEVNULL, preexec_fn=limit)
         crashed = proc.returncode == -signal.SIGKILL or (trace is not None and proc.returncode == 128 + 9)
         return CommandResult(argv, proc.returncode, proc.stdout, proc.stderr, time.monotonic() - started, crashed)
 

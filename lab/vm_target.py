@@ -99,7 +99,7 @@ class VmTarget:
     def __init__(self, workdir: Path, *, kernel: Kernel | None = None, accel: str = "auto",
                  selector: AccelSelector | None = None, root_mib: int = 256, personality: str | None = None,
                  record: bool = True, root_fs: str = "ext4", snapshots: bool = True, keep: Path | None = None,
-                 host_userland: bool = False, power: PowerLoss = PowerLoss()):
+                 host_userland: bool = False, power: PowerLoss = PowerLoss(), cpus: int | None = None):
         self.workdir = workdir
         self.power = power  # what a power cut loses (recording targets; without recording: optimistic)
         self.keep = keep
@@ -133,11 +133,14 @@ class VmTarget:
         disks = [DiskSpec(self.disk.path)]
         if record:  # where each generation's base will be (/dev/vdb): the saved guest must have the same disks
             disks.append(DiskSpec(self.disk.path, readonly=True))
-        config = agent_config(self.kernel, self.accel, disks, userland="image" if fast else "9p")
+        # a recording guest gets two vCPUs: the crash engine checks crash states in parallel workers, one per vCPU
+        config = agent_config(self.kernel, self.accel, disks, userland="image" if fast else "9p",
+                              cpus=cpus or (2 if record else 1))
         self.machine = Machine(config, name="sut", crash_on_fault=True, console_log=workdir / "console.log",
                                restore_from=saved_state(config) if fast and snapshots else None)
         self.machine.on_fault = lambda point: self.mark(f"fault:{point}")
         self.boots = 0
+        self.nofile: int | None = None  # RLIMIT_NOFILE (soft = hard) of the package manager: limit_open_files
         self._pushed: dict[Path, str] = {}
         self._copies = 0  # host files and directories copied into the guest's /tmp (their names' prefix)
         try:
@@ -266,12 +269,13 @@ class VmTarget:
         return (f"{len(units) - len(state.persisted)} of the {len(units)} writes after the last completed flush "
                 f"(log entry {state.boundary}) were in the volatile write cache and are lost")
 
-    def _python(self, argv: list[str], env: str = "", timeout: float = COMMAND_TIMEOUT):
+    def _python(self, argv: list[str], env: str = "", timeout: float = COMMAND_TIMEOUT, limit: str = ""):
         self.power_on()
         mutant = os.environ.get(mutants.ENV_VAR)
         if mutant:  # the lab's own tests seed bugs in the system under test (reference_impl/mutants.py)
             env = f"{mutants.ENV_VAR}={shlex.quote(mutant)} {env}"
-        command = f"cd {shlex.quote(str(PROJECT_DIR))} && {env}{shlex.quote(sys.executable)} {shlex.join(argv)}"
+        command = (f"cd {shlex.quote(str(PROJECT_DIR))} && {limit}{env}{shlex.quote(sys.executable)} "
+                   f"{shlex.join(argv)}")
         return self.machine.execute(command, timeout)
 
     def stonelab(self, args: list[str], *, fault: str | None = None, env: dict[str, str] | None = None,
@@ -289,7 +293,7 @@ class VmTarget:
         self.power_on()
         self.mark("start")
         try:
-            result = self._python(argv, prefix)
+            result = self._python(argv, prefix, limit=f"ulimit -n {self.nofile} && " if self.nofile else "")
         except StonelabError as err:
             point = fault or ("cut" if env and "STONELAB_CUT" in env else None)
             crashed = bool(point) and self.machine.faults is not None and point in self.machine.faults.points
@@ -377,8 +381,8 @@ class VmTarget:
         return int(result.stdout.strip() or 0) if result.stdout.strip().isdigit() else 0
 
     def boot_entry(self, entry: str) -> tuple[str, str, str]:
-        """Power off, then boot the SUT disk for real: OVMF → systemd-boot → the Type 1 entry ``entry`` (a file
-        name under loader/entries without .conf; the lab makes it the one-time default in loader.conf and puts the
+        """Power off, then boot the SUT disk for real: OVMF → systemd-boot → the Type 1 entry ``entry`` (its id: the file
+        name under loader/entries, or a glob loader.conf already holds; the lab makes it the one-time default in loader.conf and puts the
         original back afterwards). Returns (state id the initramfs found in /usr/.stateID, its moss.fstx=, the
         console's last lines). Raises StonelabError when no state is reported in time."""
         from lab.bootproof import BOOTED

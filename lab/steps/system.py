@@ -126,6 +126,24 @@ class Run(StepKind):
 
 
 @register
+class LimitOpenFiles(StepKind):
+    name = "limit_open_files"
+    summary = ("from now on the package manager runs with at most N open files (RLIMIT_NOFILE, soft and hard: a "
+               "container's or a service's low limit); a blit that holds a file descriptor per entry meets EMFILE "
+               "(upstream #841)")
+    example = "limit_open_files: 16"
+    arg_type = Annotated[int, Field(ge=8, le=1 << 20)]
+
+    @classmethod
+    def run(cls, runner, step, result) -> list:
+        if not hasattr(runner.target, "nofile"):
+            raise StepFailure(f"limit_open_files: the {runner.target.kind} target cannot limit open files")
+        runner.target.nofile = step.arg
+        result.note = f"the package manager runs with RLIMIT_NOFILE {step.arg}:{step.arg}"
+        return [runner.model.tree()]
+
+
+@register
 class Reboot(StepKind):
     name = "reboot"
     summary = "a clean restart of the system under test (vm: shutdown, power on; host: nothing to restart)"
@@ -246,16 +264,20 @@ class Boot(StepKind):
     def run(cls, runner, step, result) -> list:
         from lab.boot_invariants import entry_state, parse_entry
         obs = runner.target.observe(boot=True)
-        entries = {p.rsplit("/", 1)[-1].removesuffix(".conf"): entry_state(parse_entry(t))
+        # entry ids as systemd-boot sees them: the file names, .conf included
+        entries = {p.rsplit("/", 1)[-1]: entry_state(parse_entry(t))
                    for p, t in (obs.boot or {}).get("entries", {}).items()}
         default = next((ln.split(None, 1)[1].strip() for ln in ((obs.boot or {}).get("loader_conf") or "").splitlines()
                         if ln.startswith("default ")), None)
         if step.arg.entry == "default":
             name, expected = default, obs.state_id
+            if name is not None and name not in entries and f"{name}.conf" in entries:
+                name = f"{name}.conf"
         else:
             name = next((n for n, s in entries.items() if s == str(step.arg.entry)), None)
             expected = str(step.arg.entry)
-        if name not in entries:
+        # a glob default (blsforme's) is systemd-boot's to resolve: the firmware decides which entry it names
+        if name not in entries and not (name and any(c in name for c in "*?[")):
             raise StepFailure(f"no boot entry for {step.arg.entry} on the ESP (entries: {sorted(entries) or 'none'})")
         state, fstx, tail = runner.target.boot_entry(name)
         result.command = f"OVMF → systemd-boot → {name}"
