@@ -138,6 +138,11 @@ def test_job_clips_to_the_partition_and_shares_the_common_prefix(tmp_path):
     assert job.states[0] == [] and [job.chunks[c][0] for c in job.states[1]] == [32 * SECTOR]
     offset, start, length = job.chunks[job.states[1][0]]
     assert data[start:start + length] == b"f" * SECTOR
+    assert (job.system, job.fstype) == ("reference", "ext4")
+    nix, _ = build_job(rec, states, PowerLoss(), device="/dev/vdb2", partition=(16 * SECTOR, 64 * SECTOR),
+                       recovery=[], system="nix", system_root="nix", fstype="ext2")
+    assert (nix.system, nix.system_root, nix.fstype) == ("nix", "nix", "ext2")
+    assert nix.states == job.states and nix.common == job.common
 
 
 def scenario_file(tmp_path: Path, step: str, top: str = "") -> Path:

@@ -8,10 +8,13 @@ pre-recording image read-only as a second disk, ``python -m lab.crash.materializ
    attached to loop devices);
 2. ``stonelab-crash-base`` = a non-persistent dm snapshot of the pristine partition; the writes every state shares
    (the log before the earliest flush boundary) are written into it once;
-3. for each state: ``stonelab-crash-state`` = a snapshot of the base with a COW store of its own; its own writes; ``mount -t ext4`` (the
-   guest kernel replays the journal); the system under test's recovery (forked from this process, which has
-   imported it already); ``lab.probe.observe``; unmount; remove the snapshot.  One JSON line per state on
-   stdout.
+3. for each state: ``stonelab-crash-state`` = a snapshot of the base with a COW store of its own; its own writes;
+   ``mount -t ext4`` (or ext2: the job's ``fstype``; the guest kernel replays an ext4 journal); the system under
+   test's recovery and observation — for the reference its recovery verb (forked from this process, which has
+   imported it already) and ``lab.probe.observe``; for a real system (``system: nix|ostree``)
+   ``lab.systems.crashcheck.observe_system`` on ``system_root`` below the mount, whose commands are that
+   system's next command, i.e. its recovery, and its own integrity check; unmount; remove the snapshot.  One
+   JSON line per state on stdout.
 
 Every device, mount and loop device is removed on the way out, also when a state fails; they live only in the
 guest, which the lab powers off afterwards in any case.
@@ -40,13 +43,17 @@ RECOVERY_TIMEOUT = 120.0
 class Job:
     """What the guest needs: the pristine partition, chunks (partition offset, data offset, length), the chunk
     ids every state shares, and per state its own chunk ids; the recovery command (stonelab CLI arguments,
-    ``{root}`` replaced by the mount point)."""
+    ``{root}`` replaced by the mount point; the reference only); the system under test (``reference``, ``nix``,
+    ``ostree``), a real system's root relative to the mounted file system, and the file system type."""
 
     device: str
     chunks: list[tuple[int, int, int]] = field(default_factory=list)
     common: list[int] = field(default_factory=list)
     states: list[list[int]] = field(default_factory=list)
     recovery: list[str] = field(default_factory=list)
+    system: str = "reference"
+    system_root: str = ""
+    fstype: str = "ext4"
 
 
 def write_job(directory: Path, job: Job, data: bytes) -> Path:
@@ -72,10 +79,10 @@ def _sectors(device: str) -> int:
         os.close(fd)
 
 
-def _mount(device: str, target: str) -> str | None:
-    """mount(2) of an ext4 file system (no helper process: it costs as much as the mount under TCG)."""
+def _mount(device: str, target: str, fstype: str = "ext4") -> str | None:
+    """mount(2) of an ext4/ext2 file system (no helper process: it costs as much as the mount under TCG)."""
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.mount(device.encode(), target.encode(), b"ext4", 0, None) != 0:
+    if libc.mount(device.encode(), target.encode(), fstype.encode(), 0, None) != 0:
         return os.strerror(ctypes.get_errno())
     return None
 
@@ -168,6 +175,16 @@ def _recover(argv: list[str], parser) -> dict:
     return {"exit": exit_code, "output": text[-1500:]}
 
 
+def _observe_system(job: Job, scratch: Path) -> dict:
+    """A real system's state and its own invariants on the mounted state (:func:`lab.systems.crashcheck.
+    observe_system`: its commands are the system's recovery); ``{"error": ...}`` when they could not run."""
+    from lab.systems.crashcheck import observe_system
+    try:
+        return observe_system(job.system, Path(MOUNTPOINT) / job.system_root, scratch / f"sut-{job.system}")
+    except Exception as err:  # noqa: BLE001 — the state is judged as not recovering, the job goes on
+        return {"error": f"{type(err).__name__}: {err}"[-600:]}
+
+
 def _holders(path: str) -> str:
     """Processes with a file open below ``path`` (for the message when an unmount is refused)."""
     found = []
@@ -207,17 +224,21 @@ def check_state(job: Job, data, base: str, scratch: Path, chunk_ids: list[int], 
         _apply(device, job, data, chunk_ids)
         clock.done("apply")
         os.makedirs(MOUNTPOINT, exist_ok=True)
-        problem = _mount(device, MOUNTPOINT)
+        problem = _mount(device, MOUNTPOINT, job.fstype)
         clock.done("mount")
         if problem:
             result["mount_error"] = problem
             return result
         try:
-            argv = [a.replace("{root}", MOUNTPOINT) for a in job.recovery]
-            result["recovery"] = _recover(argv, parser)
-            clock.done("recovery")
-            result["observation"] = asdict(observe(Path(MOUNTPOINT)))
-            clock.done("observe")
+            if job.system != "reference":
+                result["system_state"] = _observe_system(job, scratch)
+                clock.done("recovery")
+            else:
+                argv = [a.replace("{root}", MOUNTPOINT) for a in job.recovery]
+                result["recovery"] = _recover(argv, parser)
+                clock.done("recovery")
+                result["observation"] = asdict(observe(Path(MOUNTPOINT)))
+                clock.done("observe")
         finally:
             problem = _unmount(MOUNTPOINT)
             clock.done("umount")
@@ -231,6 +252,8 @@ def run_job(directory: Path, out=sys.stdout) -> int:
     job = Job(**json.loads((directory / "job.json").read_text()))
     data = memoryview((directory / "data.bin").read_bytes())
     import lab.probe  # noqa: F401 — imported before the forks, so each recovery starts warm
+    if job.system != "reference":
+        import lab.systems.crashcheck  # noqa: F401 — once, not per state
     import stonelab.cli
     parser = stonelab.cli.build_parser()
     _run("modprobe", "dm-snapshot")
