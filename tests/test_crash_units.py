@@ -121,6 +121,19 @@ def test_enumeration_bound_and_seed(tmp_path):
     assert any(s.kind == "sample" for s in unbounded)  # 12 in flight: sampled, not 4096 subsets
 
 
+def test_a_tight_budget_still_judges_the_state_after_the_return(tmp_path):
+    """Many flush boundaries during the operation and a budget smaller than their number: the states after the
+    command returned (where ALICE's durable_success is decided) are kept (a Nix first install has 11 boundaries;
+    a budget of 24 once dropped the last ones)."""
+    many = [entry for i in range(12) for entry in ((W, 8 * i, 1, b"x"), (F, 0, 0, b""))] + [(W, 200, 1, b"y")]
+    rec = read_log(write_log(tmp_path / "log", many))
+    window = Window(0, len(many), 0)
+    assert sum(s.after_return for s in enumerate_states(rec, window, PowerLoss(), max_states=10 ** 6)) == 2
+    for budget in (3, 6):
+        kept = enumerate_states(rec, window, PowerLoss(), max_states=budget)
+        assert sum(s.after_return for s in kept) == 2, budget
+
+
 def test_optimistic_is_in_order_prefixes(tmp_path):
     rec = read_log(sample(tmp_path))
     states = enumerate_states(rec, Window(0, 8, 0), PowerLoss(Model.OPTIMISTIC))

@@ -13,7 +13,7 @@ the model gives the flush boundary and the writes in flight, and the states are:
 
 FUA units are in every state whose cut follows them.  States are de-duplicated on (boundary, write set,
 after-return); when more than ``max_states`` remain, they are taken in turn from the boundary states, the
-reordering subsets and the prefixes (seeded order within each).  The same recording, window, model and seed always give the same list.
+reordering subsets and the prefixes (seeded order within each, the states after the command returned first).  The same recording, window, model and seed always give the same list.
 """
 from __future__ import annotations
 
@@ -101,12 +101,15 @@ def _optimistic_prefixes(recording: Recording, window: Window, found: dict) -> l
 def _bounded(states: list[CrashState], limit: int, rng: random.Random) -> list[CrashState]:
     """At most ``limit`` states, taken in turn from three classes — boundary states (every in-flight write
     lost), states only a volatile cache can leave (subsets that drop an earlier write and keep a later one),
-    in-order prefixes — each class in a seeded random order, so a small budget still covers all three."""
+    in-order prefixes — each class in a seeded random order (the states after the command returned first), so
+    a small budget still covers all three and always judges a reported success."""
     classes = [[s for s in states if s.kind == "boundary"],
                [s for s in states if s.kind in ("subset", "sample") and not _is_prefix(s, states)],
                [s for s in states if s.kind == "prefix" or (s.kind != "boundary" and _is_prefix(s, states))]]
     for members in classes[1:]:
         rng.shuffle(members)
+    for members in classes:  # the states after the command returned decide ALICE's durable_success: never dropped
+        members.sort(key=lambda s: not s.after_return)
     keep: list[CrashState] = []
     while len(keep) < limit and any(classes):
         for members in classes:
