@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from lab.invariants import Violation
+from lab.systems import make_system
 from lab.systems.base import Generation, RootFilesystem, SystemState, SystemUnderTest
 from lab.target import COMMAND_TIMEOUT, CommandResult
 from lab.vm_target import GUEST_ROOT, VmTarget
@@ -116,3 +117,13 @@ class GuestSystem:
 
     def cleanup(self) -> None:
         """Nothing: the disk goes with the guest."""
+
+
+def guest_system(name: str, guest: SystemGuest, workdir: Path, root: Path | None = None) -> GuestSystem:
+    """System ``name`` in ``guest``, rooted at ``root`` on the SUT disk (default ``GUEST_ROOT/name``; several
+    systems or scenarios can share one guest, each on a root of its own); ``workdir`` on this machine holds what
+    the lab builds for it (readable in the guest over 9p)."""
+    scratch = GUEST_SCRATCH / name
+    inner = make_system(name, root or Path(GUEST_ROOT) / name, workdir, run=GuestRunner(guest.machine),
+                        scratch=scratch)
+    return GuestSystem(inner, guest, scratch)

@@ -244,11 +244,7 @@ def run_system_steps(scenario, result: ScenarioResult, kind: str, workdir: Path 
 def _system_on(kind: str, scenario, tmp: Path, stack: ExitStack) -> SystemUnderTest:
     if kind == "host":
         return make_system(scenario.system, tmp / "root", tmp / "work")
-    from lab.systems.guest import GUEST_SCRATCH, GuestRunner, GuestSystem, SystemGuest
-    from lab.vm_target import GUEST_ROOT
+    from lab.systems.guest import SystemGuest, guest_system
     explores = any(step.kind == "power_loss" for step in scenario.steps)
     guest = stack.enter_context(SystemGuest(tmp / "vm", filesystem=scenario.filesystem, record=explores))
-    scratch = GUEST_SCRATCH / scenario.system
-    inner = make_system(scenario.system, Path(GUEST_ROOT) / scenario.system, tmp / "work",
-                        run=GuestRunner(guest.machine), scratch=scratch)
-    return GuestSystem(inner, guest, scratch)
+    return guest_system(str(scenario.system), guest, tmp / "work")
