@@ -62,10 +62,7 @@ def judge(result: dict, oracle: Oracle, after_return: bool) -> list[Violation]:
     if oracle.system != "reference":
         return _judge_system(result["system_state"], oracle, after_return)
     violations: list[Violation] = []
-    recovery = result["recovery"]
-    if recovery["exit"] != 0:
-        last = (recovery["output"].strip().splitlines() or ["(no output)"])[-1]
-        violations.append(Violation("recovers", f"the recovery verb exited {recovery['exit']}: {last}"))
+    violations += _recovers(result["recovery"], "the recovery verb")
     ctx = CheckContext(Observation(**result["observation"]), [oracle.old, oracle.new], oracle.baseline)
     for name in ROOT_INVARIANTS:
         if name in oracle.invariants:
@@ -84,5 +81,14 @@ def _judge_system(observed: dict, oracle: Oracle, after_return: bool) -> list[Vi
     from lab.systems.crashcheck import judge_system_state  # the adapters build on the lab's invariants
     if "error" in observed:
         return [Violation("recovers", f"{oracle.system}'s state could not be read: {observed['error']}")]
-    return judge_system_state(observed, oracle.old, oracle.new, succeeded=oracle.succeeded,
-                              after_return=after_return, enabled=oracle.invariants)
+    violations = _recovers(observed.get("recovery") or {"exit": 0}, f"{oracle.system}'s recovery")
+    return violations + judge_system_state(observed, oracle.old, oracle.new, succeeded=oracle.succeeded,
+                                           after_return=after_return, enabled=oracle.invariants)
+
+
+def _recovers(recovery: dict, what: str) -> list[Violation]:
+    """``recovers`` when the recovery (``{"exit", "output"}``) failed, with its last line of output."""
+    if recovery["exit"] == 0:
+        return []
+    last = (recovery["output"].strip().splitlines() or ["(no output)"])[-1]
+    return [Violation("recovers", f"{what} exited {recovery['exit']}: {last}")]

@@ -176,11 +176,12 @@ def _recover(argv: list[str], parser) -> dict:
 
 
 def _observe_system(job: Job, scratch: Path) -> dict:
-    """A real system's state and its own invariants on the mounted state (:func:`lab.systems.crashcheck.
-    observe_system`: its commands are the system's recovery); ``{"error": ...}`` when they could not run."""
+    """A real system's own recovery, then its state and its own invariants on the mounted state
+    (:func:`lab.systems.crashcheck.observe_system`); ``{"error": ...}`` when they could not run."""
     from lab.systems.crashcheck import observe_system
     try:
-        return observe_system(job.system, Path(MOUNTPOINT) / job.system_root, scratch / f"sut-{job.system}")
+        return observe_system(job.system, Path(MOUNTPOINT) / job.system_root, scratch / f"sut-{job.system}",
+                              recover=True)
     except Exception as err:  # noqa: BLE001 — the state is judged as not recovering, the job goes on
         return {"error": f"{type(err).__name__}: {err}"[-600:]}
 
