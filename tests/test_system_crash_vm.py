@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from vm.errors import VmError
-from vm.host import default_kernel
+from tests.systems_helpers import require_nix_ostree_and_kernel
 
 pytestmark = [pytest.mark.vm, pytest.mark.crash_vm]
 STATES = 8
@@ -23,13 +21,7 @@ STATES = 8
 
 @pytest.fixture(autouse=True)
 def _needs_binaries_and_kernel():
-    for binary in ("nix-env", "ostree"):
-        if shutil.which(binary) is None:
-            pytest.skip(f"{binary} is absent (tools/debian-packages.txt)")
-    try:
-        default_kernel()
-    except VmError as err:
-        pytest.skip(str(err))
+    require_nix_ostree_and_kernel()
 
 
 def stonelab(*argv: str) -> subprocess.CompletedProcess:

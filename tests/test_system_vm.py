@@ -13,7 +13,6 @@ every state checked.
 """
 from __future__ import annotations
 
-import shutil
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -27,8 +26,7 @@ from lab.systems.run import SystemRunner
 from lab.target import TargetKind
 from lab.vm_target import GUEST_ROOT
 from tests.conftest import REPO
-from vm.errors import VmError
-from vm.host import default_kernel
+from tests.systems_helpers import require_nix_ostree_and_kernel
 
 pytestmark = pytest.mark.vm
 TEST_STATES = 6  # per exploration here; the scenarios themselves explore more (make run, stonelab crash explore)
@@ -53,13 +51,7 @@ def run_in(guest: SystemGuest, name: str, workdir: Path) -> ScenarioResult:
 
 
 def test_generations_and_crash_states_of_both_systems_in_one_guest():
-    for binary in ("nix-env", "ostree"):
-        if shutil.which(binary) is None:
-            pytest.skip(f"{binary} is absent (tools/debian-packages.txt)")
-    try:
-        default_kernel()
-    except VmError as err:
-        pytest.skip(str(err))
+    require_nix_ostree_and_kernel()
     with tempfile.TemporaryDirectory(dir=run_cache_dir()) as tmp, SystemGuest(Path(tmp) / "vm") as guest:
         results = {name: run_in(guest, name, Path(tmp)) for name in SCENARIOS}
         assert guest.boots == 1
