@@ -62,6 +62,8 @@ def test_system_defaults_and_invariants(tmp_path: Path):
     assert nix.invariants == ("atomic_usr", "durable_success", "nix_store_verified", "nix_db_valid",
                               "nix_profile_complete")
     assert load_scenario(scenario(tmp_path)).system == "reference"
+    crash = load_scenario(scenario(tmp_path, system="ostree", expect_violations=["recovers", "ostree_fsck"]))
+    assert set(crash.expected_for("vm")) == {"recovers", "ostree_fsck"}  # a crash state's own invariant, any system
 
 
 def test_cli_check_refuses_in_one_line(tmp_path: Path):
