@@ -119,6 +119,12 @@ def test_enumeration_bound_and_seed(tmp_path):
     assert any(s.kind in ("subset", "sample") for s in a)  # a small budget still holds reordering states
     unbounded = enumerate_states(rec, window, PowerLoss(), max_states=10 ** 6)
     assert any(s.kind == "sample" for s in unbounded)  # 12 in flight: sampled, not 4096 subsets
+    # however small the budget, the two states right after the return are in it: all in flight lost, all kept
+    for budget, seed in ((2, 1), (3, 7), (5, 2)):
+        returned_before_the_flush = Window(0, 12, 0)
+        at_return = {len(s.persisted) for s in enumerate_states(rec, returned_before_the_flush, PowerLoss(),
+                                                               max_states=budget, seed=seed) if s.after_return}
+        assert {0, 12} <= at_return
 
 
 def test_a_tight_budget_still_judges_the_state_after_the_return(tmp_path):
@@ -265,3 +271,6 @@ def test_judge_alice_contract_recovery_and_lab_invariants(tmp_path):
     (torn,) = judge(dict(ok, observation=dict(obs, usr={})), oracle, False)
     assert torn.invariant == "atomic_usr"
     assert judge({"mount_error": "Structure needs cleaning"}, oracle, False)[0].invariant == "recovers"
+    unreadable = judge({"recovery": {"exit": 0, "output": ""}, "read_error": "Bad message (/.moss/db/state)"},
+                       oracle, True)
+    assert [(v.invariant, "Bad message" in v.detail) for v in unreadable] == [("recovers", True)]

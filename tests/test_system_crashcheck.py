@@ -100,9 +100,7 @@ def test_the_crash_engine_checks_a_nix_state_with_the_systems_own_check(nix, tmp
     state = copy_state(nix, tmp_path)
     monkeypatch.setattr(materialize, "MOUNTPOINT", str(tmp_path))
     job = materialize.Job(device="/dev/null", system="nix", system_root=state.name)
-    scratch = tmp_path / "scratch"
-    scratch.mkdir()
-    observed = materialize._observe_system(job, scratch)
+    observed = materialize._observe_system(job)
     assert observed["current"] == 1 and observed["violations"] == []
     oracle = Oracle(OLD, NEW, True, invariants=invariants_of("nix"), system="nix")
     assert Oracle.from_dict(json.loads(json.dumps(oracle.to_dict()))) == oracle
@@ -110,10 +108,10 @@ def test_the_crash_engine_checks_a_nix_state_with_the_systems_own_check(nix, tmp
     assert judge_state(result, oracle, after_return=False) == []
     assert [v.invariant for v in judge_state(result, oracle, after_return=True)] == ["durable_success"]
     (state / "nix/var/nix/db/schema").write_bytes(b"")  # NixOS/nix#7064
-    damaged = {"system_state": materialize._observe_system(job, scratch)}
+    damaged = {"system_state": materialize._observe_system(job)}
     assert "nix_db_valid" in {v.invariant for v in judge_state(damaged, oracle, after_return=False)}
     broken = {"system_state": materialize._observe_system(
-        materialize.Job(device="/dev/null", system="guix", system_root=state.name), scratch)}
+        materialize.Job(device="/dev/null", system="guix", system_root=state.name))}
     (failure,) = judge_state(broken, oracle, after_return=False)
     assert failure.invariant == "recovers" and "could not be read" in failure.detail
 

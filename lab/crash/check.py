@@ -52,7 +52,8 @@ ROOT_INVARIANTS = ("atomic_usr", "usr_is_one_state", "staging_empty", "state_id_
 
 
 def judge(result: dict, oracle: Oracle, after_return: bool) -> list[Violation]:
-    """Violations of one state from the guest's result (``mount_error`` | ``recovery`` + ``observation``):
+    """Violations of one state from the guest's result (``error`` | ``mount_error`` | ``recovery`` +
+    ``observation`` or ``read_error``):
     ``recovers``, the lab's root invariants (:data:`ROOT_INVARIANTS`, those the scenario enables) through the
     invariant registry, and ``durable_success``."""
     if "error" in result:
@@ -63,6 +64,9 @@ def judge(result: dict, oracle: Oracle, after_return: bool) -> list[Violation]:
         return _judge_system(result["system_state"], oracle, after_return)
     violations: list[Violation] = []
     violations += _recovers(result["recovery"], "the recovery verb")
+    if "read_error" in result:
+        return violations + [Violation("recovers", f"the recovered file system cannot be read: "
+                                                   f"{result['read_error']}")]
     ctx = CheckContext(Observation(**result["observation"]), [oracle.old, oracle.new], oracle.baseline)
     for name in ROOT_INVARIANTS:
         if name in oracle.invariants:

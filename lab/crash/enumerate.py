@@ -12,8 +12,9 @@ the model gives the flush boundary and the writes in flight, and the states are:
   keep a later one are the states only a volatile cache can leave; the optimistic model has prefixes only.
 
 FUA units are in every state whose cut follows them.  States are de-duplicated on (boundary, write set,
-after-return); when more than ``max_states`` remain, they are taken in turn from the boundary states, the
-reordering subsets and the prefixes (seeded order within each, the states after the command returned first).  The same recording, window, model and seed always give the same list.
+after-return); when more than ``max_states`` remain, the two states right after the return come first (all
+in-flight writes lost, all kept), then states taken in turn from the boundary states, the reordering subsets and
+the prefixes (seeded order within each).  The same recording, window, model and seed always give the same list.
 """
 from __future__ import annotations
 
@@ -99,18 +100,24 @@ def _optimistic_prefixes(recording: Recording, window: Window, found: dict) -> l
 
 
 def _bounded(states: list[CrashState], limit: int, rng: random.Random) -> list[CrashState]:
-    """At most ``limit`` states, taken in turn from three classes — boundary states (every in-flight write
-    lost), states only a volatile cache can leave (subsets that drop an earlier write and keep a later one),
-    in-order prefixes — each class in a seeded random order (the states after the command returned first), so
-    a small budget still covers all three and always judges a reported success."""
-    classes = [[s for s in states if s.kind == "boundary"],
-               [s for s in states if s.kind in ("subset", "sample") and not _is_prefix(s, states)],
-               [s for s in states if s.kind == "prefix" or (s.kind != "boundary" and _is_prefix(s, states))]]
-    for members in classes[1:]:
+    """At most ``limit`` states: first the two states right after the command returned (every in-flight write
+    lost; every one kept), then in turn from three classes — boundary states (every in-flight write lost),
+    states only a volatile cache can leave (subsets that drop an earlier write and keep a later one), in-order
+    prefixes — each class in a seeded random order, so a small budget still covers all three."""
+    last_cut = max(s.cut for s in states)
+    at_return = [s for s in states if s.cut == last_cut and s.after_return]
+    # after the return: every in-flight write lost, and every one kept (the optimistic model's state) — where a
+    # reported success is most often lost or most visibly kept, so never left out
+    must = [s for s in (min(at_return, key=lambda s: len(s.persisted), default=None),
+                        max(at_return, key=lambda s: len(s.persisted), default=None)) if s is not None]
+    must = list(dict.fromkeys(must))[:limit]
+    rest = [s for s in states if s not in must]
+    classes = [[s for s in rest if s.kind == "boundary"],
+               [s for s in rest if s.kind in ("subset", "sample") and not _is_prefix(s, states)],
+               [s for s in rest if s.kind == "prefix" or (s.kind != "boundary" and _is_prefix(s, states))]]
+    for members in classes:
         rng.shuffle(members)
-    for members in classes:  # the states after the command returned decide ALICE's durable_success: never dropped
-        members.sort(key=lambda s: not s.after_return)
-    keep: list[CrashState] = []
+    keep: list[CrashState] = list(must)
     while len(keep) < limit and any(classes):
         for members in classes:
             if members and len(keep) < limit:

@@ -4,17 +4,19 @@ The host writes a *job* (``write_job``): ``job.json`` (the states, each a list o
 chunk's bytes once).  A chunk is a byte range of the root partition.  In the guest, which sees the untouched
 pre-recording image read-only as a second disk, ``python -m lab.crash.materialize JOB_DIR`` (``run_job``):
 
-1. loads ``dm-snapshot`` and ``loop`` and makes two copy-on-write stores (sparse files on the guest's tmpfs,
-   attached to loop devices);
+1. loads ``dm-snapshot`` and ``brd``: RAM disks, one per snapshot in a batch, are the copy-on-write stores (a
+   RAM disk takes memory only for the chunks written to it);
 2. ``stonelab-crash-base`` = a non-persistent dm snapshot of the pristine partition; the writes every state shares
    (the log before the earliest flush boundary) are written into it once;
-3. for each state: ``stonelab-crash-state`` = a snapshot of the base with a COW store of its own; its own writes;
-   ``mount -t ext4`` (or ext2: the job's ``fstype``; the guest kernel replays an ext4 journal); the system under
-   test's recovery and observation — for the reference its recovery verb (forked from this process, which has
-   imported it already) and ``lab.probe.observe``; for a real system (``system: nix|ostree``)
-   ``lab.systems.crashcheck.observe_system`` on ``system_root`` below the mount, whose commands are that
-   system's next command, i.e. its recovery, and its own integrity check; unmount; remove the snapshot.  One
-   JSON line per state on stdout.
+3. the states go in batches of :data:`BATCH`: one ``dmsetup create --concise`` makes a snapshot of the base for
+   each state of the batch (``stonelab-crash-state``, each over its own RAM disk), and one ``dmsetup remove``
+   removes them all afterwards — a helper process per state cost more than the state's own check under TCG;
+4. for each state: its own writes; ``mount(2)`` as ext4 (the guest kernel replays the journal), or ext2 (the
+   job's ``fstype``); the system under test's recovery and observation — for the reference its recovery verb
+   (forked from this process, which has imported it already) and ``lab.probe.observe``; for a real system
+   (``system: nix|ostree``) ``lab.systems.crashcheck.observe_system`` on ``system_root`` below the mount: the
+   system's own recovery, then its state read with its own commands and its integrity check; unmount.
+   One JSON line per state on stdout, with the seconds of each phase.
 
 Every device, mount and loop device is removed on the way out, also when a state fails; they live only in the
 guest, which the lab powers off afterwards in any case.
@@ -29,13 +31,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 MOUNTPOINT = "/mnt/stonelab-crash"
 BASE, TOP = "stonelab-crash-base", "stonelab-crash-state"  # + the job's pid (and the state's number)
-COW_BYTES = 1 << 30  # sparse: only the chunks a snapshot really changes take memory
+BATCH = 16  # crash states whose snapshots one dmsetup call creates (and one removes)
+RAM_DISK_KIB = 1 << 20  # each copy-on-write store: a brd RAM disk of 1 GiB, its pages allocated on first write
+RAM_DISKS = 2 * BATCH + 1  # the base's, a batch's, and as many spares for devices the kernel still holds
 RECOVERY_TIMEOUT = 120.0
 
 
@@ -43,8 +46,7 @@ RECOVERY_TIMEOUT = 120.0
 class Job:
     """What the guest needs: the pristine partition, chunks (partition offset, data offset, length), the chunk
     ids every state shares, and per state its own chunk ids; the recovery command (stonelab CLI arguments,
-    ``{root}`` replaced by the mount point; the reference only); the system under test (``reference``, ``nix``,
-    ``ostree``), a real system's root relative to the mounted file system, and the file system type."""
+    ``{root}`` replaced by the mount point)."""
 
     device: str
     chunks: list[tuple[int, int, int]] = field(default_factory=list)
@@ -56,10 +58,16 @@ class Job:
     fstype: str = "ext4"
 
 
+def job_files(job: Job, data: bytes) -> dict[str, bytes]:
+    """The job as the guest reads it: file name in the job directory → content."""
+    return {"job.json": json.dumps(asdict(job)).encode(), "data.bin": data}
+
+
 def write_job(directory: Path, job: Job, data: bytes) -> Path:
+    """Write the job into ``directory`` (created), for a guest that sees the host's file system."""
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "data.bin").write_bytes(data)
-    (directory / "job.json").write_text(json.dumps(asdict(job)))
+    for name, content in job_files(job, data).items():
+        (directory / name).write_bytes(content)
     return directory
 
 
@@ -94,37 +102,52 @@ def _unmount(target: str) -> str | None:
     return None
 
 
-def _snapshot(stack: ExitStack, name: str, origin: str, cow: str, sectors: int) -> str:
-    _run("dmsetup", "create", name, "--table", f"0 {sectors} snapshot {origin} {cow} N 8")
-    stack.callback(_remove, name)
-    return f"/dev/mapper/{name}"
+def _snapshot_table(origin: str, cow: str, sectors: int) -> str:
+    """A non-persistent (``N``) snapshot of ``origin`` with 4 KiB chunks, its exceptions in ``cow``."""
+    return f"0 {sectors} snapshot {origin} {cow} N 8"
 
 
-def _remove(name: str) -> None:
-    """Remove a dm device; one the kernel still holds for a moment is removed as soon as it is released
-    (``--deferred``) — it lives in the guest only, which the lab powers off in any case."""
-    for _ in range(4):
+def _create(devices: dict[str, str]) -> None:
+    """Create every dm device of ``devices`` (name → table) with one ``dmsetup`` process."""
+    _run("dmsetup", "create", "--concise", ";".join(f"{name},,,,{table}" for name, table in devices.items()))
+
+
+def _remove(names: list[str]) -> list[str]:
+    """Remove the dm devices ``names`` with one ``dmsetup`` process; one the kernel still holds is retried, then
+    removed as soon as it is released (``--deferred``).  Returns those deferred (their COW stores stay busy)."""
+    if not names:
+        return []
+    try:
+        _run("dmsetup", "remove", "--retry", *names)
+        return []
+    except RuntimeError:
+        pass
+    deferred = []
+    for name in names:
+        if not Path(f"/dev/mapper/{name}").exists():
+            continue
         try:
             _run("dmsetup", "remove", "--retry", name)
-            return
         except RuntimeError:
-            time.sleep(1.0)
-    _run("dmsetup", "remove", "--deferred", name)
-    print(f"stonelab-crash: {name} still held after unmount, removal deferred ({_holders('/dev/mapper')})",
-          file=sys.stderr)
+            _run("dmsetup", "remove", "--deferred", name)
+            deferred.append(name)
+            print(f"stonelab-crash: {name} still held after unmount, removal deferred "
+                  f"({_holders('/dev/mapper')})", file=sys.stderr)
+    return deferred
 
 
-def _cow_device(stack: ExitStack, scratch: Path, name: str) -> str:
-    """A sparse file on the guest's tmpfs behind a loop device, both gone when ``stack`` closes.  Every snapshot
-    gets its own: two snapshots sharing a COW device are a snapshot *handover* to dm-snapshot, which refuses to
-    resume the second while the first exists ("resume ioctl … Invalid argument")."""
-    path = scratch / name
-    with open(path, "wb") as handle:
-        handle.truncate(COW_BYTES)
-    stack.callback(path.unlink, missing_ok=True)
-    loop = _run("losetup", "--find", "--show", str(path))
-    stack.callback(_run, "losetup", "--detach", loop)
-    return loop
+def _ram_disks() -> list[str]:
+    """The guest's brd RAM disks nothing holds now (a COW store of no snapshot), loading ``brd`` with
+    :data:`RAM_DISKS` disks of :data:`RAM_DISK_KIB` KiB first.  A disk a held snapshot still uses is left out:
+    a second snapshot on the same COW device would be a snapshot *handover* to dm-snapshot, which refuses to
+    resume it ("resume ioctl … Invalid argument")."""
+    if not Path("/sys/module/brd").exists():
+        _run("modprobe", "brd", f"rd_nr={RAM_DISKS}", f"rd_size={RAM_DISK_KIB}", "max_part=0")
+    free = []
+    for disk in sorted(Path("/sys/block").glob("ram*"), key=lambda p: int(p.name[3:])):
+        if not any((disk / "holders").iterdir()):
+            free.append(f"/dev/{disk.name}")
+    return free
 
 
 def _apply(device: str, job: Job, data, chunk_ids: list[int]) -> None:
@@ -175,17 +198,6 @@ def _recover(argv: list[str], parser) -> dict:
     return {"exit": exit_code, "output": text[-1500:]}
 
 
-def _observe_system(job: Job, scratch: Path) -> dict:
-    """A real system's own recovery, then its state and its own invariants on the mounted state
-    (:func:`lab.systems.crashcheck.observe_system`); ``{"error": ...}`` when they could not run."""
-    from lab.systems.crashcheck import observe_system
-    try:
-        return observe_system(job.system, Path(MOUNTPOINT) / job.system_root, scratch / f"sut-{job.system}",
-                              recover=True)
-    except Exception as err:  # noqa: BLE001 — the state is judged as not recovering, the job goes on
-        return {"error": f"{type(err).__name__}: {err}"[-600:]}
-
-
 def _holders(path: str) -> str:
     """Processes with a file open below ``path`` (for the message when an unmount is refused)."""
     found = []
@@ -212,40 +224,88 @@ class Phases:
         self.last = now
 
 
-def check_state(job: Job, data, base: str, scratch: Path, chunk_ids: list[int], sectors: int, parser,
-                name: str = TOP) -> dict:
-    """Build one state over ``base``, mount it, recover, observe; the result as a JSON-ready dict."""
+def check_state(job: Job, data, device: str, chunk_ids: list[int], parser, clock: Phases) -> dict:
+    """Write one state's own chunks onto ``device`` (a fresh snapshot of the base), mount it, recover, observe,
+    unmount; the result as a JSON-ready dict.  Raises RuntimeError when the unmount is refused."""
     from lab.probe import observe
-    result: dict = {"chunks": len(chunk_ids)}
-    clock = Phases()
-    result["phases"] = clock.seconds
-    with ExitStack() as stack:
-        device = _snapshot(stack, name, base, _cow_device(stack, scratch, f"{name}.cow"), sectors)
-        clock.done("snapshot")
-        _apply(device, job, data, chunk_ids)
-        clock.done("apply")
-        os.makedirs(MOUNTPOINT, exist_ok=True)
-        problem = _mount(device, MOUNTPOINT, job.fstype)
-        clock.done("mount")
-        if problem:
-            result["mount_error"] = problem
+    result: dict = {"chunks": len(chunk_ids), "phases": clock.seconds}
+    _apply(device, job, data, chunk_ids)
+    clock.done("apply")
+    os.makedirs(MOUNTPOINT, exist_ok=True)
+    problem = _mount(device, MOUNTPOINT, job.fstype)
+    clock.done("mount")
+    if problem:
+        result["mount_error"] = problem
+        return result
+    try:
+        if job.system != "reference":
+            result["system_state"] = _observe_system(job)
+            clock.done("recovery")
             return result
+        argv = [a.replace("{root}", MOUNTPOINT) for a in job.recovery]
+        result["recovery"] = _recover(argv, parser)
+        clock.done("recovery")
         try:
-            if job.system != "reference":
-                result["system_state"] = _observe_system(job, scratch)
-                clock.done("recovery")
-            else:
-                argv = [a.replace("{root}", MOUNTPOINT) for a in job.recovery]
-                result["recovery"] = _recover(argv, parser)
-                clock.done("recovery")
-                result["observation"] = asdict(observe(Path(MOUNTPOINT)))
-                clock.done("observe")
-        finally:
-            problem = _unmount(MOUNTPOINT)
-            clock.done("umount")
-            if problem:
-                raise RuntimeError(f"umount {MOUNTPOINT}: {problem} ({_holders(MOUNTPOINT)})")
+            result["observation"] = asdict(observe(Path(MOUNTPOINT)))
+        except OSError as err:  # e.g. EBADMSG: a metadata checksum the journal replay did not make whole
+            result["read_error"] = f"{err.strerror or err} ({str(err.filename or '').removeprefix(MOUNTPOINT)})"
+        clock.done("observe")
+    finally:
+        problem = _unmount(MOUNTPOINT)
+        clock.done("umount")
+        if problem:
+            raise RuntimeError(f"umount {MOUNTPOINT}: {problem} ({_holders(MOUNTPOINT)})")
     return result
+
+
+def _observe_system(job: Job) -> dict:
+    """A real system's own recovery, then its state and its own invariants on the mounted state
+    (:func:`lab.systems.crashcheck.observe_system`; its HOME and caches in a fresh directory on the guest's
+    tmpfs); ``{"error": ...}`` when they could not run."""
+    from lab.systems.crashcheck import observe_system
+    with tempfile.TemporaryDirectory(prefix=f"stonelab-sut-{job.system}-") as scratch:
+        try:
+            return observe_system(job.system, Path(MOUNTPOINT) / job.system_root, Path(scratch), recover=True)
+        except Exception as err:  # noqa: BLE001 — the state is judged as not recovering, the job goes on
+            return {"error": f"{type(err).__name__}: {err}"[-600:]}
+
+
+def _failure(err: Exception) -> dict:
+    first = err.__context__ if isinstance(err.__context__, RuntimeError) else err
+    return {"error": f"{type(first).__name__}: {first}"[-600:]}
+
+
+def _check_batch(job: Job, data, base: str, numbers: list[int], sectors: int, parser) -> list[dict]:
+    """The states ``numbers`` of ``job``: their snapshots created at once, each checked, all removed at once.
+    The creation and removal seconds are shared out over the batch (phases ``snapshot`` and ``remove``)."""
+    started = time.monotonic()
+    cows = _ram_disks()
+    if len(cows) < len(numbers):
+        raise RuntimeError(f"{len(cows)} free RAM disks for {len(numbers)} snapshots")
+    names = {number: f"{TOP}-{os.getpid()}-{number}" for number in numbers}
+    results = []
+    try:
+        _create({names[n]: _snapshot_table(base, cow, sectors) for n, cow in zip(numbers, cows)})
+    except RuntimeError as err:
+        return [dict(_failure(err), state=n, seconds=0.0) for n in numbers]
+    share = (time.monotonic() - started) / len(numbers)
+    try:
+        for number in numbers:
+            clock = Phases()
+            clock.seconds["snapshot"] = round(share, 3)
+            try:
+                result = check_state(job, data, f"/dev/mapper/{names[number]}", job.states[number], parser, clock)
+            except Exception as err:  # noqa: BLE001 — one state's failure is that state's result, not the job's
+                result = _failure(err)
+            results.append(dict(result, state=number, seconds=round(sum(clock.seconds.values()), 3)))
+    finally:
+        removing = time.monotonic()
+        _remove(list(names.values()))
+    share = round((time.monotonic() - removing) / len(numbers), 3)
+    for result in results:
+        result.setdefault("phases", {})["remove"] = share
+        result["seconds"] = round(result["seconds"] + share, 3)
+    return results
 
 
 def run_job(directory: Path, out=sys.stdout) -> int:
@@ -258,24 +318,20 @@ def run_job(directory: Path, out=sys.stdout) -> int:
     import stonelab.cli
     parser = stonelab.cli.build_parser()
     _run("modprobe", "dm-snapshot")
-    _run("modprobe", "loop")
-    with tempfile.TemporaryDirectory(prefix="stonelab-cow-") as scratch, ExitStack() as stack:
-        sectors = _sectors(job.device)
-        # names of their own: a device the kernel still holds (removed --deferred) never blocks the next one
-        base = _snapshot(stack, f"{BASE}-{os.getpid()}", job.device, _cow_device(stack, Path(scratch), "base.cow"),
-                         sectors)
+    sectors = _sectors(job.device)
+    # names of their own (the pid): a device the kernel still holds (removed --deferred) never blocks the next job
+    base_name = f"{BASE}-{os.getpid()}"
+    _create({base_name: _snapshot_table(job.device, _ram_disks()[0], sectors)})
+    try:
+        base = f"/dev/mapper/{base_name}"
         _apply(base, job, data, job.common)
-        for number, chunk_ids in enumerate(job.states):
-            started = time.monotonic()
-            try:
-                result = check_state(job, data, base, Path(scratch), chunk_ids, sectors, parser,
-                                     f"{TOP}-{os.getpid()}-{number}")
-            except RuntimeError as err:
-                first = err.__context__ if isinstance(err.__context__, RuntimeError) else err
-                result = {"error": str(first)[-600:]}
-            result.update(state=number, seconds=round(time.monotonic() - started, 3))
-            out.write(json.dumps(result) + "\n")
+        for first in range(0, len(job.states), BATCH):
+            numbers = list(range(first, min(first + BATCH, len(job.states))))
+            for result in _check_batch(job, data, base, numbers, sectors, parser):
+                out.write(json.dumps(result) + "\n")
             out.flush()
+    finally:
+        _remove([base_name])
     return 0
 
 

@@ -17,19 +17,20 @@ File format (``"format": "stonelab-crash-reproducer/1"``), paths relative to the
 ``stonelab crash replay FILE`` boots one guest with the base image as its only disk, applies the state's writes
 (everything before the boundary, then the persisted units) to a device-mapper snapshot, mounts, recovers, checks
 with the same oracle and prints the verdict — the same lines as ``verdict`` when the problem is reproducible.
-A real system's reproducer (``oracle.system``: nix, ostree) boots a guest that sees this machine's root over 9p,
-where the system's binaries are.
+A real system's reproducer (``oracle.system``: nix, ostree) is checked with that system's own recovery and
+commands, which the guest runs from this machine's root over 9p.
 """
 from __future__ import annotations
 
 import json
-import tempfile
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from stonelab.errors import StonelabError
 
 FORMAT = "stonelab-crash-reproducer/1"
+GUEST_JOB_DIR = "/tmp/stonelab-crash-replay"  # in the guest's own tmpfs
 
 
 @dataclass
@@ -76,7 +77,7 @@ def replay(path: Path, *, kernel=None, accel: str = "auto") -> list[str]:
     from lab.crash.check import Oracle, judge
     from lab.crash.explore import build_job
     from lab.crash.logwrites import read_log
-    from lab.crash.materialize import write_job
+    from lab.crash.materialize import job_files
     from lab.crash.model import CrashState, Granularity, Model, PowerLoss, Unit
     from vm.accel import AccelSelector
     from vm.host import default_kernel
@@ -105,14 +106,14 @@ def replay(path: Path, *, kernel=None, accel: str = "auto") -> list[str]:
                           fstype=repro.filesystem)
     image = kernel or default_kernel()
     choice = AccelSelector().choose(image, accel)
-    config = agent_config(image, choice, [DiskSpec(base, readonly=True)],
-                          userland="image" if oracle.system == "reference" else "9p")
-    cache = Path.home() / ".cache" / "stonelab" / "runs"
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="crash-replay-", dir=cache) as tmp, Machine(config, name="replay") as m:
-        write_job(Path(tmp), job, data)
-        m.start()
-        run = m.execute(f"cd {PROJECT_DIR} && {__import__('sys').executable} -m lab.crash.materialize {tmp}", 600)
+    # the host root over 9p, as the exploring guest had it: the job needs dmsetup, losetup and the dm-snapshot and
+    # loop modules, which the userland image does not carry
+    config = agent_config(image, choice, [DiskSpec(base, readonly=True)], userland="9p")
+    with Machine(config, name="replay") as machine:  # the job goes to the guest's own tmpfs
+        machine.succeed(["mkdir", "-p", GUEST_JOB_DIR])
+        for name, content in job_files(job, data).items():
+            machine.write_file(f"{GUEST_JOB_DIR}/{name}", content)
+        run = machine.execute(f"cd {PROJECT_DIR} && {sys.executable} -m lab.crash.materialize {GUEST_JOB_DIR}", 600)
     lines = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     if run.exit_code != 0 or len(lines) != 1:
         raise StonelabError(f"{path}: checking the state in the guest failed (exit {run.exit_code}): "
