@@ -24,8 +24,9 @@ $(STAMP_PY): pyproject.toml
 run: setup
 	$(VENV)/bin/stonelab run --target vm --tag default --report-dir reports
 
+# Two workers (pytest-xdist): the guest tests are CPU-bound TCG, and CI has two cores.
 test: setup
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 tests
 
 # Only the crash engine's guest acceptance tests (part of `make test` too).
 test-crash: setup

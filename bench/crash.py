@@ -69,9 +69,10 @@ def overhead(kernel, selector, accel: str, transactions: int, work: Path) -> Non
     built, decls = build_packages(decls, work / "packages-overhead")
     times: dict[bool, list[float]] = {True: [], False: []}
     with ExitStack() as stack:  # both guests up at once, their transactions interleaved (A/B, order alternating)
-        # the plain one on the host root over 9p too (as a recording guest is), so only the recording differs
+        # the plain one on the host root over 9p with two vCPUs too (as a recording guest is): only recording differs
         targets = {record: stack.enter_context(VmTarget(work / f"overhead-{record}", kernel=kernel, accel=accel,
-                                                        selector=selector, record=record, host_userland=True))
+                                                        selector=selector, record=record, host_userland=True,
+                                                        cpus=2))
                    for record in (False, True)}
         for target in targets.values():
             install(target, built["p1"])  # warm: the first transaction creates the store and databases

@@ -3,7 +3,11 @@ the lab process for the host target, or in the guest as ``python -m lab.faults A
 target. DISK is the GPT system disk (an image on the host, ``/dev/vda`` in the guest)."""
 from __future__ import annotations
 
+import ctypes
+import fcntl
+import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -45,11 +49,40 @@ def _esp(disk: Path) -> tuple[int, dict]:
 
 
 def delete_esp(root: Path, disk: Path, arg: str = "") -> str:
-    """Remove the ESP's GPT entry (the filesystem's bytes stay where they were)."""
+    """Remove the ESP's GPT entry (the filesystem's bytes stay where they were); on a block device the kernel
+    forgets the partition too, as it would after the next boot."""
     number, _part = _esp(disk)
     subprocess.run(["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", "--delete", str(disk), str(number)],
                    check=True, capture_output=True, env=SBIN_PATH)
+    if stat.S_ISBLK(os.stat(disk).st_mode):
+        _forget_partition(disk, number)
+        return f"deleted GPT entry {number} (the ESP) of {disk}; the kernel dropped {disk}{number}"
     return f"deleted GPT entry {number} (the ESP) of {disk}"
+
+
+class _BlkpgPartition(ctypes.Structure):
+    _fields_ = [("start", ctypes.c_longlong), ("length", ctypes.c_longlong), ("pno", ctypes.c_int),
+                ("devname", ctypes.c_char * 64), ("volname", ctypes.c_char * 64)]
+
+
+class _BlkpgIoctlArg(ctypes.Structure):
+    _fields_ = [("op", ctypes.c_int), ("flags", ctypes.c_int), ("datalen", ctypes.c_int),
+                ("data", ctypes.c_void_p)]
+
+
+BLKPG, BLKPG_DEL_PARTITION = 0x1269, 2  # <linux/fs.h>, <linux/blkpg.h>: what `partx -d` issues
+
+
+def _forget_partition(disk: Path, number: int) -> None:
+    """Tell the kernel that partition ``number`` of the block device ``disk`` is gone (BLKPG_DEL_PARTITION)."""
+    part = _BlkpgPartition(pno=number)
+    arg = _BlkpgIoctlArg(op=BLKPG_DEL_PARTITION, datalen=ctypes.sizeof(part),
+                         data=ctypes.cast(ctypes.pointer(part), ctypes.c_void_p))
+    fd = os.open(disk, os.O_RDONLY)
+    try:
+        fcntl.ioctl(fd, BLKPG, arg)
+    finally:
+        os.close(fd)
 
 
 def wipe_esp(root: Path, disk: Path, arg: str = "") -> str:
@@ -58,6 +91,8 @@ def wipe_esp(root: Path, disk: Path, arg: str = "") -> str:
     with open(disk, "r+b") as handle:
         handle.seek(part["start"] * SECTOR)
         handle.write(bytes(1 << 20))
+        handle.flush()
+        os.fsync(handle.fileno())  # on the device, where a reader of the partition's own node looks
     return f"zeroed the first MiB of the ESP of {disk}"
 
 

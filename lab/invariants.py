@@ -254,7 +254,14 @@ class UsrIsOneState(Invariant):
                 problems.append(f"{len(modes)} file(s) with another mode than recorded (a shared inode keeps one "
                                 f"mode; upstream #834): /usr/{modes[0]} is {obs.usr[modes[0]][2]}, recorded "
                                 f"{obs.recorded_usr[modes[0]][2]}")
-            evidence = f"/usr matches the {len(want)} layout rows recorded for state {obs.state_id}"
+            owners = sorted(k for k, v in obs.recorded_usr.items() if v[0] == "file" and len(v) > 3
+                            and len(obs.usr.get(k, ())) > 3 and obs.usr[k][3] != v[3])
+            if owners:
+                problems.append(f"{len(owners)} file(s) owned otherwise than recorded (uid:gid; a hard link keeps "
+                                f"the store's owner: upstream #785): /usr/{owners[0]} is {obs.usr[owners[0]][3]}, "
+                                f"recorded {obs.recorded_usr[owners[0]][3]}")
+            evidence = (f"/usr matches the {len(want)} layout rows recorded for state {obs.state_id} "
+                        "(content, link targets, modes, owners)")
         if obs.shared_empty_files:
             problems.append(f"{len(obs.shared_empty_files)} empty file(s) share an inode (hard-linked; upstream "
                             f"#372 EMLINK): /usr/{obs.shared_empty_files[0]}")

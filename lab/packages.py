@@ -28,10 +28,24 @@ class PackageDecl(BaseModel):
     #: the lab's guest kernel (``stonelab run --kernel``, default the newest /boot/vmlinuz-*) with an initramfs
     #: that honours moss.fstx= and reports the state it booted (lab.bootproof); ``files`` are then ignored
     kernel: bool = False
+    #: rel path -> [uid, gid] and rel path -> octal mode ("0755") of files that are not root:root 0644
+    owners: dict[str, tuple[int, int]] = Field(default_factory=dict)
+    modes: dict[str, str] = Field(default_factory=dict)
     #: rel path -> XXH3-128 hex of files whose content is not declared (filled in when a kernel is built)
     digests: dict[str, str] = Field(default_factory=dict)
 
-    @field_validator("files", "symlinks")
+    @field_validator("modes")
+    @classmethod
+    def _octal(cls, value: dict[str, str]) -> dict[str, str]:
+        for rel, mode in value.items():
+            try:
+                if not 0 <= int(mode, 8) <= 0o7777:
+                    raise ValueError
+            except ValueError:
+                raise ValueError(f"mode {mode!r} of {rel!r} is not an octal mode (e.g. '0755')") from None
+        return value
+
+    @field_validator("files", "symlinks", "owners", "modes")
     @classmethod
     def _inside_usr(cls, value: dict[str, str]) -> dict[str, str]:
         for rel in value:
@@ -52,7 +66,8 @@ def build_packages(decls: dict[str, PackageDecl], out_dir: Path,
             continue
         spec = PackageSpec(name=decl.name, version=decl.version, release=decl.release, summary=f"{key} (lab)",
                            license=["MPL-2.0"], depends=decl.depends, provides=decl.provides,
-                           conflicts=decl.conflicts)
+                           conflicts=decl.conflicts, owners=dict(decl.owners),
+                           modes={rel: int(mode, 8) for rel, mode in decl.modes.items()})
         out = out_dir / f"{decl.name}-{decl.version}-{decl.release}-1-x86_64.stone"
         built[key] = build_package_from_files(decl.files, spec, out, symlinks=decl.symlinks, level=3)
     return built, final

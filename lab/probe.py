@@ -24,7 +24,8 @@ ROOT_LINKS = ("bin", "sbin", "lib", "lib64", "lib32")
 
 @dataclass
 class Observation:
-    usr: dict[str, list] = field(default_factory=dict)  # rel path -> ["file", digest hex, mode] | ["symlink", dest]
+    # rel path -> ["file", digest hex, mode, "uid:gid"] | ["symlink", dest]
+    usr: dict[str, list] = field(default_factory=dict)
     usr_is_symlink: str | None = None
     state_id: str | None = None
     db_states: list[int] = field(default_factory=list)
@@ -59,7 +60,7 @@ def walk(base: Path) -> dict[str, list]:
             if stat.S_ISLNK(st.st_mode):
                 tree[rel] = ["symlink", os.readlink(full)]
             elif stat.S_ISREG(st.st_mode):
-                tree[rel] = ["file", hash_file(full), f"{stat.S_IMODE(st.st_mode):04o}"]
+                tree[rel] = ["file", hash_file(full), f"{stat.S_IMODE(st.st_mode):04o}", f"{st.st_uid}:{st.st_gid}"]
             else:
                 tree[rel] = ["other", f"{stat.S_IFMT(st.st_mode):o}"]
     return tree
@@ -111,7 +112,8 @@ def observe(root: Path, *, check_store: bool = True) -> Observation:
                 obs.partial_assets.append(rel)
                 continue
             obs.assets += 1
-            if value[0] != "file" or value[1].lstrip("0") != name.lstrip("0"):
+            digest = name.split(".", 1)[0]  # a mode/owner variant, <asset>.<mode>.<uid>.<gid>, holds its content
+            if value[0] != "file" or value[1].lstrip("0") != digest.lstrip("0"):
                 obs.bad_assets.append(rel)
     return obs
 
@@ -125,15 +127,16 @@ def _read_layouts(obs: Observation, db: Path, usr: Path) -> None:
         with closing(sqlite3.connect(f"file:{db / 'state'}?mode=ro", uri=True)) as states, \
                 closing(sqlite3.connect(f"file:{db / 'layout'}?mode=ro", uri=True)) as layout:
             selections = states.execute("SELECT state_id, package_id FROM state_selections").fetchall()
-            rows = layout.execute("SELECT package_id, entry_type, entry_value1, entry_value2, mode FROM layout").fetchall()
+            rows = layout.execute("SELECT package_id, entry_type, entry_value1, entry_value2, mode, uid, gid "
+                                  "FROM layout").fetchall()
     except sqlite3.Error:
         return
     by_package: dict[str, list] = {}
-    for package, kind, value1, value2, mode in rows:
-        by_package.setdefault(package, []).append((kind, value1, value2, mode))
+    for package, kind, value1, value2, mode, uid, gid in rows:
+        by_package.setdefault(package, []).append((kind, value1, value2, mode, f"{uid}:{gid}"))
     referenced = set()
     for _state, package in selections:
-        referenced |= {int(v1) for kind, v1, _v2, _m in by_package.get(package, ()) if kind == "regular"}
+        referenced |= {int(v1) for kind, v1, *_rest in by_package.get(package, ()) if kind == "regular"}
     store = db.parent / "assets" / "v2"
     for digest in sorted(referenced):
         name = f"{digest:x}"
@@ -144,9 +147,9 @@ def _read_layouts(obs: Observation, db: Path, usr: Path) -> None:
         active = int(obs.state_id)
         tree: dict[str, list] = {}
         for state, package in selections:
-            for kind, value1, value2, mode in by_package.get(package, ()) if state == active else ():
+            for kind, value1, value2, mode, owner in by_package.get(package, ()) if state == active else ():
                 if kind == "regular":  # installed read-only: mode & ~0o222 (upstream's blit)
-                    tree[value2] = ["file", f"{int(value1):032x}", f"{(mode or 0o644) & 0o7555:04o}"]
+                    tree[value2] = ["file", f"{int(value1):032x}", f"{(mode or 0o644) & 0o7555:04o}", owner]
                 elif kind == "symlink":
                     tree[value2] = ["symlink", value1]
         obs.recorded_usr = tree

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lab.crash.model import Model
 from lab.invariants import INVARIANTS, CheckContext, ExpectedTree, Violation
 from lab.packages import PackageDecl, build_packages, expected_tree
 from lab.scenario import Scenario
@@ -111,14 +112,16 @@ class Runner:
                 "--swap", str(self.scenario.swap), *boot, *rest]
 
     def pm(self, verb: list[str], *rest: str, fault: str | None = None,
-           env: dict[str, str] | None = None) -> CommandResult:
-        """The package manager's CLI; its system calls are traced for the ALICE check when that is enabled."""
+           env: dict[str, str] | None = None, cut_model: Model | None = None) -> CommandResult:
+        """The package manager's CLI; its system calls are traced for the ALICE check when that is enabled;
+        ``cut_model``: what a power cut during it loses (default: the target's model)."""
         trace = None
         if "alice" in self.scenario.invariants and verb[0] in ("install", "remove", "sync", "state"):
             self.traces += 1
             trace = self.workdir / f"trace-{self.traces}.txt"
             self.last_trace = trace
-        return self.target.stonelab(self.pm_args(verb, *rest), fault=fault, env=env, trace=trace)
+        return self.target.stonelab(self.pm_args(verb, *rest), fault=fault, env=env, trace=trace,
+                                    cut_model=cut_model)
 
     def execute(self, cmd) -> CommandResult:
         """A step's :class:`lab.steps.transactions.Command` on the target."""

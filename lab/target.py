@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -15,13 +16,16 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 from pathlib import Path
 
 from lab.bootprobe import observe_boot
 from lab.faults import ACTIONS as FAULT_ACTIONS
 from lab.probe import Observation, observe
 from stonelab.errors import StonelabError
+
+if TYPE_CHECKING:
+    from lab.crash.model import Model
 
 COMMAND_TIMEOUT = 300
 
@@ -42,6 +46,7 @@ class CommandResult:
     stderr: str
     seconds: float
     crashed: bool = False  # died at the requested fault point
+    lost: str = ""  # after a power cut: what the disk lost (the power-loss model's account)
 
     @property
     def ok(self) -> bool:
@@ -60,8 +65,9 @@ class Target(Protocol):
     root: Path
 
     def describe(self) -> str: ...
+    def cut_semantics(self, model: Model) -> str: ...
     def stonelab(self, args: list[str], *, fault: str | None = None, env: dict[str, str] | None = None,
-                 trace: Path | None = None) -> CommandResult: ...
+                 trace: Path | None = None, cut_model: Model | None = None) -> CommandResult: ...
     def path_for_package(self, path: Path) -> str: ...
     def observe(self, *, boot: bool = False) -> Observation: ...
     def corrupt_asset(self) -> str: ...
@@ -88,6 +94,10 @@ class HostTarget:
     crash_semantics = ("the process is killed at the fault point (SIGKILL); the kernel's page cache survives, "
                        "so this shows the ordering of steps, not durability — a power cut needs the vm target")
 
+    def cut_semantics(self, model: Model) -> str:
+        """A killed process loses no disk cache: the same whatever the power-loss model."""
+        return self.crash_semantics
+
     def __init__(self, workdir: Path | None = None):
         self._own_workdir = workdir is None
         self.workdir = Path(tempfile.mkdtemp(prefix="stonelab-host-")) if workdir is None else workdir
@@ -100,11 +110,13 @@ class HostTarget:
         (self.root / "var" / "lib" / "lab" / "keep").write_text("user data\n")
 
         self._disk: Path | None = None
+        self.nofile: int | None = None  # RLIMIT_NOFILE (soft = hard) of the package manager: limit_open_files
 
     def stonelab(self, args: list[str], *, fault: str | None = None, env: dict[str, str] | None = None,
-                 trace: Path | None = None) -> CommandResult:
+                 trace: Path | None = None, cut_model: Model | None = None) -> CommandResult:
         """The package manager's CLI; ``fault`` kills it at that point, ``env`` adds variables (a seeded cut),
-        ``trace`` records its system calls there (strace, for the ALICE check)."""
+        ``trace`` records its system calls there (strace, for the ALICE check).  ``cut_model`` is ignored: a
+        killed process loses no disk cache."""
         argv = [sys.executable, "-m", "stonelab.cli", *args]
         if trace is not None:
             argv = [*strace_argv(trace), *argv]
@@ -114,8 +126,10 @@ class HostTarget:
         if fault:
             environ["STONELAB_FAULT"] = f"{fault}:crash"
         started = time.monotonic()
+        limit = None if self.nofile is None else \
+            (lambda n=self.nofile: resource.setrlimit(resource.RLIMIT_NOFILE, (n, n)))
         proc = subprocess.run(argv, capture_output=True, text=True, env=environ, timeout=COMMAND_TIMEOUT,
-                              stdin=subprocess.DEVNULL)
+                              stdin=subprocess.DEVNULL, preexec_fn=limit)
         crashed = proc.returncode == -signal.SIGKILL or (trace is not None and proc.returncode == 128 + 9)
         return CommandResult(argv, proc.returncode, proc.stdout, proc.stderr, time.monotonic() - started, crashed)
 

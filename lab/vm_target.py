@@ -30,6 +30,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from lab.crash.logwrites import read_log
+from lab.crash.model import Model, PowerLoss
 from lab.probe import Observation
 from lab.target import COMMAND_TIMEOUT, CommandResult, TargetKind
 from reference_impl import mutants
@@ -78,16 +80,28 @@ class Generation:
 
 class VmTarget:
     kind = TargetKind.VM
-    crash_semantics = ("optimistic power-loss model (every submitted write survives; see docs/CRASH.md) — "
-                       "power cut: QEMU is SIGKILLed the moment the guest announces the fault point; the guest's "
-                       "page cache is lost and, with periodic writeback and journal commits disabled, exactly what "
-                       "the software flushed (fsync/syncfs) survives")
+    @property
+    def crash_semantics(self) -> str:
+        """How a power cut on this target works, for every report (the model named first)."""
+        return self.cut_semantics(self.power.model)
+
+    def cut_semantics(self, model: Model) -> str:
+        how = ("power cut: QEMU is SIGKILLed the moment the guest announces the fault point (or the seeded "
+               "moment); the guest's page cache is lost and, with periodic writeback and journal commits disabled, "
+               "only what the software wrote out (fsync/syncfs) reached the disk")
+        if model is Model.OPTIMISTIC or not self.record:
+            return (f"optimistic power-loss model (every write the guest submitted survives, flushed or not; see "
+                    f"docs/CRASH.md) — {how}")
+        return (f"volatile-cache power-loss model (the disk keeps what it had up to the last completed FLUSH, plus "
+                f"FUA writes; the rest of its write cache is lost; see docs/CRASH.md) — {how}, then the disk "
+                f"drops its volatile write cache")
 
     def __init__(self, workdir: Path, *, kernel: Kernel | None = None, accel: str = "auto",
                  selector: AccelSelector | None = None, root_mib: int = 256, personality: str | None = None,
                  record: bool = True, root_fs: str = "ext4", snapshots: bool = True, keep: Path | None = None,
-                 host_userland: bool = False):
+                 host_userland: bool = False, power: PowerLoss = PowerLoss(), cpus: int | None = None):
         self.workdir = workdir
+        self.power = power  # what a power cut loses (recording targets; without recording: optimistic)
         self.keep = keep
         # a kernel personality (lab.kernel.emulate): the package manager runs under its seccomp filter, on the
         # profile's persistent root filesystem; otherwise ``root_fs`` (ext4, or ext2 as on Asterinas)
@@ -115,12 +129,14 @@ class VmTarget:
         # after boot (vm.snapshot) at every power-on. ``host_userland``: the system under test is a program of the
         # host (Nix, OSTree), which the userland image does not carry, so the guest sees the host root over 9p.
         fast = not record and not host_userland
+        # a recording guest gets two vCPUs: the crash engine checks crash states in parallel workers, one per vCPU
         config = agent_config(self.kernel, self.accel, [DiskSpec(self.disk.path)],
-                              userland="image" if fast else "9p")
+                              userland="image" if fast else "9p", cpus=cpus or (2 if record else 1))
         self.machine = Machine(config, name="sut", crash_on_fault=True, console_log=workdir / "console.log",
                                restore_from=saved_state(config) if fast and snapshots else None)
         self.machine.on_fault = lambda point: self.mark(f"fault:{point}")
         self.boots = 0
+        self.nofile: int | None = None  # RLIMIT_NOFILE (soft = hard) of the package manager: limit_open_files
         self._pushed: dict[Path, str] = {}
         try:
             self.power_on()
@@ -209,25 +225,52 @@ class VmTarget:
         qemu-img fails."""
         if self.generation is None:
             return self.disk.path
-        flat = self.workdir / f"gen-{self.generation.number}-flat.img"
-        proc = subprocess.run(["qemu-img", "convert", "-q", "-f", "qcow2", "-O", "raw",
-                               str(self.generation.overlay), str(flat)], capture_output=True, text=True)
+        return self._start_next_generation_from(self._raw_copy(self.generation.overlay, "qcow2", "flat"))
+
+    def _raw_copy(self, source: Path, fmt: str, what: str) -> Path:
+        flat = self.workdir / f"gen-{self.generation.number}-{what}.img"
+        proc = subprocess.run(["qemu-img", "convert", "-q", "-f", fmt, "-O", "raw", str(source), str(flat)],
+                              capture_output=True, text=True)
         if proc.returncode != 0:
             raise StonelabError(f"{flat}: qemu-img convert failed: {proc.stderr.strip()}")
+        return flat
+
+    def _start_next_generation_from(self, flat: Path) -> Path:
         self.disk = dataclasses.replace(self.disk, path=flat)
         self._flattened = True
         return flat
 
-    def _python(self, argv: list[str], env: str = "", timeout: float = COMMAND_TIMEOUT):
+    def lose_volatile_cache(self, power: PowerLoss) -> str:
+        """After a power cut (QEMU killed): make the disk what ``power`` says survives, and start the next
+        generation from it.  Volatile-cache: the generation's starting image plus every write up to the last
+        completed FLUSH and the FUA writes after it — whatever else the guest had written sat in the disk's
+        write cache and is gone.  Optimistic: the disk as QEMU left it.  Returns one line on what was lost.
+        Raises StonelabError when the write log cannot be read or qemu-img fails."""
+        if self.generation is None or power.model is Model.OPTIMISTIC:
+            return "every write the guest had submitted survives (optimistic model)"
+        recording = read_log(self.generation.log)
+        state = power.worst_cut(recording)
+        flat = self._raw_copy(self.generation.base, self.generation.base_format, "cut")
+        power.write_state(recording, state, flat)
+        self._start_next_generation_from(flat)
+        units, _forced = power.in_flight(recording, state.cut)
+        return (f"{len(units) - len(state.persisted)} of the {len(units)} writes after the last completed flush "
+                f"(log entry {state.boundary}) were in the volatile write cache and are lost")
+
+    def _python(self, argv: list[str], env: str = "", timeout: float = COMMAND_TIMEOUT, limit: str = ""):
         self.power_on()
         mutant = os.environ.get(mutants.ENV_VAR)
         if mutant:  # the lab's own tests seed bugs in the system under test (reference_impl/mutants.py)
             env = f"{mutants.ENV_VAR}={shlex.quote(mutant)} {env}"
-        command = f"cd {shlex.quote(str(PROJECT_DIR))} && {env}{shlex.quote(sys.executable)} {shlex.join(argv)}"
+        command = (f"cd {shlex.quote(str(PROJECT_DIR))} && {limit}{env}{shlex.quote(sys.executable)} "
+                   f"{shlex.join(argv)}")
         return self.machine.execute(command, timeout)
 
     def stonelab(self, args: list[str], *, fault: str | None = None, env: dict[str, str] | None = None,
-                 trace: Path | None = None) -> CommandResult:
+                 trace: Path | None = None, cut_model: Model | None = None) -> CommandResult:
+        """The package manager's CLI in the guest; ``fault`` (a fault point) or ``env`` (a seeded cut) ends it with
+        a power cut, after which the disk loses what the power-loss model says (``cut_model``, default the
+        target's).  Raises StonelabError when the guest fails otherwise."""
         argv = ["-m", "stonelab.cli", *args]
         if self.personality:
             argv = ["-m", "lab.kernel.emulate", "--profile", self.personality, "--", sys.executable, *argv]
@@ -238,15 +281,16 @@ class VmTarget:
         self.power_on()
         self.mark("start")
         try:
-            result = self._python(argv, prefix)
+            result = self._python(argv, prefix, limit=f"ulimit -n {self.nofile} && " if self.nofile else "")
         except StonelabError as err:
             point = fault or ("cut" if env and "STONELAB_CUT" in env else None)
             crashed = bool(point) and self.machine.faults is not None and point in self.machine.faults.points
             if not crashed:
                 raise
             self.machine.crash()  # the watcher only sent SIGKILL; make sure QEMU is gone and reaped
-            return CommandResult(["stonelab", *args], -9, "", f"power cut at {fault}: {err}",
-                                 time.monotonic() - started, crashed=True)
+            lost = self.lose_volatile_cache(PowerLoss(cut_model) if cut_model else self.power)
+            return CommandResult(["stonelab", *args], -9, "", f"power cut at {point}: {err}",
+                                 time.monotonic() - started, crashed=True, lost=lost)
         self.mark("return", result.exit_code)
         return CommandResult(["stonelab", *args], result.exit_code, result.stdout, result.stderr,
                              time.monotonic() - started)
@@ -315,8 +359,8 @@ class VmTarget:
         return int(result.stdout.strip() or 0) if result.stdout.strip().isdigit() else 0
 
     def boot_entry(self, entry: str) -> tuple[str, str, str]:
-        """Power off, then boot the SUT disk for real: OVMF → systemd-boot → the Type 1 entry ``entry`` (a file
-        name under loader/entries without .conf; the lab makes it the one-time default in loader.conf and puts the
+        """Power off, then boot the SUT disk for real: OVMF → systemd-boot → the Type 1 entry ``entry`` (its id: the file
+        name under loader/entries, or a glob loader.conf already holds; the lab makes it the one-time default in loader.conf and puts the
         original back afterwards). Returns (state id the initramfs found in /usr/.stateID, its moss.fstx=, the
         console's last lines). Raises StonelabError when no state is reported in time."""
         from lab.bootproof import BOOTED

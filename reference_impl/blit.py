@@ -62,6 +62,7 @@ class BlitOptions:
     workers: int = 0  # 0: choose (threads)
     fsync: bool = True  # one syncfs of the destination filesystem at the end
     on_halfway: Callable[[], None] | None = None  # called once, after about half the entries are placed
+    owners: bool = True  # give files their layout's uid/gid; False: upstream's hard-link blit ignores them (#785)
 
 
 @dataclass
@@ -150,6 +151,14 @@ class _Blitter:
             self.store_dev = None
         self.umask = _current_umask()
         self.share_empty = mutants.active("hardlink-empty-files")
+        # upstream (moss-compat) gives files no owner of their own: #785, open upstream
+        self.keep_owners = options.owners and not mutants.active("ignore-owners")
+        # a seeded bug: one shared inode whose mode the last file to link it sets, as upstream did before #834
+        self.shared_mode = mutants.active("shared-inode-mode")
+        # a seeded bug: EXDEV is an error, as it was upstream before #834 (#659)
+        self.exdev_fails = mutants.active("no-exdev-fallback")
+        # a seeded bug: one file descriptor left open per blitted file (upstream's regression fixed in #844, #841)
+        self.leaked: list[int] | None = [] if mutants.active("leak-blit-fds") else None
         self.strategy = BlitStrategy.HARDLINK
 
     def close(self) -> None:
@@ -303,7 +312,7 @@ class _Blitter:
                 if not works:
                     raise StonelabError(f"{self.dest}: cannot blit with reflinks: {reason}")
             return requested
-        if self.store_dev is not None and self.store_dev != dest_dev:
+        if self.store_dev is not None and self.store_dev != dest_dev and not self.exdev_fails:
             self._note_exdev()
             return BlitStrategy.COPY
         if requested is BlitStrategy.AUTO and sample is not None and self._probe_reflink(sample)[0]:
@@ -351,6 +360,8 @@ class _Blitter:
 
     def _file_owner(self, entry: LayoutEntry) -> tuple[int, int]:
         """For regular files: without root the store owner's (a link to the canonical asset) when asked for."""
+        if not self.keep_owners:
+            return self.store_owner
         if self.root:
             return entry.uid, entry.gid
         wanted = (entry.uid, entry.gid)
@@ -364,7 +375,7 @@ class _Blitter:
         for entry in others:
             if entry.file_type != _REGULAR or entry.digest == EMPTY_DIGEST:
                 continue
-            key = (stat.S_IMODE(entry.mode) & ~0o222, *self._file_owner(entry))
+            key = (ASSET_MODE if self.shared_mode else stat.S_IMODE(entry.mode) & ~0o222, *self._file_owner(entry))
             if key != canonical:
                 needed.setdefault((entry.digest, *key), entry.target)
         todo: list[tuple[str, str, int, int, int, str]] = []
@@ -434,22 +445,28 @@ class _Blitter:
             counts["files"] += 1
             digest = entry.digest
             mode = entry.mode & 0o7555  # & 0o7777 & ~0o222
+            if not self.keep_owners:
+                uid, gid = store_owner
             if digest == EMPTY_DIGEST and not self.share_empty:
                 self._empty(target, mode, uid, gid)
                 counts["empty"] += 1
                 continue
             source = asset_str(store, digest)
             if self.strategy is BlitStrategy.HARDLINK:
-                linked = source if mode == ASSET_MODE and (uid, gid) == store_owner else \
+                linked = source if (mode == ASSET_MODE or self.shared_mode) and (uid, gid) == store_owner else \
                     f"{source}.{mode:o}.{uid}.{gid}"
                 try:
                     link(linked, target, dst_dir_fd=fd, follow_symlinks=False)
+                    if self.shared_mode and linked == source:
+                        os.chmod(source, mode)
+                    if self.leaked is not None:
+                        self.leaked.append(os.open(target, os.O_RDONLY | os.O_CLOEXEC, dir_fd=fd))
                     counts["linked"] += 1
                     continue
                 except FileNotFoundError:
                     raise StonelabError(f"{source}: missing asset for /usr/{target}") from None
                 except OSError as err:
-                    if err.errno == errno.EXDEV:
+                    if err.errno == errno.EXDEV and not self.exdev_fails:
                         self._note_exdev()
                     elif err.errno != errno.EMLINK:  # EMLINK: 65,000 links on ext4; this one gets a copy
                         raise

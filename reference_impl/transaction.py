@@ -54,6 +54,19 @@ class BootConfig:
                 raise
             # upstream: no ESP found → boot sync reports success having written nothing
 
+    def check_fits(self, inst: Installation, state_id: int, trees: Mapping[int, Path]) -> None:
+        """Before a swap (reference mode): raise StonelabError when the boot sync that follows it cannot fit the
+        kernels and initrds it must copy on the ESP, so that the old state stays active. Other ESP problems
+        (missing, not FAT) are left to the boot sync after the swap, which reports them (docs/TRANSACTIONS.md)."""
+        from reference_impl.boot import EspError, EspFullError, sync_boot
+        try:
+            sync_boot(inst.root, esp=self.esp, root_device=self.root_device, target=state_id, dry_run=True,
+                      trees=trees)
+        except EspFullError as err:
+            raise StonelabError(f"state {state_id} not activated, its boot entries would not fit: {err}") from None
+        except EspError:
+            pass
+
 
 class Mode(enum.StrEnum):
     REFERENCE = "reference"
@@ -145,7 +158,8 @@ class Transaction:
             entries = list(entries)[: len(list(entries)) // 2]
         report = blit(entries, inst.assets, inst.staging_usr,
                       BlitOptions(strategy=self.settings.blit, fsync=False,
-                                  on_halfway=lambda: self.fault("blit.mid")))
+                                  on_halfway=lambda: self.fault("blit.mid"),
+                                  owners=self.settings.mode is Mode.REFERENCE))
         self.fault("blit.end")
         state = self.dbs.state.add(selections, summary=summary)
         self.fault("state.recorded")
@@ -158,6 +172,7 @@ class Transaction:
                 os_release.write_text(OS_RELEASE)
             if run_triggers is not None:
                 run_triggers(inst.staging_usr)
+            self._check_boot_fits(state.id, old, inst.staging_usr)
         except BaseException:
             if self.settings.durable:  # roll back: the state never existed
                 remove_tree(inst.staging)
@@ -175,6 +190,7 @@ class Transaction:
             raise StonelabError(f"state {state_id} is already active")
         if not inst.archived(state_id).is_dir():
             raise StonelabError(f"{inst.archived(state_id)}: state {state_id} has no tree on disk")
+        self._check_boot_fits(state_id, old, inst.archived(state_id))
         intent = self.intent("activate", state_id, old)
         if self.settings.swap is SwapStrategy.SYMLINK:
             self.switch(intent)
@@ -189,6 +205,14 @@ class Transaction:
         if self.settings.durable:
             fsync_dir(inst.trees)
         self.switch(intent, intent_written=True)
+
+    def _check_boot_fits(self, new: int, old: int | None, new_tree: Path) -> None:
+        """Reference mode: a swap whose boot sync cannot fit on the ESP is refused before it happens (upstream
+        swaps, then fails on ENOSPC: #866). moss-compat keeps upstream's order."""
+        if self.boot is None or not self.settings.durable or mutants.active("swap-before-esp-check"):
+            return
+        trees = {new: new_tree} | ({old: self.inst.usr} if old is not None else {})
+        self.boot.check_fits(self.inst, new, trees)
 
     def intent(self, op: str, new: int, old: int | None) -> Intent:
         boot = self.boot

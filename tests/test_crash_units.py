@@ -274,3 +274,32 @@ def test_judge_alice_contract_recovery_and_lab_invariants(tmp_path):
     unreadable = judge({"recovery": {"exit": 0, "output": ""}, "read_error": "Bad message (/.moss/db/state)"},
                        oracle, True)
     assert [(v.invariant, "Bad message" in v.detail) for v in unreadable] == [("recovers", True)]
+
+
+def test_a_power_cut_loses_the_volatile_cache_of_a_disk_image(tmp_path):
+    """What the runner's crash steps do on a recording vm target (VmTarget.lose_volatile_cache): the disk keeps
+    every write up to the last completed flush and the FUA writes after it; the optimistic model keeps all."""
+    rec = read_log(sample(tmp_path))
+    image = tmp_path / "disk.raw"
+    for model, kept in ((Model.VOLATILE_CACHE, "abce"), (Model.OPTIMISTIC, "abcdef")):
+        image.write_bytes(b"\0" * 64 * SECTOR)
+        power = PowerLoss(model)
+        state = power.worst_cut(rec)
+        power.write_state(rec, state, image)
+        disk = image.read_bytes()
+        on_disk = "".join(chr(disk[s * SECTOR]) for s in (8, 16, 24, 32, 40, 48) if disk[s * SECTOR])
+        assert on_disk == kept, model
+    assert PowerLoss().worst_cut(rec).write_set() == "#6"  # the FUA write after the last flush
+
+
+def test_crash_and_random_cut_steps_name_their_power_loss_model(tmp_path):
+    (crash,) = load_scenarios(scenario_file(tmp_path, "crash: {at: swap.after, during: {install: [a]}, "
+                                                      "model: optimistic}"))
+    assert crash.steps[0].arg.model is Model.OPTIMISTIC
+    (default,) = load_scenarios(scenario_file(tmp_path, "crash: {at: swap.after, during: {install: [a]}}"))
+    assert default.steps[0].arg.model is None  # the target's model: volatile-cache on a recording vm target
+    (cut,) = load_scenarios(scenario_file(tmp_path, "power_loss: {during: {install: [a]}, at: random, seed: 1, "
+                                                    "model: volatile-cache}"))
+    assert cut.steps[0].arg.model is Model.VOLATILE_CACHE
+    with pytest.raises(ScenarioError, match="model"):
+        load_scenarios(scenario_file(tmp_path, "crash: {at: swap.after, during: {install: [a]}, model: cache}"))

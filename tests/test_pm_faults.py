@@ -205,3 +205,34 @@ def test_a_lost_esp_after_the_switch_is_an_error_not_silence(tmp_path: Path, pkg
         assert state_id(other) == 1
         # upstream reports success having written nothing; the reference names the problem
         assert (result.stderr == "") == (mode == "moss-compat"), result.stderr
+
+
+@pytest.mark.parametrize("mode", ["reference", "moss-compat"])
+def test_a_boot_sync_that_cannot_fit_is_refused_before_the_swap(tmp_path: Path, mode: str):
+    """Issue 12: on a full ESP the reference refuses a transaction before /usr is swapped (the old state stays
+    active, its row and tree intact, the ESP untouched); moss-compat swaps first and fails after, as upstream
+    does (#866). Fails with STONELAB_MUTANT=swap-before-esp-check (the check skipped)."""
+    from lab.faults import fill_esp
+    from tests.test_boot_helpers import esp_listing, make_disk
+    disk = make_disk(tmp_path / "disk.img", esp_sectors=65536)
+    root = tmp_path / "root"
+    root.mkdir()
+    pkgs = tmp_path / "pkgs"
+    boot = ["--mode", mode, "--esp", f"{disk}:1", "--root-device", f"{disk}:2"]
+    assert stonelab("install", "-D", str(root), *boot, str(kernel_package(pkgs, "1", 1))).returncode == 0
+    before_usr, before_esp = usr_tree(root), esp_listing(disk)
+    fill_esp(root, disk)
+    filled = esp_listing(disk)
+    result = stonelab("install", "-D", str(root), *boot, str(kernel_package(pkgs, "2", 2)))
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "full" in result.stderr
+    states = json.loads(stonelab("state", "list", "--json", "-D", str(root), "--mode", mode).stdout)
+    if mode == "reference":
+        assert "not activated" in result.stderr
+        assert state_id(root) == 1 and usr_tree(root) == before_usr
+        assert [s["id"] for s in states] == [1]
+        assert not any((root / ".moss/root/staging").iterdir()) if (root / ".moss/root/staging").exists() else True
+        assert esp_listing(disk) == filled and set(before_esp) <= set(filled)
+    else:
+        assert "is active, but its boot entries were not written" in result.stderr
+        assert state_id(root) == 2 and usr_tree(root) != before_usr

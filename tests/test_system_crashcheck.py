@@ -91,16 +91,15 @@ def test_ostree_state_with_a_dangling_loader_is_caught(tmp_path: Path):
         remove_root(tmp_path / "state")
 
 
-def test_the_crash_engine_checks_a_nix_state_with_the_systems_own_check(nix, tmp_path: Path, monkeypatch):
+def test_the_crash_engine_checks_a_nix_state_with_the_systems_own_check(nix, tmp_path: Path):
     """The engine's guest job (``system: nix``) observes the state through lab.systems.crashcheck, and its judge
     applies ALICE's contract and Nix's invariants; a reference job would not call it."""
     from lab.crash import materialize
     from lab.crash.check import Oracle, judge as judge_state
     from lab.systems import invariants_of
     state = copy_state(nix, tmp_path)
-    monkeypatch.setattr(materialize, "MOUNTPOINT", str(tmp_path))
     job = materialize.Job(device="/dev/null", system="nix", system_root=state.name)
-    observed = materialize._observe_system(job)
+    observed = materialize._observe_system(job, str(tmp_path))
     assert observed["current"] == 1 and observed["violations"] == []
     oracle = Oracle(OLD, NEW, True, invariants=invariants_of("nix"), system="nix")
     assert Oracle.from_dict(json.loads(json.dumps(oracle.to_dict()))) == oracle
@@ -108,10 +107,10 @@ def test_the_crash_engine_checks_a_nix_state_with_the_systems_own_check(nix, tmp
     assert judge_state(result, oracle, after_return=False) == []
     assert [v.invariant for v in judge_state(result, oracle, after_return=True)] == ["durable_success"]
     (state / "nix/var/nix/db/schema").write_bytes(b"")  # NixOS/nix#7064
-    damaged = {"system_state": materialize._observe_system(job)}
+    damaged = {"system_state": materialize._observe_system(job, str(tmp_path))}
     assert "nix_db_valid" in {v.invariant for v in judge_state(damaged, oracle, after_return=False)}
     broken = {"system_state": materialize._observe_system(
-        materialize.Job(device="/dev/null", system="guix", system_root=state.name))}
+        materialize.Job(device="/dev/null", system="guix", system_root=state.name), str(tmp_path))}
     (failure,) = judge_state(broken, oracle, after_return=False)
     assert failure.invariant == "recovers" and "could not be read" in failure.detail
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pexpect
 import pytest
+
+from reference_impl.boot.esp import FAT32_MIN_CLUSTERS, MtoolsEsp, format_fat
 import xxhash
 
 from vm.accel import AccelSelector, ProbeResult, probe_kvm
@@ -133,6 +135,35 @@ def test_disk_image_gpt_layout_and_contents(tmp_path):
     ext = subprocess.run(["debugfs", "-R", "cat /usr/bin/tool", f"{image.path}?offset={layout.root_offset}"],
                          capture_output=True, text=True).stdout
     assert ext == "#!/bin/sh\n"
+
+
+@pytest.mark.parametrize("esp_mib, root_mib", [(64, 256), (33, 8), (300, 512)])
+def test_esp_is_fat32_by_cluster_count_and_takes_directories(tmp_path, esp_mib, root_mib):
+    """Regression (issue 12): ``mkfs.vfat --offset`` sized the clusters of a 64 MiB ESP for the whole 320 MiB
+    image, 16,000 clusters under a FAT32 boot sector, which mtools reads as FAT16 with no root directory slots:
+    the guest's first boot sync failed with 'No directory slots'."""
+    layout = DiskLayout(esp_mib=esp_mib, root_mib=root_mib)
+    image = build_disk(tmp_path / "sut.img", layout)
+    with open(image.path, "rb") as disk:
+        disk.seek(layout.esp_offset)
+        boot = disk.read(512)
+    per_cluster, reserved, fats = boot[13], int.from_bytes(boot[14:16], "little"), boot[16]
+    fat_sectors, total = int.from_bytes(boot[36:40], "little"), int.from_bytes(boot[32:36], "little")
+    assert (total - reserved - fats * fat_sectors) // per_cluster >= FAT32_MIN_CLUSTERS
+    esp = MtoolsEsp(image.path, layout.esp_offset)
+    esp.write_atomic("loader/entries/a.conf", b"title a\n")
+    esp.write_atomic("EFI/BOOT/BOOTX64.EFI", b"efi")
+    assert [p.casefold() for p in esp.list_files()] == ["efi/boot/bootx64.efi", "loader/entries/a.conf"]
+
+
+def test_format_fat_on_a_region_of_a_larger_image_is_fat32(tmp_path):
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as disk:
+        disk.truncate(400 << 20)
+    format_fat(image, 1 << 20, 64 << 20)
+    esp = MtoolsEsp(image, 1 << 20)
+    esp.write_atomic("loader/entries/a.conf", b"x")
+    assert esp.read("loader/entries/a.conf") == b"x"
 
 
 def test_disk_layout_rejects_a_too_small_esp():

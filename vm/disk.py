@@ -8,6 +8,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from reference_impl.boot.esp import fat32_sectors_per_cluster
 from vm.errors import VmError
 from vm.host import require_program
 
@@ -79,7 +80,10 @@ def build_disk(path: Path, layout: DiskLayout = DiskLayout(), esp_tree: Path | N
                   f"start={esp_start}, size={layout.esp_mib * MIB // SECTOR}, type={ESP_TYPE}, name=ESP\n"
                   f"start={root_start}, size={layout.root_mib * MIB // SECTOR}, type={LINUX_FS_TYPE}, name=root\n")
         _run([sfdisk, "--quiet", "--no-reread", "--no-tell-kernel", str(tmp)], tmp, stdin=script)
-        _run([mkfs_vfat, "-F", "32", "-n", "ESP", "--offset", str(esp_start), str(tmp),
+        # an explicit cluster size: with --offset, mkfs.vfat sizes clusters for the whole image (see
+        # fat32_sectors_per_cluster), which leaves a 64 MiB ESP too few clusters to be FAT32
+        cluster = min(8, fat32_sectors_per_cluster(layout.esp_mib * MIB))
+        _run([mkfs_vfat, "-F", "32", "-s", str(cluster), "-n", "ESP", "--offset", str(esp_start), str(tmp),
               str(layout.esp_mib * 1024)], tmp)
         if esp_tree is not None:
             copy_into_fat(tmp, layout.esp_offset, esp_tree)

@@ -11,12 +11,13 @@ pre-recording image read-only as a second disk, ``python -m lab.crash.materializ
 3. the states go in batches of :data:`BATCH`: one ``dmsetup create --concise`` makes a snapshot of the base for
    each state of the batch (``stonelab-crash-state``, each over its own RAM disk), and one ``dmsetup remove``
    removes them all afterwards — a helper process per state cost more than the state's own check under TCG;
-4. for each state: its own writes; ``mount(2)`` as ext4 (the guest kernel replays the journal), or ext2 (the
-   job's ``fstype``); the system under test's recovery and observation — for the reference its recovery verb
-   (forked from this process, which has imported it already) and ``lab.probe.observe``; for a real system
+4. for each state — in one forked worker per guest vCPU, each with its own mount point, as the states are
+   independent file systems —: its own writes; ``mount(2)`` as ext4 (the guest kernel replays the journal) or
+   ext2 (the job's ``fstype``); the system under test's recovery and observation — for the reference its recovery
+   verb (forked again from the worker, which has imported it already) and ``lab.probe.observe``; for a real system
    (``system: nix|ostree``) ``lab.systems.crashcheck.observe_system`` on ``system_root`` below the mount: the
-   system's own recovery, then its state read with its own commands and its integrity check; unmount.
-   One JSON line per state on stdout, with the seconds of each phase.
+   system's own recovery, then its state read with its own commands and its integrity check; unmount.  One JSON
+   line per state on stdout, in state order, with the seconds of each phase.
 
 Every device, mount and loop device is removed on the way out, also when a state fails; they live only in the
 guest, which the lab powers off afterwards in any case.
@@ -24,6 +25,7 @@ guest, which the lab powers off afterwards in any case.
 from __future__ import annotations
 
 import ctypes
+import importlib
 import json
 import os
 import signal
@@ -37,6 +39,10 @@ from pathlib import Path
 MOUNTPOINT = "/mnt/stonelab-crash"
 BASE, TOP = "stonelab-crash-base", "stonelab-crash-state"  # + the job's pid (and the state's number)
 BATCH = 16  # crash states whose snapshots one dmsetup call creates (and one removes)
+MAX_WORKERS = 4  # states checked at once: one per guest vCPU, at most this many
+# what the reference's recovery verbs run, imported before the forks so that no recovery pays for it (the verb
+# modules themselves import lazily, for the sake of one-shot command lines)
+PRELOAD = ("reference_impl.client", "reference_impl.recovery", "reference_impl.transaction")
 RAM_DISK_KIB = 1 << 20  # each copy-on-write store: a brd RAM disk of 1 GiB, its pages allocated on first write
 RAM_DISKS = 2 * BATCH + 1  # the base's, a batch's, and as many spares for devices the kernel still holds
 RECOVERY_TIMEOUT = 120.0
@@ -224,48 +230,50 @@ class Phases:
         self.last = now
 
 
-def check_state(job: Job, data, device: str, chunk_ids: list[int], parser, clock: Phases) -> dict:
-    """Write one state's own chunks onto ``device`` (a fresh snapshot of the base), mount it, recover, observe,
-    unmount; the result as a JSON-ready dict.  Raises RuntimeError when the unmount is refused."""
+def check_state(job: Job, data, device: str, chunk_ids: list[int], parser, clock: Phases,
+                mountpoint: str = MOUNTPOINT) -> dict:
+    """Write one state's own chunks onto ``device`` (a fresh snapshot of the base), mount it at ``mountpoint``,
+    recover, observe, unmount; the result as a JSON-ready dict.  Raises RuntimeError when the unmount is
+    refused."""
     from lab.probe import observe
     result: dict = {"chunks": len(chunk_ids), "phases": clock.seconds}
     _apply(device, job, data, chunk_ids)
     clock.done("apply")
-    os.makedirs(MOUNTPOINT, exist_ok=True)
-    problem = _mount(device, MOUNTPOINT, job.fstype)
+    os.makedirs(mountpoint, exist_ok=True)
+    problem = _mount(device, mountpoint, job.fstype)
     clock.done("mount")
     if problem:
         result["mount_error"] = problem
         return result
     try:
         if job.system != "reference":
-            result["system_state"] = _observe_system(job)
+            result["system_state"] = _observe_system(job, mountpoint)
             clock.done("recovery")
             return result
-        argv = [a.replace("{root}", MOUNTPOINT) for a in job.recovery]
+        argv = [a.replace("{root}", mountpoint) for a in job.recovery]
         result["recovery"] = _recover(argv, parser)
         clock.done("recovery")
         try:
-            result["observation"] = asdict(observe(Path(MOUNTPOINT)))
+            result["observation"] = asdict(observe(Path(mountpoint)))
         except OSError as err:  # e.g. EBADMSG: a metadata checksum the journal replay did not make whole
-            result["read_error"] = f"{err.strerror or err} ({str(err.filename or '').removeprefix(MOUNTPOINT)})"
+            result["read_error"] = f"{err.strerror or err} ({str(err.filename or '').removeprefix(mountpoint)})"
         clock.done("observe")
     finally:
-        problem = _unmount(MOUNTPOINT)
+        problem = _unmount(mountpoint)
         clock.done("umount")
         if problem:
-            raise RuntimeError(f"umount {MOUNTPOINT}: {problem} ({_holders(MOUNTPOINT)})")
+            raise RuntimeError(f"umount {mountpoint}: {problem} ({_holders(mountpoint)})")
     return result
 
 
-def _observe_system(job: Job) -> dict:
+def _observe_system(job: Job, mountpoint: str = MOUNTPOINT) -> dict:
     """A real system's own recovery, then its state and its own invariants on the mounted state
     (:func:`lab.systems.crashcheck.observe_system`; its HOME and caches in a fresh directory on the guest's
     tmpfs); ``{"error": ...}`` when they could not run."""
     from lab.systems.crashcheck import observe_system
     with tempfile.TemporaryDirectory(prefix=f"stonelab-sut-{job.system}-") as scratch:
         try:
-            return observe_system(job.system, Path(MOUNTPOINT) / job.system_root, Path(scratch), recover=True)
+            return observe_system(job.system, Path(mountpoint) / job.system_root, Path(scratch), recover=True)
         except Exception as err:  # noqa: BLE001 — the state is judged as not recovering, the job goes on
             return {"error": f"{type(err).__name__}: {err}"[-600:]}
 
@@ -275,29 +283,23 @@ def _failure(err: Exception) -> dict:
     return {"error": f"{type(first).__name__}: {first}"[-600:]}
 
 
-def _check_batch(job: Job, data, base: str, numbers: list[int], sectors: int, parser) -> list[dict]:
-    """The states ``numbers`` of ``job``: their snapshots created at once, each checked, all removed at once.
-    The creation and removal seconds are shared out over the batch (phases ``snapshot`` and ``remove``)."""
+def _check_batch(job: Job, data, base: str, numbers: list[int], sectors: int, parser, workers: int) -> list[dict]:
+    """The states ``numbers`` of ``job``: their snapshots created at once, each checked (``workers`` at a time),
+    all removed at once.  The creation and removal seconds are shared out over the batch (phases ``snapshot``
+    and ``remove``)."""
     started = time.monotonic()
     cows = _ram_disks()
     if len(cows) < len(numbers):
         raise RuntimeError(f"{len(cows)} free RAM disks for {len(numbers)} snapshots")
     names = {number: f"{TOP}-{os.getpid()}-{number}" for number in numbers}
-    results = []
     try:
         _create({names[n]: _snapshot_table(base, cow, sectors) for n, cow in zip(numbers, cows)})
     except RuntimeError as err:
         return [dict(_failure(err), state=n, seconds=0.0) for n in numbers]
     share = (time.monotonic() - started) / len(numbers)
     try:
-        for number in numbers:
-            clock = Phases()
-            clock.seconds["snapshot"] = round(share, 3)
-            try:
-                result = check_state(job, data, f"/dev/mapper/{names[number]}", job.states[number], parser, clock)
-            except Exception as err:  # noqa: BLE001 — one state's failure is that state's result, not the job's
-                result = _failure(err)
-            results.append(dict(result, state=number, seconds=round(sum(clock.seconds.values()), 3)))
+        results = _in_workers(numbers, workers, lambda number, mountpoint: _one_state(
+            job, data, f"/dev/mapper/{names[number]}", number, parser, share, mountpoint))
     finally:
         removing = time.monotonic()
         _remove(list(names.values()))
@@ -308,6 +310,50 @@ def _check_batch(job: Job, data, base: str, numbers: list[int], sectors: int, pa
     return results
 
 
+def _one_state(job: Job, data, device: str, number: int, parser, snapshot_share: float, mountpoint: str) -> dict:
+    clock = Phases()
+    clock.seconds["snapshot"] = round(snapshot_share, 3)
+    try:
+        result = check_state(job, data, device, job.states[number], parser, clock, mountpoint)
+    except Exception as err:  # noqa: BLE001 — one state's failure is that state's result, not the job's
+        result = _failure(err)
+    return dict(result, state=number, seconds=round(sum(clock.seconds.values()), 3))
+
+
+def _in_workers(numbers: list[int], workers: int, check) -> list[dict]:
+    """``check(number, mountpoint)`` for every state of ``numbers``, spread over ``workers`` forked processes
+    (one per guest vCPU, each with its own mount point: the states are independent file systems); the results
+    in the order of ``numbers``.  One worker: in this process."""
+    if workers <= 1 or len(numbers) == 1:
+        return [check(number, MOUNTPOINT) for number in numbers]
+    children = []
+    for worker in range(min(workers, len(numbers))):
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child: its share of the batch, one JSON line per state on the pipe
+            os.close(read_end)
+            code = 0
+            try:
+                with os.fdopen(write_end, "w") as pipe:
+                    for number in numbers[worker::workers]:
+                        pipe.write(json.dumps(check(number, f"{MOUNTPOINT}-{worker}")) + "\n")
+            except BaseException:  # noqa: BLE001 — the parent reports the states that never came
+                code = 70
+            finally:
+                os._exit(code)
+        os.close(write_end)
+        children.append((pid, os.fdopen(read_end)))
+    found = {}
+    for pid, pipe in children:
+        with pipe:
+            for line in pipe:
+                result = json.loads(line)
+                found[result["state"]] = result
+        os.waitpid(pid, 0)
+    return [found.get(n, {"error": "the worker checking this state died", "state": n, "seconds": 0.0})
+            for n in numbers]
+
+
 def run_job(directory: Path, out=sys.stdout) -> int:
     """The guest side: every state of the job in ``directory``, one JSON line each on ``out``."""
     job = Job(**json.loads((directory / "job.json").read_text()))
@@ -316,7 +362,12 @@ def run_job(directory: Path, out=sys.stdout) -> int:
     if job.system != "reference":
         import lab.systems.crashcheck  # noqa: F401 — once, not per state
     import stonelab.cli
-    parser = stonelab.cli.build_parser()
+    word = next((w for w in job.recovery if not w.startswith("-")), "")
+    module = stonelab.cli.COMMAND_INDEX.get(word)
+    parser = stonelab.cli.build_parser([module] if module else None)  # only the recovery's command: TCG time
+    for name in PRELOAD:
+        importlib.import_module(name)
+    workers = max(1, min(os.cpu_count() or 1, MAX_WORKERS))
     _run("modprobe", "dm-snapshot")
     sectors = _sectors(job.device)
     # names of their own (the pid): a device the kernel still holds (removed --deferred) never blocks the next job
@@ -327,7 +378,7 @@ def run_job(directory: Path, out=sys.stdout) -> int:
         _apply(base, job, data, job.common)
         for first in range(0, len(job.states), BATCH):
             numbers = list(range(first, min(first + BATCH, len(job.states))))
-            for result in _check_batch(job, data, base, numbers, sectors, parser):
+            for result in _check_batch(job, data, base, numbers, sectors, parser, workers):
                 out.write(json.dumps(result) + "\n")
             out.flush()
     finally:

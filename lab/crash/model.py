@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from pathlib import Path
 
 from lab.crash.logwrites import LogEntry, LogFlag, Recording
 
@@ -122,3 +123,20 @@ class PowerLoss:
             entry = entries[unit.entry]
             out.append((entry, unit.first, unit.count or entry.nr_sectors))
         return out
+
+    def worst_cut(self, recording: Recording) -> CrashState:
+        """The state a power cut right after the last logged entry leaves when the cache loses all it may: the
+        flush boundary plus the FUA writes after it (volatile-cache), or everything (optimistic)."""
+        cut = len(recording.entries)
+        units, forced = self.in_flight(recording, cut)
+        return CrashState(cut, self.boundary(recording, cut), tuple(u for u in units if u in forced), False,
+                          "boundary")
+
+    def write_state(self, recording: Recording, state: CrashState, image: Path) -> None:
+        """Apply ``state`` to ``image``, a raw copy of the disk as it was when the recording began (whole-disk
+        offsets: the ESP and the GPT too).  Raises OSError when the image cannot be written."""
+        with open(image, "r+b") as disk:
+            for entry, first, count in self.writes(recording, state):
+                disk.seek((entry.sector + first) * recording.sector_size)
+                disk.write(recording.read(entry, first, count))
+

@@ -5,6 +5,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from lab.crash.model import Model
 from lab.packages import expected_tree
 from lab.invariants import ExpectedTree
 from lab.steps import StepArgError, StepFailure, StepKind, register
@@ -47,11 +48,18 @@ class InterruptingStep(StepKind):
         return value.model_copy(update={"during": parse_transaction(value.during, ctx, (*loc, "during"), cls.name)})
 
 
+def cut_note(runner, model: Model | None, outcome) -> str:
+    """The step's note after a power cut: the power-loss model it used, and what the disk lost."""
+    semantics = runner.target.cut_semantics(model) if model else runner.target.crash_semantics
+    return f"{semantics} ({outcome.lost})" if outcome.lost else semantics
+
+
 class CrashArgs(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     at: FaultPoint
     during: Any
+    model: Model | None = None  # vm target: what the cut loses — volatile-cache (default) | optimistic
 
 
 @register
@@ -70,12 +78,12 @@ class Crash(InterruptingStep):
     def run(cls, runner, step, result) -> list:
         point, inner = step.arg.at, step.arg.during
         cmd = inner.spec.command(runner, inner.arg)
-        outcome = runner.pm(cmd.verb, *cmd.rest, fault=point)
+        outcome = runner.pm(cmd.verb, *cmd.rest, fault=point, cut_model=step.arg.model)
         runner.record(result, f"STONELAB_FAULT={point}:crash {cmd.text()}", outcome)
         if not outcome.crashed:
             raise StepFailure(f"fault point {point} was not reached ({outcome.summary()})")
         result.status = "crashed"
-        result.note = runner.target.crash_semantics
+        result.note = cut_note(runner, step.arg.model, outcome)
         runner.interrupt(cmd.after)
         return runner.interrupted.trees()
 

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from lab.crash.model import Granularity, Model
 from lab.steps import StepArgError, StepFailure, StepKind, check_package_keys, register
-from lab.steps.faults import InterruptingStep
+from lab.steps.faults import InterruptingStep, cut_note
 from lab.steps.transactions import Command, TransactionStep
 from reference_impl.faults import CUT_ENV_VAR
 from reference_impl.stone.repository import write_repository_index
@@ -126,6 +126,24 @@ class Run(StepKind):
 
 
 @register
+class LimitOpenFiles(StepKind):
+    name = "limit_open_files"
+    summary = ("from now on the package manager runs with at most N open files (RLIMIT_NOFILE, soft and hard: a "
+               "container's or a service's low limit); a blit that holds a file descriptor per entry meets EMFILE "
+               "(upstream #841)")
+    example = "limit_open_files: 16"
+    arg_type = Annotated[int, Field(ge=8, le=1 << 20)]
+
+    @classmethod
+    def run(cls, runner, step, result) -> list:
+        if not hasattr(runner.target, "nofile"):
+            raise StepFailure(f"limit_open_files: the {runner.target.kind} target cannot limit open files")
+        runner.target.nofile = step.arg
+        result.note = f"the package manager runs with RLIMIT_NOFILE {step.arg}:{step.arg}"
+        return [runner.model.tree()]
+
+
+@register
 class Reboot(StepKind):
     name = "reboot"
     summary = "a clean restart of the system under test (vm: shutdown, power on; host: nothing to restart)"
@@ -173,7 +191,7 @@ class PowerLossArgs(BaseModel):
     at: Literal["random"] | None = None
     seed: int | None = None  # explore: the seed of the sample when there are more states than max_states
     explore: bool = False
-    model: Model | None = None  # explore only: volatile-cache (default) | optimistic
+    model: Model | None = None  # what a cut loses: volatile-cache (default) | optimistic
     granularity: Granularity | None = None  # explore only: request (default) | sector
     max_states: Annotated[int, Field(ge=1)] | None = None  # explore only
 
@@ -181,8 +199,8 @@ class PowerLossArgs(BaseModel):
     def _one_form(self) -> PowerLossArgs:
         if self.explore and self.at is not None:
             raise ValueError("give either `at: random, seed: S` or `explore: true`, not both")
-        if not self.explore and (self.model or self.granularity or self.max_states):
-            raise ValueError("model, granularity and max_states belong to the explore form (`explore: true`)")
+        if not self.explore and (self.granularity or self.max_states):
+            raise ValueError("granularity and max_states belong to the explore form (`explore: true`)")
         if not self.explore and (self.at is None or self.seed is None):
             raise ValueError("needs `at: random` and `seed: S` (or `explore: true`)")
         return self
@@ -210,10 +228,9 @@ class PowerLoss(InterruptingStep):
         cmd = arg.during.spec.command(runner, arg.during.arg)
         total = runner.target.count_mutations(runner.pm_args(cmd.verb, *cmd.rest))
         moment = random.Random(arg.seed).randint(1, max(total, 1))
-        outcome = runner.pm(cmd.verb, *cmd.rest, env={CUT_ENV_VAR: str(moment)})
+        outcome = runner.pm(cmd.verb, *cmd.rest, env={CUT_ENV_VAR: str(moment)}, cut_model=arg.model)
         runner.record(result, f"{CUT_ENV_VAR}={moment} {cmd.text()}", outcome)
-        result.note = (f"cut after system call {moment} of {total} that change the disk; "
-                       f"{runner.target.crash_semantics}")
+        result.note = f"cut after system call {moment} of {total} that change the disk; {cut_note(runner, arg.model, outcome)}"
         if outcome.crashed:
             result.status = "crashed"
             runner.interrupt(cmd.after)
@@ -247,16 +264,20 @@ class Boot(StepKind):
     def run(cls, runner, step, result) -> list:
         from lab.boot_invariants import entry_state, parse_entry
         obs = runner.target.observe(boot=True)
-        entries = {p.rsplit("/", 1)[-1].removesuffix(".conf"): entry_state(parse_entry(t))
+        # entry ids as systemd-boot sees them: the file names, .conf included
+        entries = {p.rsplit("/", 1)[-1]: entry_state(parse_entry(t))
                    for p, t in (obs.boot or {}).get("entries", {}).items()}
         default = next((ln.split(None, 1)[1].strip() for ln in ((obs.boot or {}).get("loader_conf") or "").splitlines()
                         if ln.startswith("default ")), None)
         if step.arg.entry == "default":
             name, expected = default, obs.state_id
+            if name is not None and name not in entries and f"{name}.conf" in entries:
+                name = f"{name}.conf"
         else:
             name = next((n for n, s in entries.items() if s == str(step.arg.entry)), None)
             expected = str(step.arg.entry)
-        if name not in entries:
+        # a glob default (blsforme's) is systemd-boot's to resolve: the firmware decides which entry it names
+        if name not in entries and not (name and any(c in name for c in "*?[")):
             raise StepFailure(f"no boot entry for {step.arg.entry} on the ESP (entries: {sorted(entries) or 'none'})")
         state, fstx, tail = runner.target.boot_entry(name)
         result.command = f"OVMF → systemd-boot → {name}"

@@ -120,13 +120,20 @@ class Prune(TransactionStep):
 @register
 class Verify(TransactionStep):
     name = "verify"
-    summary = "run `state verify`: fails the step when it reports a problem"
-    example = "verify"
-    transaction = False  # reads only: nothing to interrupt
+    summary = ("run `state verify` (`verify: repair`: `state verify --repair`): fails the step when it reports a "
+               "problem (left unrepaired)")
+    example = "verify: repair"
+    arg_type = Literal["repair"] | None
+    arg_required = False
+    transaction = False  # reads only (or repairs in place): nothing to interrupt
+
+    @classmethod
+    def describe(cls, arg) -> str:
+        return "verify --repair" if arg == "repair" else "verify"
 
     @classmethod
     def command(cls, runner, arg) -> Command:
-        return Command(["state", "verify"], [], dict(runner.model.installed))
+        return Command(["state", "verify"], ["--repair"] if arg == "repair" else [], dict(runner.model.installed))
 
 
 @register

@@ -7,8 +7,10 @@ relative, '/'-separated (``loader/entries/x.conf``).  FAT names are case-insensi
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import re
+import stat
 import struct
 import subprocess
 import tempfile
@@ -166,6 +168,30 @@ class DirectoryEsp:
         return os.statvfs(self.root).f_bsize or 4096
 
 
+BLKFLSBUF = 0x1261  # <linux/fs.h>: _IO(0x12, 97), what ``blockdev --flushbufs`` issues
+
+
+def drop_block_cache(path: Path) -> None:
+    """Write out and forget the kernel's cached blocks of ``path`` when it is a block device (nothing otherwise).
+
+    A disk and its partitions have page caches of their own: what was written through ``/dev/vda1`` is on the
+    device, but a reader of ``/dev/vda`` that read the same blocks before still sees them as they were (and the
+    other way round).  Every use of an ESP on a block device starts with this, so it reads the device.  Raises
+    EspError when the kernel refuses (BLKFLSBUF needs CAP_SYS_ADMIN)."""
+    try:
+        if not stat.S_ISBLK(os.stat(path).st_mode):
+            return
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # check() reports a missing or unreadable device in its own words
+    try:
+        fcntl.ioctl(fd, BLKFLSBUF)
+    except OSError as err:
+        raise EspError(f"ESP {path}: cannot drop the kernel's cached blocks (BLKFLSBUF): {err.strerror}") from err
+    finally:
+        os.close(fd)
+
+
 # -- a FAT filesystem inside an image or device, through mtools -----------------------------------------------------
 
 @dataclass
@@ -203,6 +229,7 @@ class MtoolsEsp:
     def check(self) -> None:
         if not self.image.exists():
             raise EspMissingError(f"{self.describe()}: no such image or device")
+        drop_block_cache(self.image)
         foreign = foreign_filesystem(self._head())
         if foreign is not None:
             raise EspNotFatError(f"{self.describe()}: holds {foreign}, not a FAT filesystem")
@@ -290,13 +317,33 @@ class MtoolsEsp:
         return _fat_cluster_size(self._head())
 
 
+FAT32_MIN_CLUSTERS = 65525  # fewer clusters and the filesystem is FAT12/16, whatever its boot sector says
+
+
+def fat32_sectors_per_cluster(size: int, sector: int = 512) -> int:
+    """The largest cluster (1-64 sectors, a power of two) that still gives a ``size``-byte region at least
+    ``FAT32_MIN_CLUSTERS`` clusters (with a margin for the reserved sectors and the two FATs).
+
+    The FAT type is decided by the cluster count alone (Microsoft's FAT specification, "FAT type determination";
+    mtools follows it): a FAT32 boot sector over too few clusters is read as FAT16 with a root directory of zero
+    entries, and the first directory made in it fails with "No directory slots".  ``mkfs.vfat --offset`` on a whole
+    disk image picks its cluster size from the size of the image, not of the region, so callers pass ``-s`` with
+    this.  Raises ``EspError`` when even 1-sector clusters are too few (below ~33 MiB)."""
+    sectors = size // sector
+    for per_cluster in (64, 32, 16, 8, 4, 2, 1):
+        if sectors // per_cluster >= FAT32_MIN_CLUSTERS * 102 // 100:
+            return per_cluster
+    raise EspError(f"a {size >> 20} MiB region is too small for FAT32 "
+                   f"(at least {FAT32_MIN_CLUSTERS} clusters of {sector} bytes)")
+
+
 def format_fat(image: Path, offset: int, size: int, label: str = "ESP") -> None:
     """mkfs.vfat a region of an image/device (FAT32 when big enough for it, else mkfs' choice)."""
     sectors = offset // 512
     blocks = size // 1024
     cmd = ["mkfs.vfat", "-n", label[:11]]
     if size >= 64 * 1024 * 1024:
-        cmd += ["-F", "32"]
+        cmd += ["-F", "32", "-s", str(min(8, fat32_sectors_per_cluster(size)))]
     if offset:
         cmd += ["--offset", str(sectors)]
     cmd += [str(image), str(blocks)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sqlite3
 from contextlib import closing
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 
 from reference_impl.installation import Installation
@@ -99,17 +100,20 @@ def read_cmdline_snippets(tree: Path) -> tuple[str, ...]:
     return tuple(snippets)
 
 
-def load_state(root: Path, state_id: int, active: int | None) -> BootState | None:
-    tree = state_tree(root, state_id, active)
+def load_state(root: Path, state_id: int, active: int | None, tree: Path | None = None) -> BootState | None:
+    """The state as boot sees it, read from ``tree`` (default: where the state lives); None without a tree."""
+    tree = tree if tree is not None else state_tree(root, state_id, active)
     if not tree.is_dir():
         return None
     os_id, pretty, image_id = read_os_release(tree)
     return BootState(state_id, tree, os_id, pretty, find_kernels(tree), read_cmdline_snippets(tree), image_id)
 
 
-def bootable_states(root: Path, limit: int = 5, target: int | None = None) -> tuple[list[BootState], list[int]]:
+def bootable_states(root: Path, limit: int = 5, target: int | None = None,
+                    trees: Mapping[int, Path] | None = None) -> tuple[list[BootState], list[int]]:
     """The target (default: active) state plus the newest others whose trees exist, newest first, at most
-    ``limit``; and the ids skipped because their tree is gone."""
+    ``limit``; and the ids skipped because their tree is gone. ``trees`` (state id -> its /usr) overrides where a
+    state is read from: a transaction plans the boot of a tree still in staging before it swaps."""
     active = active_state_id(root)
     target = target if target is not None else active
     ids = read_state_ids(root)
@@ -119,7 +123,7 @@ def bootable_states(root: Path, limit: int = 5, target: int | None = None) -> tu
     for state_id in order:
         if len(chosen) >= limit:
             break
-        state = load_state(root, state_id, active)
+        state = load_state(root, state_id, active, (trees or {}).get(state_id))
         if state is None:
             missing.append(state_id)
         else:

@@ -145,8 +145,13 @@ def _differs(target: EspTarget, esp_path: str, source: Path | bytes) -> bool:
 def sync_boot(root: Path, *, esp: EspTarget | Path | str | None = None, root_arg: str | None = None,
               root_device: str | None = None, efivars: Path = EFIVARS_DIR, target: int | None = None,
               limit: int = ENTRY_LIMIT, bootloader: Path | None = None, rebuild: bool = False,
-              require_vfat: bool = True, environ: Mapping[str, str] | None = None) -> SyncReport:
-    """Make the ESP boot the target (default: active) state and up to ``limit - 1`` other states."""
+              require_vfat: bool = True, environ: Mapping[str, str] | None = None, dry_run: bool = False,
+              trees: Mapping[int, Path] | None = None) -> SyncReport:
+    """Make the ESP boot the target (default: active) state and up to ``limit - 1`` other states.
+
+    ``dry_run``: plan and check that everything fits (raising ``EspFullError`` when it cannot), write nothing —
+    not even ``.moss/boot-root``. ``trees`` (state id -> its /usr) reads states from elsewhere than their place:
+    a transaction checks the boot of a tree still in staging before its swap."""
     root = Path(root)
     location = resolve_esp(esp, root, efivars=efivars, require_vfat=require_vfat)
     esp_target = location.target
@@ -154,7 +159,7 @@ def sync_boot(root: Path, *, esp: EspTarget | Path | str | None = None, root_arg
     try:
         esp_target.check()
     except EspNotFatError:
-        if not rebuild or location.image is None:
+        if not rebuild or location.image is None or dry_run:
             raise
         format_fat(location.image, location.offset, location.size)
         report.formatted = True
@@ -164,8 +169,8 @@ def sync_boot(root: Path, *, esp: EspTarget | Path | str | None = None, root_arg
             root_arg = root_argument_for_spec(root_device)
         else:
             root_arg = root_argument_for_path(root)
-    states, report.states_without_tree = bootable_states(root, limit, target)
-    problem = remember_root(root, root_arg)
+    states, report.states_without_tree = bootable_states(root, limit, target, trees)
+    problem = None if dry_run else remember_root(root, root_arg)
     if problem:
         report.notes.append(problem)
     target_id = target if target is not None else active_state_id(root)
@@ -174,7 +179,7 @@ def sync_boot(root: Path, *, esp: EspTarget | Path | str | None = None, root_arg
         bootloader = find_bootloader(target_state.tree if target_state else None)
     if bootloader is None:
         report.notes.append("no systemd-boot binary in the state or on the host: bootloader not installed")
-    if location.loader is not None and bootloader is not None:
+    if location.loader is not None and bootloader is not None and not dry_run:
         # $BOOT is XBOOTLDR: kernels and entries go there, systemd-boot itself onto the ESP.
         location.loader.check()
         on_esp = {p.casefold(): p for p in location.loader.list_files()}
@@ -200,7 +205,7 @@ def sync_boot(root: Path, *, esp: EspTarget | Path | str | None = None, root_arg
         report.notes.append("no state has a kernel in usr/lib/kernel/<version>/vmlinuz: no boot entries")
     for state_id in report.states_without_tree:
         report.notes.append(f"state {state_id}: tree is gone, no boot entry")
-    _apply(esp_target, plan, root_arg, report, environ, existing, entries, owned)
+    _apply(esp_target, plan, root_arg, report, environ, existing, entries, owned, dry_run)
     return report
 
 
@@ -219,7 +224,7 @@ def _owned_files(esp: EspTarget, existing: list[str], entries: dict[str, str], r
 
 
 def _apply(esp: EspTarget, plan: BootPlan, root_arg: str, report: SyncReport, environ: Mapping[str, str] | None,
-           existing: list[str], entries: dict[str, str], owned: set[str]) -> None:
+           existing: list[str], entries: dict[str, str], owned: set[str], dry_run: bool = False) -> None:
     folded_existing = {p.casefold(): p for p in existing}
     wanted_entries = {entry.path.casefold() for entry in plan.entries}
     kernel_files = {p: src for p, src in plan.files.items() if p not in BOOTLOADER_PATHS}
@@ -266,6 +271,8 @@ def _apply(esp: EspTarget, plan: BootPlan, root_arg: str, report: SyncReport, en
     if writes and need > free + reclaim:
         raise EspFullError(f"{esp.describe()}: full: {need} bytes needed for {len(writes)} new files, {free} free "
                            f"and {reclaim} reclaimable; nothing changed, existing entries still boot")
+    if dry_run:
+        return
 
     def remove(path: str) -> None:
         esp.remove(path)
