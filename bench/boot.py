@@ -12,12 +12,16 @@ Measures (wall clock, best of N; the machine may be shared, so the spread is pri
               against a fresh 9p guest importing every command module (how each guest command started before)
   virtme-ng   `vng --run KERNEL --exec true` (baseline b; --disable-kvm under TCG). Installed by `make bench` into
               .bench-venv from PyPI — never downloaded here; without it that line says how to get it.
+  where      where the time of a fresh boot goes (medians; guest uptimes from the console markers of the init and
+             the agent's ready event): before the kernel's clock starts (QEMU, firmware, kernel decompression), kernel
+             to init, the init's module loading, mounting the userland, the agent's interpreter start
 Targets: agent-ready ≤ 1.3 × bare, ≤ 0.35 × virtme-ng; restore to agent-ready ≤ 1.5 s; no-op verb ≤ 0.5 × before.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -39,14 +43,27 @@ from vm.transport import ConsoleTransport  # noqa: E402
 from vm.userland import build_userland  # noqa: E402
 
 
-def bare(kernel, accel) -> float:
+MARKER_UPTIME = re.compile(r"(STONELAB-[A-Z-]+) uptime=([0-9.]+)")
+
+
+def _uptimes(console: str) -> dict[str, float]:
+    """The guest's uptime (seconds) at each ``STONELAB-… uptime=`` marker of the console."""
+    return {name: float(value) for name, value in MARKER_UPTIME.findall(console)}
+
+
+def bare(kernel, accel) -> tuple[float, dict[str, float]]:
+    """(seconds to QEMU's exit, {phase: seconds}) of the bare initramfs."""
     config = MachineConfig(accel=accel, kernel=kernel, initrd=build_initramfs(kernel, "bare").path,
                            append="console=ttyS0 quiet panic=-1 no_timer_check", share_host_root=False, agent=False)
     started = time.monotonic()
     with Machine(config, name="bench-bare", transport=ConsoleTransport()) as guest:
         guest.wait_for_console(BARE_MARKER, 300)
+        at_marker = time.monotonic() - started
         guest.wait_for_exit(300)
-    return time.monotonic() - started
+        uptime = _uptimes(guest.console.text).get(BARE_MARKER, 0.0)
+    seconds = time.monotonic() - started
+    return seconds, {"before the kernel": at_marker - uptime, "kernel to init": uptime,
+                     "power-off": seconds - at_marker}
 
 
 def blank_disk(directory: Path) -> DiskSpec:
@@ -56,12 +73,28 @@ def blank_disk(directory: Path) -> DiskSpec:
     return DiskSpec(path)
 
 
-def agent_ready(config) -> float:
+AGENT_PHASES = (("kernel to init", None, "STONELAB-INIT"), ("modules", "STONELAB-INIT", "STONELAB-MODULES"),
+                ("userland mounts", "STONELAB-MODULES", "STONELAB-USERLAND"), ("agent start", "STONELAB-USERLAND", "ready"))
+
+
+def agent_ready(config) -> tuple[float, dict[str, float]]:
+    """(seconds to agent-ready, {phase: seconds}) of a fresh agent guest."""
     started = time.monotonic()
     with Machine(config, name="bench-agent") as guest:
         ready = time.monotonic() - started
+        marks = {None: 0.0, **_uptimes(guest.console.text), "ready": guest.boots[-1]["guest_uptime"] or 0.0}
         guest.shutdown()
-    return ready
+    phases = {"before the kernel": ready - marks["ready"]}
+    for phase, start, end in AGENT_PHASES:
+        if start in marks and end in marks:
+            phases[phase] = marks[end] - marks[start]
+    return ready, phases
+
+
+def where(kind: str, runs: list[tuple[float, dict[str, float]]]) -> str:
+    phases = runs[0][1]
+    return f"{kind:<17}: " + ", ".join(f"{phase} {statistics.median(r[1].get(phase, 0.0) for r in runs):.2f} s"
+                                          for phase in phases)
 
 
 def restored(config, state: Path) -> tuple[float, float]:
@@ -135,16 +168,22 @@ def main() -> int:
         image_config = agent_config(kernel, accel, [disk])
         nine_p_config = agent_config(kernel, accel, [disk], userland="9p")
         bare_runs, agent_runs, ninep_runs = [], [], []
+        bare_phases, agent_phases = [], []
         for _ in range(args.runs):  # interleaved, so that a load change hits every kind alike
-            bare_runs.append(bare(kernel, accel))
-            agent_runs.append(agent_ready(image_config))
-            ninep_runs.append(agent_ready(nine_p_config))
+            bare_phases.append(bare(kernel, accel))
+            agent_phases.append(agent_ready(image_config))
+            ninep_runs.append(agent_ready(nine_p_config)[0])
+        bare_runs, agent_runs = [r[0] for r in bare_phases], [r[0] for r in agent_phases]
         print(f"bare initramfs   : power-off {spread(bare_runs)}")
         print(f"agent (EROFS)    : ready     {spread(agent_runs)}")
         print(f"agent (9p, old)  : ready     {spread(ninep_runs)}")
         ratio = min(agent_runs) / min(bare_runs)
-        print(f"agent-ready / bare boot = {ratio:.2f}  ({verdict(ratio, 1.3)}); 9p guest was "
-              f"{min(ninep_runs) / min(bare_runs):.2f}")
+        paired = statistics.median(a / b for a, b in zip(agent_runs, bare_runs))
+        print(f"agent-ready / bare boot = {ratio:.2f}  ({verdict(ratio, 1.3)}; best against best); run by run "
+              f"(interleaved pairs) median {paired:.2f}; 9p guest was {min(ninep_runs) / min(bare_runs):.2f}")
+        print("where the time goes (medians):")
+        print(where("  bare", bare_phases))
+        print(where("  agent (EROFS)", agent_phases))
 
         started = time.monotonic()
         state = saved_state(image_config)

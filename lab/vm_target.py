@@ -124,20 +124,25 @@ class VmTarget:
         self.generation: Generation | None = None
         self._flattened = False  # the next generation starts from the raw image, not the last overlay
         self.marks: list[Mark] = []
-        # Recording boots (the crash engine's write logs over qcow2 overlay chains) keep the host root over 9p
-        # and boot afresh; a non-recording target runs on the EROFS userland image and restores a guest saved
-        # after boot (vm.snapshot) at every power-on. ``host_userland``: the system under test is a program of the
-        # host (Nix, OSTree), which the userland image does not carry, so the guest sees the host root over 9p.
-        fast = not record and not host_userland
+        # The guest runs on the EROFS userland image and every power-on restores a guest saved after boot
+        # (vm.snapshot), recording or not: a recording generation's overlay and read-only base are, to the guest,
+        # a disk of the same size and a read-only one, rescanned after the restore. ``host_userland``: the system
+        # under test is a program of the host (Nix, OSTree), which the image does not carry: the host root over
+        # 9p, booted afresh.
+        fast = not host_userland
+        disks = [DiskSpec(self.disk.path)]
+        if record:  # where each generation's base will be (/dev/vdb): the saved guest must have the same disks
+            disks.append(DiskSpec(self.disk.path, readonly=True))
         # a recording guest gets two vCPUs: the crash engine checks crash states in parallel workers, one per vCPU
-        config = agent_config(self.kernel, self.accel, [DiskSpec(self.disk.path)],
-                              userland="image" if fast else "9p", cpus=cpus or (2 if record else 1))
+        config = agent_config(self.kernel, self.accel, disks, userland="image" if fast else "9p",
+                              cpus=cpus or (2 if record else 1))
         self.machine = Machine(config, name="sut", crash_on_fault=True, console_log=workdir / "console.log",
                                restore_from=saved_state(config) if fast and snapshots else None)
         self.machine.on_fault = lambda point: self.mark(f"fault:{point}")
         self.boots = 0
         self.nofile: int | None = None  # RLIMIT_NOFILE (soft = hard) of the package manager: limit_open_files
         self._pushed: dict[Path, str] = {}
+        self._copies = 0  # host files and directories copied into the guest's /tmp (their names' prefix)
         try:
             self.power_on()
         except BaseException:
@@ -196,8 +201,8 @@ class VmTarget:
         log.write_bytes(b"")
         self.generation = Generation(number, base, fmt, overlay, log)
         self.marks = []
-        self.machine.config.disks = [DiskSpec(overlay, format="qcow2", log=log),
-                                     DiskSpec(base, format=fmt, readonly=True)]
+        self.machine.config.disks[:2] = [DiskSpec(overlay, format="qcow2", log=log),  # the userland image stays
+                                         DiskSpec(base, format=fmt, readonly=True)]
 
     def mark(self, label: str, exit_status: int | None = None) -> Mark | None:
         """Note the current write-log length under ``label`` (None when not recording)."""
@@ -216,8 +221,15 @@ class VmTarget:
         return layout.root_offset, layout.root_mib * 1024 * 1024
 
     def run_guest(self, argv: list[str], timeout: float):
-        """Run ``python argv`` in the guest (the project directory, this interpreter)."""
-        return self._python(argv, timeout=timeout)
+        """Run ``python argv`` in the guest (the project directory, this interpreter). A word naming something that
+        exists below this target's work directory on the host (the crash engine's job) is replaced by its guest
+        path (``path_for_package``)."""
+        return self._python([self.path_for_package(Path(word)) if self._below_workdir(word) else word
+                             for word in argv], timeout=timeout)
+
+    def _below_workdir(self, word: str) -> bool:
+        path = Path(word)
+        return path.is_absolute() and path.is_relative_to(self.workdir) and path.exists()
 
     def _flatten(self) -> Path:
         """The disk as it is now, as one raw image (what OVMF and mtools read): the recording's overlay chain is
@@ -296,17 +308,27 @@ class VmTarget:
                              time.monotonic() - started)
 
     def path_for_package(self, path: Path) -> str:
-        """The guest path of a host package file: the same path over 9p; on the userland image a copy in the
-        guest's /tmp, made once per power-on."""
+        """The guest path of a host file or directory (a package, a repository, a crash job): the same path over
+        9p; on the userland image a copy in the guest's /tmp (a file once per power-on, a directory each time:
+        its contents may have changed)."""
         if self.machine.config.share_host_root:
             return str(path)
         self.power_on()
-        if path not in self._pushed:
-            guest = f"{GUEST_PACKAGES}/{len(self._pushed)}-{path.name}"
-            self.machine.succeed(["mkdir", "-p", GUEST_PACKAGES])
-            self.machine.write_file(guest, path.read_bytes())
+        if path in self._pushed:
+            return self._pushed[path]
+        self._copies += 1
+        guest = f"{GUEST_PACKAGES}/{self._copies}-{path.name}"
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        targets = {file: guest if file == path else f"{guest}/{file.relative_to(path)}" for file in files}
+        directories = {target.rsplit("/", 1)[0] for target in targets.values()}
+        if path.is_dir():
+            directories.add(guest)
+        self.machine.succeed(["mkdir", "-p", GUEST_PACKAGES, *sorted(directories)])
+        for file, target in targets.items():
+            self.machine.write_file(target, file.read_bytes())
+        if path.is_file():
             self._pushed[path] = guest
-        return self._pushed[path]
+        return guest
 
     def observe(self, *, boot: bool = False) -> Observation:
         result = self._python(["-m", "lab.probe", GUEST_ROOT, *(["--disk", GUEST_DISK] if boot else [])])

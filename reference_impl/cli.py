@@ -1,4 +1,10 @@
-"""The reference package manager's verbs, mirroring moss: install, remove, sync, state …, faults."""
+"""The reference package manager's verbs, mirroring moss: install, remove, sync, state …, faults.
+
+Start-up cost: ``register`` and the verbs that do not open an installation (``faults``) import no more than the
+standard library and ``reference_impl.faults``; the client (blit, store, stone codec, SQLite: ~0.25 s of a TCG
+guest's interpreter start) is imported by ``client_for`` when a verb opens an installation. The option choices
+below are therefore the enums' values spelled out; tests/test_cli_dispatch.py checks them against the enums.
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,13 +12,17 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from reference_impl.blit import BlitStrategy
-from reference_impl.client import Client, ClientOptions, Outcome
-from reference_impl.faults import FAULT_DESCRIPTIONS, FAULT_POINTS, configured_fault, install_cut
-from reference_impl.swap import SwapStrategy
-from reference_impl.transaction import Mode
+from reference_impl.faults import FAULT_DESCRIPTIONS, FAULT_POINTS
 from stonelab.errors import StonelabError
+
+if TYPE_CHECKING:
+    from reference_impl.client import Client, Outcome
+
+MODE_CHOICES = ("reference", "moss-compat")                   # reference_impl.transaction.Mode
+SWAP_CHOICES = ("auto", "exchange", "symlink")                # reference_impl.swap.SwapStrategy
+BLIT_CHOICES = ("auto", "hardlink", "reflink", "copy")        # reference_impl.blit.BlitStrategy
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,11 +30,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     group = common.add_argument_group("installation")
     group.add_argument("-D", "--directory", type=Path, default=Path("/"), metavar="ROOT",
                        help="target root (default /)")
-    group.add_argument("--mode", choices=[m.value for m in Mode], default=Mode.REFERENCE.value,
+    group.add_argument("--mode", choices=MODE_CHOICES, default="reference",
                        help="reference (crash-safe) or moss-compat (upstream's exact sequence)")
-    group.add_argument("--swap", choices=[s.value for s in SwapStrategy], default="auto",
+    group.add_argument("--swap", choices=SWAP_CHOICES, default="auto",
                        help="how /usr is switched (auto: keep the root's layout, else probe RENAME_EXCHANGE)")
-    group.add_argument("--blit", choices=[b.value for b in BlitStrategy], default="auto",
+    group.add_argument("--blit", choices=BLIT_CHOICES, default="auto",
                        help="how files reach the staged tree (auto: reflink, else hard links, EXDEV → copy)")
     group.add_argument("--esp", metavar="PATH", help="synchronise boot entries on this ESP after the switch")
     group.add_argument("--root-device", metavar="DEV[:N]", help="device for root= in boot entries")
@@ -71,6 +81,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def client_for(args: argparse.Namespace) -> Client:
+    """The client for the installation options in ``args``, with STONELAB_FAULT armed."""
+    from reference_impl.blit import BlitStrategy
+    from reference_impl.client import Client, ClientOptions
+    from reference_impl.faults import configured_fault, install_cut
+    from reference_impl.swap import SwapStrategy
+    from reference_impl.transaction import Mode
+
     configured_fault()  # a malformed STONELAB_FAULT is a one-line error before anything happens
     install_cut()
     options = ClientOptions(root=args.directory, mode=Mode(args.mode), swap=SwapStrategy(args.swap),

@@ -5,17 +5,21 @@ Each module in COMMAND_MODULES exposes ``register(subparsers)`` which adds its s
 
 Start-up cost matters (every guest command of the lab is a fresh interpreter, under TCG): ``main`` imports only
 the module that provides the subcommand named on the command line (``COMMAND_INDEX``, checked against what the
-modules register by tests/test_cli_dispatch.py); ``--help`` or an unknown word imports them all.
+modules register by tests/test_cli_dispatch.py); ``--version`` imports none; ``--help`` or an unknown word
+imports them all.
 """
 from __future__ import annotations
 
-import argparse
 import errno
 import importlib
 import signal
 import sys
 
+from stonelab import __version__
 from stonelab.errors import StonelabError
+
+# argparse (and typing) are imported where needed: `stonelab --version` needs neither; the annotations that name
+# argparse are strings (PEP 563), never evaluated
 
 COMMAND_MODULES = [
     "reference_impl.stone.cli",
@@ -41,35 +45,50 @@ def _command_word(argv: list[str]) -> str | None:
     return next((word for word in argv if not word.startswith("-")), None)
 
 
-def build_parser(modules: list[str] | None = None) -> argparse.ArgumentParser:
-    """The parser with the subcommands of ``modules`` (default: all of COMMAND_MODULES)."""
+def build_parser(modules: list[str] | None = None) -> argparse.ArgumentParser:  # noqa: F821
+    """The parser with the subcommands of ``modules`` (None: all of COMMAND_MODULES; []: none, enough for
+    ``--version``)."""
+    import argparse  # not at module level: `stonelab --version` needs none of it
     parser = argparse.ArgumentParser(
         prog="stonelab",
         description="Conformance lab for atomic, stateless operating systems (AerynOS model).",
     )
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="log progress (-v) and every QEMU argv and guest command (-vv)")
+    parser.add_argument("--version", action="version", version=f"stonelab {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name in modules or COMMAND_MODULES:
+    for name in COMMAND_MODULES if modules is None else modules:
         importlib.import_module(name).register(sub)
     return parser
+
+
+def _modules_for(words: list[str]) -> list[str] | None:
+    """The command modules ``words`` need: the named subcommand's, none for a bare ``--version``, else all."""
+    if "-h" in words or "--help" in words:
+        return None
+    module = COMMAND_INDEX.get(_command_word(words) or "")
+    if module:
+        return [module]
+    return [] if _command_word(words) is None and "--version" in words else None
 
 
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt  # a cancelled CI job (SIGTERM) cleans up exactly like Ctrl-C
 
 
-def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:  # noqa: F821
     """Run one command; ``parser``: a parser built earlier by build_parser (a process that runs many commands,
     such as the crash engine's guest worker, builds it once). Without one, only the module of the named
     subcommand is imported."""
     if argv is None:
         signal.signal(signal.SIGTERM, _interrupt)
     words = sys.argv[1:] if argv is None else argv
+    if words == ["--version"]:  # before argparse, which alone costs a TCG guest's interpreter ~0.7 s
+        print(f"stonelab {__version__}")
+        return 0
     if parser is None:
-        module = COMMAND_INDEX.get(_command_word(words) or "")
-        parser = build_parser([module] if module and "-h" not in words and "--help" not in words else None)
+        parser = build_parser(_modules_for(words))
     args = parser.parse_args(words)
     if args.verbose or getattr(args, "debug", False):
         from vm.log import configure  # logging costs a guest interpreter ~0.1 s of TCG time: only when asked

@@ -1,5 +1,12 @@
 """The HTML report as a person sees it: headless Chromium (Debian `chromium`) renders report.html to a
-screenshot; the summary tiles, the failed case's red marks and the matrix must be visible on the first screen."""
+screenshot; the summary tiles, the failed case's red marks and the matrix must be visible on the first screen.
+
+Robust under parallel load (pytest-xdist, other guests on the CPU) by waiting for conditions, not for time: each
+screenshot is a fresh file from a Chromium with its own profile directory (a profile still locked by the previous
+browser's exiting processes made the second run hand its work to that dying instance and leave the old picture in
+place), taken only after every compositor stage of the frame has run and the page's virtual time budget has
+elapsed with the page idle (virtual time advances only when nothing is pending, so a slow machine waits longer in
+real time and sees the same picture), and the browser's exit status is checked."""
 from __future__ import annotations
 
 import shutil
@@ -25,17 +32,24 @@ def _count(image, colour, region) -> int:
     return sum(1 for i in range(0, len(data), 3) if all(abs(data[i + k] - colour[k]) <= 6 for k in range(3)))
 
 
+def _screenshot(page, shot, profile) -> None:
+    """Render ``page`` (a file) at 1280×1000 into ``shot`` (PNG); fails the test with Chromium's last words when
+    no new picture was written."""
+    shot.unlink(missing_ok=True)
+    proc = subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                           "--run-all-compositor-stages-before-draw", "--virtual-time-budget=5000",
+                           f"--user-data-dir={profile}", "--window-size=1280,1000", f"--screenshot={shot}",
+                           page.as_uri()], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and shot.is_file(), f"chromium exited {proc.returncode}: {proc.stderr[-500:]}"
+
+
 def test_report_page_shows_verdicts_at_a_glance(tmp_path):
     from PIL import Image
 
     directory = tmp_path / "report"
     write_all(_report(), directory)
     shot = tmp_path / "shot.png"
-    proc = subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                           f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,1000",
-                           f"--screenshot={shot}", (directory / "report.html").as_uri()],
-                          capture_output=True, text=True, timeout=180)
-    assert shot.is_file(), proc.stderr[-500:]
+    _screenshot(directory / "report.html", shot, tmp_path / "profile-styled")
     image = Image.open(shot).convert("RGB")
     assert image.size == (1280, 1000)
     top = (0, 0, 1280, 200)            # the summary tiles: one per verdict, in its colour
@@ -49,7 +63,7 @@ def test_report_page_shows_verdicts_at_a_glance(tmp_path):
     # a broken page (no styles) is told apart: the same check fails on it
     (directory / "report.html").write_text((directory / "report.html").read_text().replace("<style>", "<style>/*")
                                            .replace("</style>", "*/</style>"))
-    subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                    f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,1000", f"--screenshot={shot}",
-                    (directory / "report.html").as_uri()], capture_output=True, timeout=180)
-    assert _count(Image.open(shot).convert("RGB"), RED, top) < 100
+    _screenshot(directory / "report.html", shot, tmp_path / "profile-unstyled")
+    unstyled = Image.open(shot).convert("RGB")
+    assert _count(unstyled, RED, top) < 100
+    assert len(unstyled.getcolors(maxcolors=1 << 20)) > 2  # the page was drawn (text), only without its colours

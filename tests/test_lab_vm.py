@@ -50,3 +50,21 @@ def test_reference_survives_the_same_power_cuts(vm_factory):
     assert result.crash_semantics.startswith("volatile-cache power-loss model")
     assert all("write cache and are lost" in s.note for s in result.steps if s.status == "crashed")
     assert not qemu_children()
+
+
+def test_recording_target_restores_a_saved_guest_and_records(vm_factory, tmp_path):
+    """A recording target (the default) no longer boots over 9p: every power-on restores the saved guest, which
+    then sees the generation's overlay as /dev/vda and its read-only base as /dev/vdb with their partitions (a
+    restored guest that kept its placeholder disks' tables would show neither), and the write log records."""
+    with vm_factory(tmp_path / "target") as target:
+        assert target.record and not target.machine.config.share_host_root
+        assert target.machine.boots[-1]["restored"] and target.generation.number == 1
+        partitions = target.machine.succeed(["cat", "/proc/partitions"]).split()
+        assert {"vda1", "vda2", "vdb1", "vdb2"} <= set(partitions)
+        before = target.generation.log.stat().st_size
+        target.shell("echo recorded > written && sync")
+        assert target.generation.log.stat().st_size > before
+        target.reboot()   # the next generation restores the same saved guest over its new overlay
+        assert target.generation.number == 2 and target.machine.boots[-1]["restored"]
+        assert target.shell("cat written").stdout == "recorded\n"
+    assert not qemu_children()

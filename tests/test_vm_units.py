@@ -419,7 +419,7 @@ def test_agent_runs_a_word_list_exactly(local_agent):
 
 def test_vm_run_exit_status_mapping():
     from vm.cli import exit_status
-    from vm.protocol import RunResult
+    from vm.transport import RunResult
 
     assert exit_status(RunResult(3, "", "")) == 3
     assert exit_status(RunResult(0, "", "")) == 0
@@ -507,3 +507,47 @@ def test_machine_workdir_fits_unix_socket_paths_under_a_deep_tmpdir(tmp_path, mo
         assert workdir_base(len(prefix)) == short
     finally:
         short.rmdir()
+
+
+class _FakeGuest:
+    """Records what a VmTarget asks of its machine (a guest on the userland image: no host root)."""
+
+    def __init__(self):
+        self.config = type("Config", (), {"share_host_root": False})()
+        self.running = True
+        self.files: dict[str, bytes] = {}
+        self.commands: list = []
+
+    def succeed(self, command, timeout=600):
+        self.commands.append(command)
+        return ""
+
+    def write_file(self, path, data, mode=None, fsync=False):
+        self.files[path] = data
+
+
+def test_vm_target_copies_host_files_and_directories_into_the_guest(tmp_path):
+    from lab.vm_target import GUEST_PACKAGES, VmTarget
+
+    target = object.__new__(VmTarget)   # no guest: only the copying logic
+    target.machine, target.workdir, target._pushed, target._copies = _FakeGuest(), tmp_path, {}, 0
+    target.power_on = lambda: None
+    package = tmp_path / "hello.stone"
+    package.write_bytes(b"stone")
+    job = tmp_path / "crash-job-x"
+    (job / "sub").mkdir(parents=True)
+    (job / "job.json").write_text("{}")
+    (job / "sub" / "data.bin").write_bytes(b"\0\1")
+    guest_package = target.path_for_package(package)
+    assert target.path_for_package(package) == guest_package            # a file: copied once per power-on
+    assert target.machine.files[guest_package] == b"stone" and guest_package.startswith(GUEST_PACKAGES + "/")
+    seen = []
+    target._python = lambda argv, env="", timeout=0: seen.append(argv)
+    target.run_guest(["-m", "lab.crash.materialize", str(job), "/not/below/the/workdir"], timeout=10)
+    guest_job = seen[0][2]
+    assert guest_job != str(job) and seen[0][3] == "/not/below/the/workdir"
+    assert target.machine.files[f"{guest_job}/job.json"] == b"{}"
+    assert target.machine.files[f"{guest_job}/sub/data.bin"] == b"\0\1"
+    assert f"{guest_job}/sub" in target.machine.commands[-1]             # its directories made first
+    target.run_guest(["-m", "lab.crash.materialize", str(job)], timeout=10)
+    assert seen[1][2] != guest_job                                        # a directory: copied afresh each time

@@ -17,10 +17,11 @@ from reference_impl.boot.sync import HOST_SYSTEMD_BOOT
 
 from vm.accel import AccelChoice
 from vm.errors import VmError
-from vm.host import Kernel
+from vm.host import Kernel, default_kernel
+from vm.initramfs import module_files
 from vm.qemu import DiskSpec, MachineConfig
-from vm.snapshot import state_key
-from vm.userland import UserlandSpec, _Stage, _stage, build_userland, input_key
+from vm.snapshot import _placeholders, state_key, virtual_size
+from vm.userland import GUEST_ON_DEMAND_MODULES, UserlandSpec, _Stage, _stage, build_userland, input_key
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -113,3 +114,70 @@ def test_state_key_and_what_cannot_be_saved(tmp_path):
     assert state_key(dataclasses.replace(config, memory_mb=2048), sys.executable) != key
     with pytest.raises(VmError, match="9p"):
         state_key(dataclasses.replace(config, share_host_root=True), sys.executable)
+
+
+def test_image_carries_the_crash_engines_tools_and_modules(tmp_path):
+    kernel = default_kernel()
+    modules = tuple(p.resolve() for p in module_files(kernel, GUEST_ON_DEMAND_MODULES))
+    if not modules:
+        pytest.skip(f"{kernel.modules}: no module tree for the default kernel")
+    root = tmp_path / "root"
+    _stage(UserlandSpec(project=small_project(tmp_path), programs=("modprobe", "dmsetup", "losetup"),
+                        kernel_modules=modules), root)
+    for module in modules:
+        assert (root / module.relative_to("/")).is_file()
+    tree = next(parent for parent in modules[0].parents if parent.parent.name == "modules")
+    assert (root / tree.relative_to("/") / "modules.dep.bin").is_file()   # what modprobe looks a name up in
+    proc = subprocess.run([shutil.which("modprobe", path="/usr/sbin:/sbin"), "-d", str(root / "usr"), "-S",
+                           kernel.release, "--show-depends", "dm_snapshot"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "dm-snapshot.ko" in proc.stdout, proc.stderr   # resolvable inside the image
+    for program in ("modprobe", "dmsetup", "losetup"):
+        if found := shutil.which(program, path="/usr/sbin:/sbin:/usr/bin:/bin"):
+            assert os.path.lexists(root / Path(found).relative_to("/"))
+    # modprobe is a link to kmod: the libraries of the link's target are in the image too
+    kmod = Path(shutil.which("modprobe", path="/usr/sbin:/sbin")).resolve()
+    needed = subprocess.run(["ldd", str(kmod)], capture_output=True, text=True).stdout.split()
+    for library in (word for word in needed if word.startswith("/") and ".so" in word):
+        assert (root / Path(library).relative_to("/")).exists(), library
+
+
+def _qcow2_over(base: Path, overlay: Path) -> None:
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "raw", str(overlay)],
+                   check=True)
+
+
+def test_saved_guest_of_a_recording_generation(tmp_path):
+    if not shutil.which("qemu-img"):
+        pytest.skip("qemu-img (Debian qemu-utils) is not installed")
+    kernel_image = tmp_path / "vmlinuz"
+    kernel_image.write_bytes(b"k")
+    userland, disk = tmp_path / "userland.erofs", tmp_path / "sut.img"
+    userland.write_bytes(b"u")
+    disk.write_bytes(b"\0" * (1 << 20))
+    config = MachineConfig(accel=AccelChoice("tcg", "test"), kernel=Kernel(kernel_image, "", tmp_path),
+                           initrd=kernel_image, append="stonelab.python=/x stonelab.userland=vdc",
+                           share_host_root=False,
+                           disks=[DiskSpec(disk), DiskSpec(disk, readonly=True), DiskSpec(userland, readonly=True)])
+    key = state_key(config, sys.executable)
+    # a generation: a qcow2 overlay behind a write log over a read-only base — to the guest the same two disks
+    overlay, log = tmp_path / "gen-1.qcow2", tmp_path / "gen-1.log"
+    _qcow2_over(disk, overlay)
+    log.write_bytes(b"")
+    assert virtual_size(DiskSpec(overlay, format="qcow2")) == 1 << 20 != overlay.stat().st_size
+    generation = [DiskSpec(overlay, format="qcow2", log=log), DiskSpec(disk, readonly=True), config.disks[2]]
+    assert state_key(dataclasses.replace(config, disks=generation), sys.executable) == key
+    # what the guest would notice changes the key: the userland image's file, a size, a write-through cache
+    os.utime(userland, ns=(1, 1))
+    assert state_key(config, sys.executable) != key
+    key = state_key(config, sys.executable)
+    bigger = tmp_path / "bigger.img"
+    bigger.write_bytes(b"\0" * (2 << 20))
+    assert state_key(dataclasses.replace(config, disks=[DiskSpec(bigger), *config.disks[1:]]), sys.executable) != key
+    through = DiskSpec(disk, cache="writethrough")
+    assert state_key(dataclasses.replace(config, disks=[through, *config.disks[1:]]), sys.executable) != key
+    # the guest is saved with blank stand-ins for every disk but the userland image, recording nothing
+    saved = _placeholders(dataclasses.replace(config, disks=generation), tmp_path)
+    assert [d.path.parent == tmp_path and d.path.name.startswith("placeholder") for d in saved.disks] == \
+        [True, True, False]
+    assert [(d.format, d.log, d.readonly) for d in saved.disks[:2]] == [("raw", None, False), ("raw", None, True)]
+    assert all(d.path.stat().st_size == 1 << 20 for d in saved.disks[:2]) and saved.disks[2] == config.disks[2]

@@ -19,6 +19,7 @@ for m in /mod/*.ko; do
   case "${m#/mod/???-}" in netfs.ko|fscache.ko|9pnet.ko|9pnet_virtio.ko|9p.ko) [ -n "$USERLAND" ] && continue;; esac
   insmod "$m" || echo "stonelab-init: insmod $m failed"
 done
+echo "STONELAB-MODULES uptime=$(cut -d' ' -f1 /proc/uptime)"
 if [ "$MODE" = initramfs-shell ]; then
   echo "STONELAB-INITRAMFS-SHELL"
   while true; do setsid cttyhack sh; done

@@ -29,10 +29,10 @@ from vm.errors import CommandFailed, VmError
 from vm.host import Kernel, qemu_binary
 from vm.initramfs import build_initramfs
 from vm.log import get_logger, nested
-from vm.protocol import RunResult
 from vm.qemu import DiskSpec, MachineConfig, agent_append, qemu_args
 from vm.qmp import QMP
-from vm.transport import AgentTransport, Command, ConsoleTransport, GuestLink, Transport, shell_line
+from vm.transport import (AgentTransport, Command, ConsoleTransport, GuestLink, RunResult, Transport,
+                          shell_line)
 
 log = get_logger("vm.machine")
 
@@ -56,7 +56,8 @@ def agent_config(kernel: Kernel, accel: AccelChoice, disks: list[DiskSpec] | Non
     ``userland="image"`` (default): the read-only EROFS image of ``vm.userland`` (interpreter, venv, project,
     shell tools) as the last virtio disk, after ``disks`` (so they stay ``/dev/vda``, ``/dev/vdb``, …); such a
     guest can be saved and restored. ``"9p"``: the whole host root over 9p (any host program, no snapshots)."""
-    from vm.userland import UserlandSpec, build_userland
+    from vm.initramfs import module_files
+    from vm.userland import GUEST_ON_DEMAND_MODULES, UserlandSpec, build_userland
 
     if userland not in ("image", "9p"):
         raise VmError(f"unknown guest userland {userland!r} (valid: image, 9p)")
@@ -64,7 +65,9 @@ def agent_config(kernel: Kernel, accel: AccelChoice, disks: list[DiskSpec] | Non
     disks = list(disks or [])
     extra = ""
     if userland == "image":
-        image = build_userland(UserlandSpec(python=Path(python or sys.executable), project=project))
+        modules = tuple(path.resolve() for path in module_files(kernel, GUEST_ON_DEMAND_MODULES))
+        image = build_userland(UserlandSpec(python=Path(python or sys.executable), project=project,
+                                            kernel_modules=modules))
         extra = f"stonelab.userland=vd{chr(ord('a') + len(disks))}"
         disks.append(DiskSpec(image.path, cache="unsafe", readonly=True))
     return MachineConfig(accel=accel, kernel=kernel, initrd=initrd, memory_mb=memory_mb, cpus=cpus,

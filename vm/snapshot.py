@@ -3,11 +3,13 @@
 A guest on the EROFS userland (``vm.userland``) holds no host state QEMU cannot migrate (a 9p export it can), so
 it is saved with QMP ``migrate`` to ``exec:cat > FILE`` and restored with ``-incoming exec:cat FILE``
 (https://www.qemu.org/docs/master/devel/migration/main.html). The saved state is keyed by everything that shapes
-the guest: QEMU binary, kernel, initrd, command line, memory, CPUs, machine type, and the disks — read-only
-disks by path (the userland image is itself keyed by its inputs), writable disks by size and format only: the
-state is saved with blank placeholder disks, the guest never mounted them, and ``resume`` makes the restored guest
-drop its cached blocks and re-read the partition tables of the disks it now has (the scenario's own), then sets
-its clock. What a restored guest sees on its disks is exactly what a freshly booted one would.
+the guest: QEMU binary, kernel, initrd, command line, memory, CPUs, machine type, and the disks — the userland
+image (``stonelab.userland=vdX``, mounted by the saved guest) by path, size and mtime (it is itself keyed by its
+inputs), every other disk only by what the guest sees of it: its virtual size, read-only flag and write cache.
+The state is saved with blank placeholder disks in their place, the guest never mounted them, and ``resume``
+makes the restored guest drop its cached blocks and re-read the partition tables of the disks it now has (the
+scenario's own: a raw image, or a recording target's qcow2 overlay behind a write log and its read-only base),
+then sets its clock. What a restored guest sees on its disks is exactly what a freshly booted one would.
 
 States live under ``$XDG_CACHE_HOME/stonelab/snapshots/`` (one per key, written to a temporary and renamed, a
 lock file against concurrent savers).
@@ -27,10 +29,13 @@ from pathlib import Path
 from vm.errors import VmError
 from vm.initramfs import cache_dir
 from vm.log import get_logger, nested
-from vm.qemu import DiskSpec, MachineConfig
+from vm.qemu import BLOCKDEV_CACHE, DiskSpec, MachineConfig
 
-FORMAT_VERSION = "1"
-WARM_IMPORTS = "import stonelab.cli, reference_impl.cli, lab.probe, lab.faults"
+FORMAT_VERSION = "2"
+# what the lab's guest commands import (the verbs import the client only when they open an installation): read once
+# before the save, they are in the restored guest's page cache
+WARM_IMPORTS = ("import stonelab.cli, reference_impl.cli, reference_impl.client, reference_impl.verify, lab.probe, "
+                "lab.faults")
 log = get_logger("vm.snapshot")
 
 
@@ -41,10 +46,33 @@ def _stat(path: Path | None) -> str:
     return f"{path}:{st.st_size}:{st.st_mtime_ns}"
 
 
-def _disk_key(disk: DiskSpec) -> str:
-    if disk.readonly:
-        return f"ro:{_stat(disk.path)}:{disk.format}"
-    return f"rw:{Path(disk.path).stat().st_size}:{disk.format}:{disk.cache}"
+def virtual_size(disk: DiskSpec) -> int:
+    """The size in bytes the guest sees of ``disk``: a raw file's length, or a qcow2 image's ``size`` header field
+    (bytes 24–31, big-endian: https://gitlab.com/qemu-project/qemu/-/blob/master/docs/interop/qcow2.txt).
+    VmError for another format."""
+    if disk.format == "raw":
+        return Path(disk.path).stat().st_size
+    if disk.format == "qcow2":
+        with open(disk.path, "rb") as handle:
+            header = handle.read(32)
+        if header[:4] != b"QFI\xfb" or len(header) < 32:
+            raise VmError(f"{disk.path}: not a qcow2 image")
+        return int.from_bytes(header[24:32], "big")
+    raise VmError(f"{disk.path}: cannot size a {disk.format} disk for a saved guest")
+
+
+def _userland_index(config: MachineConfig) -> int | None:
+    """Which of ``config.disks`` is the userland image (``stonelab.userland=vdX`` on the command line)."""
+    for word in config.append.split():
+        if word.startswith("stonelab.userland=vd"):
+            return ord(word[-1]) - ord("a")
+    return None
+
+
+def _disk_key(disk: DiskSpec, userland: bool) -> str:
+    if userland:
+        return f"userland:{_stat(disk.path)}:{disk.format}"
+    return f"{'ro' if disk.readonly else 'rw'}:{virtual_size(disk)}:{BLOCKDEV_CACHE[disk.cache][2]}"
 
 
 def state_key(config: MachineConfig, qemu: str) -> str:
@@ -54,23 +82,27 @@ def state_key(config: MachineConfig, qemu: str) -> str:
                       "use the EROFS userland image")
     if config.uefi or config.kernel is None or not config.agent:
         raise VmError("only agent guests booted directly from a kernel can be saved and restored")
+    userland = _userland_index(config)
     parts = [FORMAT_VERSION, _stat(Path(qemu)), _stat(config.kernel.image), _stat(config.initrd), config.append,
              str(config.memory_mb), str(config.cpus), config.machine_type, config.accel.accel,
-             *map(_disk_key, config.disks), *config.extra_args]
+             *(_disk_key(disk, number == userland) for number, disk in enumerate(config.disks)),
+             *config.extra_args]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
 
 
 def _placeholders(config: MachineConfig, directory: Path) -> MachineConfig:
-    """``config`` with each writable disk replaced by a blank sparse file of the same size."""
+    """``config`` with every disk but the userland image replaced by a blank sparse raw file of the same virtual
+    size (read-only where the disk is; nothing recorded)."""
+    userland = _userland_index(config)
     disks = []
     for number, disk in enumerate(config.disks):
-        if disk.readonly:
+        if number == userland:
             disks.append(disk)
             continue
         blank = directory / f"placeholder{number}.img"
         with open(blank, "wb") as handle:
-            handle.truncate(Path(disk.path).stat().st_size)
-        disks.append(dataclasses.replace(disk, path=blank))
+            handle.truncate(virtual_size(disk))
+        disks.append(dataclasses.replace(disk, path=blank, format="raw", log=None))
     return dataclasses.replace(config, disks=disks, extra_args=list(config.extra_args))
 
 

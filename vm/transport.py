@@ -22,9 +22,27 @@ from typing import Any, Protocol
 
 from vm.errors import GuestTimeout, VmError
 from vm.log import get_logger
-from vm.protocol import LineChannel, ProtocolError, RunResult, b64, unb64
+from vm.protocol import LineChannel, ProtocolError, b64, unb64
 
 Command = str | Sequence[str]
+
+@dataclass
+class RunResult:
+    """One command's outcome: ``exit_code`` (negative: killed by that signal), its output, whether it was killed
+    for exceeding its timeout, and its duration in seconds as the guest measured it."""
+
+    exit_code: int
+    stdout: str
+    stderr: str
+    timed_out: bool = False
+    seconds: float = 0.0
+
+    @classmethod
+    def from_wire(cls, result: dict[str, Any]) -> RunResult:
+        return cls(int(result["exit_code"]), result.get("stdout", ""), result.get("stderr", ""),
+                   bool(result.get("timed_out", False)), float(result.get("seconds", 0.0)))
+
+
 log = get_logger("vm.transport")
 
 

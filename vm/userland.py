@@ -10,7 +10,10 @@ host), so every command line the lab builds works unchanged in the guest. It hol
   module compiled to ``unchecked-hash`` bytecode — the image is rebuilt whenever a source changes, so the
   interpreter never needs to stat a source to trust its ``.pyc``;
 * ``GUEST_PROGRAMS`` found on the host and the shared libraries of every ELF file above (``ldd``), plus the few
-  ``/etc`` files the dynamic loader and ``pwd`` read; empty mount points for the init.
+  ``/etc`` files the dynamic loader and ``pwd`` read; empty mount points for the init;
+* ``kernel_modules`` (the crash engine's device-mapper snapshot, loop and RAM disk drivers,
+  ``GUEST_ON_DEMAND_MODULES``)
+  with their module tree's ``modules.*`` indexes, so ``modprobe`` in the guest loads them on demand.
 
 It is cached under ``$XDG_CACHE_HOME/stonelab/userland/`` with a key over the inputs' paths, sizes and mtimes
 (plus the ``ldd`` closure recorded at build time), built in a temporary directory and renamed into place, so
@@ -47,7 +50,10 @@ GUEST_PROGRAMS = ("sh", "bash", "env", "mount", "umount", "mkdir", "cat", "ls", 
                   "uname", "rm", "cp", "mv", "ln", "truncate", "printf", "true", "false", "test", "echo", "head", "tail", "grep",
                   "sed", "chmod", "dd", "id", "df", "find", "xargs", "wc", "cut", "tr", "sort", "base64",
                   "sha256sum", "cmp", "diff", "blockdev", "mcopy", "mmd", "mdel", "mdir", "mtype", "mattrib", "mren",
-                  "mrd", "date", "mkfs.vfat", "mkfs.fat", "fsck.vfat", "strace")
+                  "mrd", "date", "mkfs.vfat", "mkfs.fat", "fsck.vfat", "strace",
+                  "dmsetup", "losetup", "modprobe")  # the crash engine's crash-state devices (lab/crash/materialize)
+# loaded by `modprobe` in the guest when needed (not at boot: every module loaded at boot delays agent-ready)
+GUEST_ON_DEMAND_MODULES = ("dm_snapshot", "loop", "brd")  # brd: the crash states' copy-on-write RAM disks
 ETC_FILES = ("/etc/ld.so.cache", "/etc/passwd", "/etc/group", "/etc/nsswitch.conf", "/etc/localtime",
              "/etc/mtools.conf")
 # the bootloader `boot sync` installs when a state ships none (reference_impl.boot.sync.HOST_SYSTEMD_BOOT): a
@@ -73,6 +79,7 @@ class UserlandSpec:
     python: Path = field(default_factory=lambda: Path(sys.executable))
     project: Path = field(default_factory=lambda: Path(__file__).resolve().parents[1])
     programs: tuple[str, ...] = GUEST_PROGRAMS
+    kernel_modules: tuple[Path, ...] = ()  # .ko files (from vm.initramfs.module_files), with their tree's indexes
 
 
 @dataclass(frozen=True)
@@ -117,9 +124,17 @@ def _roots(spec: UserlandSpec) -> list[tuple[Path, set[str]]]:
     return roots
 
 
+def _module_indexes(modules: tuple[Path, ...]) -> list[Path]:
+    """The ``modules.*`` index files modprobe reads, of every module tree ``modules`` come from
+    (``/lib/modules/<release>/kernel/...``)."""
+    trees = {next(parent for parent in module.parents if parent.parent.name == "modules") for module in modules}
+    return sorted(index for tree in trees for index in tree.glob("modules.*"))
+
+
 def _inputs(spec: UserlandSpec) -> list[Path]:
     files = [Path(spec.python), *_programs(spec),
-             *(Path(p) for p in (*ETC_FILES, *DATA_FILES) if os.path.exists(p))]
+             *(Path(p) for p in (*ETC_FILES, *DATA_FILES) if os.path.exists(p)),
+             *spec.kernel_modules, *_module_indexes(spec.kernel_modules)]
     for top, skip in _roots(spec):
         files.extend(_walk(top, skip))
     return files
@@ -216,9 +231,10 @@ def _stage(spec: UserlandSpec, root: Path) -> list[Path]:
     inputs = _inputs(spec) + [Path(p) for p in MERGED_USR_LINKS if os.path.islink(p)]
     for path in inputs:
         stage.add(path)
-    elves = [p for p in inputs if not p.is_symlink() and (p.suffix == ".so" or ".so." in p.name or
-                                                          p.parent.name in ("bin", "sbin")) and _is_elf(p)]
-    elves.append(Path(spec.python).resolve())
+    programs = {path.resolve() for path in _programs(spec)}  # a program may be a link (modprobe -> kmod)
+    elves = sorted({p for p in inputs if not p.is_symlink() and (p.suffix == ".so" or ".so." in p.name or
+                                                                 p.parent.name in ("bin", "sbin")) and _is_elf(p)}
+                   | {p for p in programs if _is_elf(p)} | {Path(spec.python).resolve()})
     libraries = sorted(_shared_libraries(elves))
     for library in libraries:
         stage.add(library)
