@@ -15,7 +15,7 @@ import pytest
 from tests.conftest import REPO
 from tests.systems_helpers import require_nix_ostree_and_kernel
 
-pytestmark = [pytest.mark.vm, pytest.mark.crash_vm]
+pytestmark = [pytest.mark.vm, pytest.mark.crash_vm, pytest.mark.long]  # 388 s here, three boots: make test-crash
 STATES = 8
 
 

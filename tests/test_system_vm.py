@@ -1,10 +1,10 @@
 """Nix and OSTree on the VM target, each test in one recording guest (one boot under TCG):
 
 - every operation of the generation scenarios — install, switch (Nix), rollback, remove, gc, verify — runs in the
-  guest and is judged there (``nix-generations``, ``ostree-deployments``, each on a root of its own; make
-  test-crash: 931 s here with the machine shared);
+  guest and is judged there (``nix-generations``, ``ostree-deployments``, each on a root of its own; marked
+  ``long``, make test-crash: 931 s here with the machine shared);
 - one small crash exploration per system (``nix-power-cut-upgrade``, ``ostree-power-cut-upgrade``, with a
-  smaller state budget; make test): the upgrade's disk writes are recorded, every crash state chosen is built from
+  smaller state budget; make test, 170–200 s here): the upgrade's disk writes are recorded, every crash state chosen is built from
   them in the same guest and judged with ALICE's contract and the system's own check.
 
 What this shows (and would stop showing if the lab broke): Nix 2.8 loses the new generation although it reported
@@ -59,7 +59,7 @@ def run_all(names: tuple[str, ...]) -> dict[str, ScenarioResult]:
     return results
 
 
-@pytest.mark.crash_vm  # 931 s here under TCG on the shared machine (with the explorations): make test-crash
+@pytest.mark.long  # 931 s here under TCG on the shared machine (with the explorations): make test-crash
 def test_every_operation_of_both_systems_in_a_guest():
     results = run_all(("nix-generations", "ostree-deployments"))
     for name, verdict in results.items():
