@@ -26,11 +26,11 @@ run: setup
 
 # Two workers (pytest-xdist): the guest tests are CPU-bound TCG, and CI has two cores.
 test: setup
-	$(PY) -m pytest -q -p no:cacheprovider -n 2 tests
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 -m "not long" tests
 
 # Only the crash engine's guest acceptance tests (part of `make test` too).
 test-crash: setup
-	$(PY) -m pytest -q -p no:cacheprovider -m crash_vm tests
+	$(PY) -m pytest -q -p no:cacheprovider -m "crash_vm or long" tests
 
 # The boot benchmark's baseline tool (virtme-ng, from PyPI) in a venv of its own: not a project dependency.
 BENCH_VENV := .bench-venv

@@ -156,7 +156,8 @@ INVARIANTS: dict[str, type[Invariant]] = {}
 #: Invariants judged on materialised crash states only (lab/crash/check.py), never on a live observation:
 #: name -> what it promises. A scenario may name them in ``invariants`` and ``expect_violations``.
 CRASH_STATE_INVARIANTS = {
-    "recovers": "a crash state mounts (journal replay included) and the system's recovery verb exits 0",
+    "recovers": "a crash state mounts (journal replay included) and the system's recovery succeeds (the reference's "
+                "recovery verb; a real system's own recovery and the commands that read its state)",
     "durable_success": "an operation that reported success (exit 0) before the cut survives it (ALICE)",
 }
 

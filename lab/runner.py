@@ -219,7 +219,7 @@ def run_scenario(scenario: Scenario, *, workdir: Path | None = None, target: str
     try:
         if scenario.system != "reference":
             from lab.systems.run import run_system_steps  # a real system: lab.systems builds on this module
-            run_system_steps(scenario, result, kind, workdir)
+            run_system_steps(scenario, result, kind, workdir, crash_defaults, crash_overrides)
         else:
             _run_steps(scenario, result, kind, workdir, vm_factory,
                        {"crash_defaults": crash_defaults, "crash_overrides": crash_overrides}, on_step)

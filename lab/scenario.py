@@ -229,8 +229,8 @@ def _check_system(doc: MarkedYaml, spec: ScenarioFile, steps: list[Step]) -> Non
                 raise fail((key,), f"applies to the reference implementation only, not to system "
                                    f"{str(spec.system)!r}", True)
     allowed = _default_invariants(spec.system)
-    if spec.system == SystemName.REFERENCE:
-        allowed = (*allowed, *CRASH_STATE_INVARIANTS)  # judged on the crash engine's states
+    # judged on the crash engine's states, whatever the system
+    allowed = (*allowed, *(name for name in CRASH_STATE_INVARIANTS if name not in allowed))
     named = [(("invariants", i), n) for i, n in enumerate(spec.invariants or ())]
     raw = spec.expect_violations
     for target, names in (raw.items() if isinstance(raw, dict) else [(None, raw or [])]):

@@ -4,6 +4,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import shutil
+
+import pytest
+
 from lab.invariants import tree_difference
 from lab.packages import PackageDecl, expected_tree
 
@@ -31,3 +35,16 @@ def snapshot(path: Path) -> dict[str, tuple]:
             seen[str(full)] = (st.st_mode, st.st_size if not os.path.isdir(full) else 0,
                                os.readlink(full) if os.path.islink(full) else "")
     return seen
+
+
+def require_nix_ostree_and_kernel() -> None:
+    """Skip (with the reason) unless nix-env, ostree and a guest kernel are here."""
+    from vm.errors import VmError
+    from vm.host import default_kernel
+    for binary in ("nix-env", "ostree"):
+        if shutil.which(binary) is None:
+            pytest.skip(f"{binary} is absent (tools/debian-packages.txt)")
+    try:
+        default_kernel()
+    except VmError as err:
+        pytest.skip(str(err))

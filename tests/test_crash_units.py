@@ -127,6 +127,19 @@ def test_enumeration_bound_and_seed(tmp_path):
         assert {0, 12} <= at_return
 
 
+def test_a_tight_budget_still_judges_the_state_after_the_return(tmp_path):
+    """Many flush boundaries during the operation and a budget smaller than their number: the states after the
+    command returned (where ALICE's durable_success is decided) are kept (a Nix first install has 11 boundaries;
+    a budget of 24 once dropped the last ones)."""
+    many = [entry for i in range(12) for entry in ((W, 8 * i, 1, b"x"), (F, 0, 0, b""))] + [(W, 200, 1, b"y")]
+    rec = read_log(write_log(tmp_path / "log", many))
+    window = Window(0, len(many), 0)
+    assert sum(s.after_return for s in enumerate_states(rec, window, PowerLoss(), max_states=10 ** 6)) == 2
+    for budget in (3, 6):
+        kept = enumerate_states(rec, window, PowerLoss(), max_states=budget)
+        assert sum(s.after_return for s in kept) == 2, budget
+
+
 def test_optimistic_is_in_order_prefixes(tmp_path):
     rec = read_log(sample(tmp_path))
     states = enumerate_states(rec, Window(0, 8, 0), PowerLoss(Model.OPTIMISTIC))
@@ -144,6 +157,11 @@ def test_job_clips_to_the_partition_and_shares_the_common_prefix(tmp_path):
     assert job.states[0] == [] and [job.chunks[c][0] for c in job.states[1]] == [32 * SECTOR]
     offset, start, length = job.chunks[job.states[1][0]]
     assert data[start:start + length] == b"f" * SECTOR
+    assert (job.system, job.fstype) == ("reference", "ext4")
+    nix, _ = build_job(rec, states, PowerLoss(), device="/dev/vdb2", partition=(16 * SECTOR, 64 * SECTOR),
+                       recovery=[], system="nix", system_root="nix", fstype="ext2")
+    assert (nix.system, nix.system_root, nix.fstype) == ("nix", "nix", "ext2")
+    assert nix.states == job.states and nix.common == job.common
 
 
 def scenario_file(tmp_path: Path, step: str, top: str = "") -> Path:

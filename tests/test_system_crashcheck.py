@@ -89,3 +89,64 @@ def test_ostree_state_with_a_dangling_loader_is_caught(tmp_path: Path):
     finally:
         remove_root(system.root)
         remove_root(tmp_path / "state")
+
+
+def test_the_crash_engine_checks_a_nix_state_with_the_systems_own_check(nix, tmp_path: Path):
+    """The engine's guest job (``system: nix``) observes the state through lab.systems.crashcheck, and its judge
+    applies ALICE's contract and Nix's invariants; a reference job would not call it."""
+    from lab.crash import materialize
+    from lab.crash.check import Oracle, judge as judge_state
+    from lab.systems import invariants_of
+    state = copy_state(nix, tmp_path)
+    job = materialize.Job(device="/dev/null", system="nix", system_root=state.name)
+    observed = materialize._observe_system(job, str(tmp_path))
+    assert observed["current"] == 1 and observed["violations"] == []
+    oracle = Oracle(OLD, NEW, True, invariants=invariants_of("nix"), system="nix")
+    assert Oracle.from_dict(json.loads(json.dumps(oracle.to_dict()))) == oracle
+    result = {"system_state": observed}
+    assert judge_state(result, oracle, after_return=False) == []
+    assert [v.invariant for v in judge_state(result, oracle, after_return=True)] == ["durable_success"]
+    (state / "nix/var/nix/db/schema").write_bytes(b"")  # NixOS/nix#7064
+    damaged = {"system_state": materialize._observe_system(job, str(tmp_path))}
+    assert "nix_db_valid" in {v.invariant for v in judge_state(damaged, oracle, after_return=False)}
+    broken = {"system_state": materialize._observe_system(
+        materialize.Job(device="/dev/null", system="guix", system_root=state.name), str(tmp_path))}
+    (failure,) = judge_state(broken, oracle, after_return=False)
+    assert failure.invariant == "recovers" and "could not be read" in failure.detail
+
+
+def test_ostree_recovers_an_interrupted_deploy_with_its_own_cleanup(tmp_path: Path):
+    """The crash state a deploy leaves between checking out the new deployment and swapping boot/loader: the old
+    entry set and a deployment directory no entry names. Judged as it stands, the entry set does not match the
+    deployments; after OSTree's own recovery (``admin cleanup``, which every deploy runs first) it is the old
+    state, whole — and a recovery that fails is a ``recovers`` violation."""
+    if shutil.which("ostree") is None:
+        pytest.skip("ostree is absent (Debian package ostree)")
+    from lab.crash.check import Oracle, judge as judge_state
+    from lab.systems import invariants_of
+    from lab.systems.ostree import OstreeSystem
+    system = make_system("ostree", tmp_path / "root", tmp_path / "work")
+    system.prepare()
+    state = tmp_path / "state"
+    try:
+        assert system.install([HELLO_1], [HELLO_1]).ok
+        copy_state(system, tmp_path)
+        before = {p.name for p in system.deploy_dir().iterdir()}
+        assert system.install([HELLO_2], [HELLO_2]).ok
+        (new,) = [p for p in system.deploy_dir().iterdir() if p.name not in before and p.is_dir()]
+        deploy = state / new.relative_to(system.root).parent
+        subprocess.run(["cp", "-a", str(new), str(deploy)], check=True)
+        as_is = observe_system("ostree", state, tmp_path / "scratch")
+        assert "ostree_loader_complete" in {v["invariant"] for v in as_is["violations"]}
+        recovered = observe_system("ostree", state, tmp_path / "scratch", recover=True)
+        assert recovered["recovery"]["exit"] == 0 and recovered["violations"] == []
+        assert not (deploy / new.name).exists()
+        oracle = Oracle(OLD, NEW, True, invariants=invariants_of("ostree"), system="ostree")
+        assert judge_state({"system_state": recovered}, oracle, after_return=False) == []
+        failed = dict(recovered, recovery={"exit": 1, "output": "error: cleanup failed"})
+        (violation,) = judge_state({"system_state": failed}, oracle, after_return=False)
+        assert violation.invariant == "recovers" and "cleanup failed" in violation.detail
+        assert OstreeSystem.recover is not None and make_system("nix", tmp_path, tmp_path).recover() is None
+    finally:
+        remove_root(system.root)
+        remove_root(state)

@@ -34,12 +34,15 @@ def scenario(tmp_path: Path, **fields) -> Path:
     ({"system": "guix"}, "system: Input should be 'reference', 'nix' or 'ostree'"),
     ({"system": "nix", "mode": "moss-compat"}, "mode: applies to the reference implementation only"),
     ({"system": "nix", "filesystem": "ext2"}, "filesystem: the root's file system is chosen on the vm target only"),
-    ({"system": "nix", "steps": [{"power_cut": {"after": {"install": ["a"]}}}]},
-     "steps[0]: power_cut needs the vm target (target: vm)"),
-    ({"system": "nix", "target": "vm", "steps": [{"power_cut": {"after": {"activate": 1}}}]},
-     "steps[0].power_cut.after: power_cut follows an operation that makes a generation"),
-    ({"steps": [{"power_cut": {"after": {"install": ["a"]}}}], "target": "vm"},
-     "power_cut is for real systems; the reference is cut at its fault points"),
+    ({"system": "nix", "steps": [{"power_loss": {"during": {"install": ["a"]}, "explore": True}}]},
+     "steps[0]: power_loss needs the vm target (target: vm)"),
+    ({"system": "nix", "target": "vm", "steps": [{"power_loss": {"during": {"activate": 1}, "explore": True}}]},
+     "steps[0]: power_loss on system 'nix' explores an operation that makes or drops a generation"),
+    ({"system": "ostree", "target": "vm",
+      "steps": [{"power_loss": {"during": {"install": ["a"]}, "at": "random", "seed": 1}}]},
+     "steps[0]: power_loss on system 'ostree' needs `explore: true`"),
+    ({"system": "nix", "target": "vm", "steps": [{"power_cut": {"after": {"install": ["a"]}}}]},
+     "steps[0].power_cut: unknown step 'power_cut' (did you mean 'power_loss'?)"),
     ({"system": "ostree", "target": "vm", "filesystem": "xfs"}, "filesystem: Input should be 'ext4' or 'ext2'"),
     ({"system": "nix", "invariants": ["staging_empty"]},
      "invariants[0]: invariant 'staging_empty' does not apply to system 'nix'"),
@@ -59,6 +62,8 @@ def test_system_defaults_and_invariants(tmp_path: Path):
     assert nix.invariants == ("atomic_usr", "durable_success", "nix_store_verified", "nix_db_valid",
                               "nix_profile_complete")
     assert load_scenario(scenario(tmp_path)).system == "reference"
+    crash = load_scenario(scenario(tmp_path, system="ostree", expect_violations=["recovers", "ostree_fsck"]))
+    assert set(crash.expected_for("vm")) == {"recovers", "ostree_fsck"}  # a crash state's own invariant, any system
 
 
 def test_cli_check_refuses_in_one_line(tmp_path: Path):
@@ -95,7 +100,7 @@ def test_expected_violations_with_an_upstream_report_read_as_reproduced():
     from lab.invariants import Violation
 
     def result(upstream: str) -> ScenarioResult:
-        step = StepResult(0, "power_cut", "crashed", 1.0, violations=[Violation("durable_success", "old tree")])
+        step = StepResult(0, "power_loss", "explored", 1.0, violations=[Violation("durable_success", "old tree")])
         return ScenarioResult("x", "x.yaml", "", "vm", "-", "-", "", steps=[step], system="nix",
                               expected_violations=["durable_success"], upstream=upstream)
 

@@ -23,23 +23,27 @@ CRASH_INVARIANTS = tuple(CRASH_STATE_INVARIANTS)
 @dataclass(frozen=True)
 class Oracle:
     """What the lab knows independently of the system under test: the tree before the operation (``old``), the
-    tree it promised (``new``), whether it reported success, the files outside /usr before the run."""
+    tree it promised (``new``), whether it reported success, the files outside /usr before the run, the
+    invariants enabled, and which system is judged (``reference`` or a :class:`lab.systems.SystemName`)."""
 
     old: ExpectedTree
     new: ExpectedTree
     succeeded: bool
     baseline: dict[str, list] = field(default_factory=dict)
     invariants: tuple[str, ...] = tuple(INVARIANTS)
+    system: str = "reference"
 
     def to_dict(self) -> dict:
         return {"old": {"label": self.old.label, "files": self.old.files},
                 "new": {"label": self.new.label, "files": self.new.files},
-                "succeeded": self.succeeded, "baseline": self.baseline, "invariants": list(self.invariants)}
+                "succeeded": self.succeeded, "baseline": self.baseline, "invariants": list(self.invariants),
+                "system": self.system}
 
     @classmethod
     def from_dict(cls, data: dict) -> Oracle:
         return cls(ExpectedTree(**data["old"]), ExpectedTree(**data["new"]), bool(data["succeeded"]),
-                   dict(data.get("baseline") or {}), tuple(data.get("invariants") or ()))
+                   dict(data.get("baseline") or {}), tuple(data.get("invariants") or ()),
+                   str(data.get("system") or "reference"))
 
 
 # the lab's invariants that judge a root from its observation alone (no trace, no ESP, no boot)
@@ -56,11 +60,10 @@ def judge(result: dict, oracle: Oracle, after_return: bool) -> list[Violation]:
         return [Violation("recovers", f"the state could not be built: {result['error']}")]
     if "mount_error" in result:
         return [Violation("recovers", f"the root file system does not mount: {result['mount_error']}")]
+    if oracle.system != "reference":
+        return _judge_system(result["system_state"], oracle, after_return)
     violations: list[Violation] = []
-    recovery = result["recovery"]
-    if recovery["exit"] != 0:
-        last = (recovery["output"].strip().splitlines() or ["(no output)"])[-1]
-        violations.append(Violation("recovers", f"the recovery verb exited {recovery['exit']}: {last}"))
+    violations += _recovers(result["recovery"], "the recovery verb")
     if "read_error" in result:
         return violations + [Violation("recovers", f"the recovered file system cannot be read: "
                                                    f"{result['read_error']}")]
@@ -74,3 +77,22 @@ def judge(result: dict, oracle: Oracle, after_return: bool) -> list[Violation]:
         violations.append(Violation("durable_success", f"the operation had reported success (exit 0), but after "
                                                        f"the cut /usr is {what}"))
     return violations
+
+
+def _judge_system(observed: dict, oracle: Oracle, after_return: bool) -> list[Violation]:
+    """A real system's state (``lab.systems.crashcheck.observe_system``'s dict, or ``{"error"}`` when its
+    commands could not run at all)."""
+    from lab.systems.crashcheck import judge_system_state  # the adapters build on the lab's invariants
+    if "error" in observed:
+        return [Violation("recovers", f"{oracle.system}'s state could not be read: {observed['error']}")]
+    violations = _recovers(observed.get("recovery") or {"exit": 0}, f"{oracle.system}'s recovery")
+    return violations + judge_system_state(observed, oracle.old, oracle.new, succeeded=oracle.succeeded,
+                                           after_return=after_return, enabled=oracle.invariants)
+
+
+def _recovers(recovery: dict, what: str) -> list[Violation]:
+    """``recovers`` when the recovery (``{"exit", "output"}``) failed, with its last line of output."""
+    if recovery["exit"] == 0:
+        return []
+    last = (recovery["output"].strip().splitlines() or ["(no output)"])[-1]
+    return [Violation("recovers", f"{what} exited {recovery['exit']}: {last}")]

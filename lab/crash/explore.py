@@ -88,8 +88,10 @@ class Exploration:
 
 
 def build_job(recording: Recording, states: list[CrashState], power: PowerLoss, *, device: str,
-              partition: tuple[int, int], recovery: list[str]) -> tuple[Job, bytes]:
-    """The guest job for ``states``: each distinct write piece once, clipped to the root partition."""
+              partition: tuple[int, int], recovery: list[str], system: str = "reference", system_root: str = "",
+              fstype: str = "ext4") -> tuple[Job, bytes]:
+    """The guest job for ``states``: each distinct write piece once, clipped to the root partition.
+    ``system``/``system_root``: a real system and its root below the file system (see :class:`Job`)."""
     start, length = partition
     chunk_ids: dict[tuple[int, int, int], int] = {}
     chunks: list[tuple[int, int, int]] = []
@@ -117,12 +119,15 @@ def build_job(recording: Recording, states: list[CrashState], power: PowerLoss, 
     for state in states:
         pieces = [piece for piece in power.writes(recording, state) if piece[0].index >= common_boundary]
         per_state.append([c for c in (chunk(*p) for p in pieces) if c is not None])
-    return Job(device=device, chunks=chunks, common=common, states=per_state, recovery=recovery), bytes(blob)
+    return Job(device=device, chunks=chunks, common=common, states=per_state, recovery=recovery, system=system,
+               system_root=system_root, fstype=fstype), bytes(blob)
 
 
 def explore(target, start_bytes: int, end_bytes: int, exit_status: int, oracle: Oracle, recovery: list[str],
-            options: ExploreOptions = ExploreOptions()) -> Exploration:
-    """Explore the operation between two timeline marks of ``target`` (a recording VmTarget)."""
+            options: ExploreOptions = ExploreOptions(), *, system_root: str = "") -> Exploration:
+    """Explore the operation between two timeline marks of ``target`` (a recording VmTarget).  The system under
+    test is ``oracle.system``; a real one is observed at ``system_root`` below the root file system (``recovery``
+    is the reference's verb and unused then)."""
     started = time.monotonic()
     generation = target.generation
     if generation is None:
@@ -133,7 +138,8 @@ def explore(target, start_bytes: int, end_bytes: int, exit_status: int, oracle: 
     states = enumerate_states(recording, window, power, max_states=options.max_states, seed=options.seed)
     result = Exploration(str(options.model), power.describe(), asdict(window))
     job, data = build_job(recording, states, power, device=target.base_partition,
-                          partition=target.root_partition, recovery=recovery)
+                          partition=target.root_partition, recovery=recovery, system=oracle.system,
+                          system_root=system_root, fstype=target.root_fs)
     with tempfile.TemporaryDirectory(prefix="crash-job-", dir=target.workdir) as tmp:
         write_job(Path(tmp), job, data)
         guest_started = time.monotonic()
@@ -164,7 +170,7 @@ def explore(target, start_bytes: int, end_bytes: int, exit_status: int, oracle: 
         violation = CrashViolation(invariant, detail, len(shown), smallest.boundary, smallest.cut,
                                    smallest.write_set(), smallest.after_return)
         if options.out_dir is not None:
-            violation.reproducer = str(_reproducer(options, target, recording, smallest, oracle, recovery,
+            violation.reproducer = str(_reproducer(options, target, recording, smallest, oracle, job,
                                                    judge(lines[states.index(smallest)], oracle,
                                                          smallest.after_return), number))
         result.violations.append(violation)
@@ -173,7 +179,7 @@ def explore(target, start_bytes: int, end_bytes: int, exit_status: int, oracle: 
 
 
 def _reproducer(options: ExploreOptions, target, recording: Recording, state: CrashState, oracle: Oracle,
-                recovery: list[str], verdict, number: int) -> Path:
+                job: Job, verdict, number: int) -> Path:
     """Keep the recording (image + log, copied once per out_dir) and write one reproducer next to it."""
     out = Path(options.out_dir)
     keep = out / "recording"
@@ -187,8 +193,9 @@ def _reproducer(options: ExploreOptions, target, recording: Recording, state: Cr
     repro = Reproducer(base=str(base.relative_to(out)), log=str(log.relative_to(out)), partition=list(target.root_partition),
                        model=str(options.model), granularity=str(options.granularity), cut=state.cut,
                        boundary=state.boundary, persisted=[[u.entry, u.first, u.count] for u in state.persisted],
-                       after_return=state.after_return, oracle=oracle.to_dict(), recovery=recovery,
-                       verdict=sorted({f"{v.invariant}: {v.detail}" for v in verdict}))
+                       after_return=state.after_return, oracle=oracle.to_dict(), recovery=job.recovery,
+                       verdict=sorted({f"{v.invariant}: {v.detail}" for v in verdict}),
+                       system_root=job.system_root, filesystem=job.fstype)
     return write_reproducer(out / f"repro-{number:03d}.json", repro)
 
 

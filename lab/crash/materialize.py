@@ -12,10 +12,12 @@ pre-recording image read-only as a second disk, ``python -m lab.crash.materializ
    each state of the batch (``stonelab-crash-state``, each over its own RAM disk), and one ``dmsetup remove``
    removes them all afterwards — a helper process per state cost more than the state's own check under TCG;
 4. for each state — in one forked worker per guest vCPU, each with its own mount point, as the states are
-   independent file systems —: its own writes; ``mount(2)`` as ext4 (the guest kernel replays the journal); the
-   system under test's recovery (forked again from the worker, which has imported it already);
-   ``lab.probe.observe``; unmount.  One JSON line per state on stdout, in state order, with the seconds of each
-   phase.
+   independent file systems —: its own writes; ``mount(2)`` as ext4 (the guest kernel replays the journal) or
+   ext2 (the job's ``fstype``); the system under test's recovery and observation — for the reference its recovery
+   verb (forked again from the worker, which has imported it already) and ``lab.probe.observe``; for a real system
+   (``system: nix|ostree``) ``lab.systems.crashcheck.observe_system`` on ``system_root`` below the mount: the
+   system's own recovery, then its state read with its own commands and its integrity check; unmount.  One JSON
+   line per state on stdout, in state order, with the seconds of each phase.
 
 Every device, mount and loop device is removed on the way out, also when a state fails; they live only in the
 guest, which the lab powers off afterwards in any case.
@@ -57,6 +59,9 @@ class Job:
     common: list[int] = field(default_factory=list)
     states: list[list[int]] = field(default_factory=list)
     recovery: list[str] = field(default_factory=list)
+    system: str = "reference"
+    system_root: str = ""
+    fstype: str = "ext4"
 
 
 def job_files(job: Job, data: bytes) -> dict[str, bytes]:
@@ -88,10 +93,10 @@ def _sectors(device: str) -> int:
         os.close(fd)
 
 
-def _mount(device: str, target: str) -> str | None:
-    """mount(2) of an ext4 file system (no helper process: it costs as much as the mount under TCG)."""
+def _mount(device: str, target: str, fstype: str = "ext4") -> str | None:
+    """mount(2) of an ext4/ext2 file system (no helper process: it costs as much as the mount under TCG)."""
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.mount(device.encode(), target.encode(), b"ext4", 0, None) != 0:
+    if libc.mount(device.encode(), target.encode(), fstype.encode(), 0, None) != 0:
         return os.strerror(ctypes.get_errno())
     return None
 
@@ -235,12 +240,16 @@ def check_state(job: Job, data, device: str, chunk_ids: list[int], parser, clock
     _apply(device, job, data, chunk_ids)
     clock.done("apply")
     os.makedirs(mountpoint, exist_ok=True)
-    problem = _mount(device, mountpoint)
+    problem = _mount(device, mountpoint, job.fstype)
     clock.done("mount")
     if problem:
         result["mount_error"] = problem
         return result
     try:
+        if job.system != "reference":
+            result["system_state"] = _observe_system(job, mountpoint)
+            clock.done("recovery")
+            return result
         argv = [a.replace("{root}", mountpoint) for a in job.recovery]
         result["recovery"] = _recover(argv, parser)
         clock.done("recovery")
@@ -255,6 +264,18 @@ def check_state(job: Job, data, device: str, chunk_ids: list[int], parser, clock
         if problem:
             raise RuntimeError(f"umount {mountpoint}: {problem} ({_holders(mountpoint)})")
     return result
+
+
+def _observe_system(job: Job, mountpoint: str = MOUNTPOINT) -> dict:
+    """A real system's own recovery, then its state and its own invariants on the mounted state
+    (:func:`lab.systems.crashcheck.observe_system`; its HOME and caches in a fresh directory on the guest's
+    tmpfs); ``{"error": ...}`` when they could not run."""
+    from lab.systems.crashcheck import observe_system
+    with tempfile.TemporaryDirectory(prefix=f"stonelab-sut-{job.system}-") as scratch:
+        try:
+            return observe_system(job.system, Path(mountpoint) / job.system_root, Path(scratch), recover=True)
+        except Exception as err:  # noqa: BLE001 — the state is judged as not recovering, the job goes on
+            return {"error": f"{type(err).__name__}: {err}"[-600:]}
 
 
 def _failure(err: Exception) -> dict:
@@ -338,6 +359,8 @@ def run_job(directory: Path, out=sys.stdout) -> int:
     job = Job(**json.loads((directory / "job.json").read_text()))
     data = memoryview((directory / "data.bin").read_bytes())
     import lab.probe  # noqa: F401 — imported before the forks, so each recovery starts warm
+    if job.system != "reference":
+        import lab.systems.crashcheck  # noqa: F401 — once, not per state
     import stonelab.cli
     word = next((w for w in job.recovery if not w.startswith("-")), "")
     module = stonelab.cli.COMMAND_INDEX.get(word)

@@ -10,12 +10,15 @@ File format (``"format": "stonelab-crash-reproducer/1"``), paths relative to the
      "persisted": [[795, 0, 0], ...],                     # in-flight units that reached the disk [entry, first, count]
      "after_return": true,                                # the operation had returned when the power failed
      "oracle": {"old": {...}, "new": {...}, "succeeded": true, "baseline": {...}, "invariants": [...]},
-     "recovery": ["state", "list", "-D", "{root}", ...],  # the verb run on the mounted state
-     "verdict": ["atomic_usr: ...", ...]}                 # what the exploration saw
+     "recovery": ["state", "list", "-D", "{root}", ...],  # the verb run on the mounted state (the reference)
+     "verdict": ["atomic_usr: ...", ...],                 # what the exploration saw
+     "system_root": "nix", "filesystem": "ext4"}          # a real system's root in the file system (oracle.system)
 
 ``stonelab crash replay FILE`` boots one guest with the base image as its only disk, applies the state's writes
 (everything before the boundary, then the persisted units) to a device-mapper snapshot, mounts, recovers, checks
 with the same oracle and prints the verdict — the same lines as ``verdict`` when the problem is reproducible.
+A real system's reproducer (``oracle.system``: nix, ostree) is checked with that system's own recovery and
+commands, which the guest runs from this machine's root over 9p.
 """
 from __future__ import annotations
 
@@ -44,6 +47,8 @@ class Reproducer:
     oracle: dict
     recovery: list[str]
     verdict: list[str] = field(default_factory=list)
+    system_root: str = ""
+    filesystem: str = "ext4"
 
 
 def write_reproducer(path: Path, repro: Reproducer) -> Path:
@@ -95,8 +100,10 @@ def replay(path: Path, *, kernel=None, accel: str = "auto") -> list[str]:
                             f"({len(recording.entries)} entries)")
     state = CrashState(repro.cut, repro.boundary, tuple(Unit(*u) for u in repro.persisted), repro.after_return,
                        "replay")
+    oracle = Oracle.from_dict(repro.oracle)
     job, data = build_job(recording, [state], power, device="/dev/vda2", partition=tuple(repro.partition),
-                          recovery=repro.recovery)
+                          recovery=repro.recovery, system=oracle.system, system_root=repro.system_root,
+                          fstype=repro.filesystem)
     image = kernel or default_kernel()
     choice = AccelSelector().choose(image, accel)
     # the host root over 9p, as the exploring guest had it: the job needs dmsetup, losetup and the dm-snapshot and
@@ -111,5 +118,4 @@ def replay(path: Path, *, kernel=None, accel: str = "auto") -> list[str]:
     if run.exit_code != 0 or len(lines) != 1:
         raise StonelabError(f"{path}: checking the state in the guest failed (exit {run.exit_code}): "
                             f"{run.stderr.strip()[-300:]}")
-    return sorted({f"{v.invariant}: {v.detail}" for v in judge(lines[0], Oracle.from_dict(repro.oracle),
-                                                               repro.after_return)})
+    return sorted({f"{v.invariant}: {v.detail}" for v in judge(lines[0], oracle, repro.after_return)})

@@ -4,7 +4,9 @@ the recording VM target, then checks every crash state the power-loss model allo
 
 Optional keys: ``model`` (volatile-cache | optimistic), ``granularity`` (request | sector), ``max_states``,
 ``seed`` (the sample's seed).  The live guest is not cut: the scenario continues from the completed step, and
-the exploration's distinct violations become the step's violations.
+the exploration's distinct violations become the step's violations.  A real system (``system: nix|ostree``)
+takes the same step through :meth:`lab.systems.run.SystemRunner.power_loss`, which explores with the same
+engine and records the result with :func:`record_exploration`.
 """
 from __future__ import annotations
 
@@ -42,14 +44,20 @@ def run_power_loss(runner, step, result) -> list[ExpectedTree]:
                 "--swap", str(runner.scenario.swap)]
     options = step_options(step.arg, runner.crash_defaults, runner.crash_overrides)
     exploration = explore(target, start.log_bytes, end.log_bytes, outcome.returncode, oracle, recovery, options)
+    record_exploration(result, exploration)
+    if outcome.ok and cmd.after is not None:
+        runner.model.installed = cmd.after
+    return [runner.model.tree()]
+
+
+def record_exploration(result, exploration) -> None:
+    """An exploration into the step's result (any system): the crash-state section, status ``explored``, and
+    each distinct violation with its smallest state."""
     result.crash = exploration.to_dict()
     result.status = "explored"
     result.note = exploration.summary()
-    if outcome.ok and cmd.after is not None:
-        runner.model.installed = cmd.after
     result.violations += [
         Violation(v.invariant, f"{v.detail} [{v.states} state(s); smallest: flush boundary at entry {v.boundary}, "
                                f"cut at {v.cut}, write set {v.write_set}"
                                f"{', after the command returned' if v.after_return else ''}]")
         for v in exploration.violations]
-    return [runner.model.tree()]

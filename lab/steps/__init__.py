@@ -137,4 +137,3 @@ from lab.steps import transactions as _transactions  # noqa: E402,F401
 from lab.steps import faults as _faults  # noqa: E402,F401
 from lab.steps import expectations as _expectations  # noqa: E402,F401
 from lab.steps import system as _system  # noqa: E402,F401
-from lab.steps import systems as _systems  # noqa: E402,F401

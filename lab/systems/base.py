@@ -155,6 +155,12 @@ class SystemUnderTest(Protocol):
     def verify(self) -> CommandResult:
         """The system's own integrity check (exit 0: it found nothing wrong)."""
 
+    def recover(self) -> CommandResult | None:
+        """What the system itself does after a power cut before it is used again, when that is more than its
+        next command (None: nothing more — Nix opens its database and SQLite replays or discards its journal;
+        OSTree: ``ostree admin cleanup``, which every ``admin deploy`` runs first; the reference: its recovery
+        verb)."""
+
     def corrupt_store(self) -> str:
         """Damage one stored file after the system registered it (a lab fault); returns its root-relative
         path."""
@@ -178,6 +184,10 @@ class RootedSystem:
         self.workdir = workdir
         self.run = run
         self._trees = itertools.count(1)
+
+    def recover(self) -> CommandResult | None:
+        """Nothing beyond the next command (see :meth:`SystemUnderTest.recover`)."""
+        return None
 
     def new_tree_dir(self) -> Path:
         """A fresh directory name below ``workdir/trees`` for the next generation's tree."""

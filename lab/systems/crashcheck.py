@@ -29,14 +29,22 @@ from lab.systems.base import CommandRunner, run_local
 __all__ = ["CRASH_INVARIANTS", "judge_system_state", "observe_system"]
 
 
-def observe_system(system: str, root: Path, scratch: Path, run: CommandRunner = run_local) -> dict:
+def observe_system(system: str, root: Path, scratch: Path, run: CommandRunner = run_local, *,
+                   recover: bool = False) -> dict:
     """The state of system ``system`` on ``root`` and its own invariants, JSON-ready:
-    ``{"tree", "current", "generations": [[number, ref]], "violations": [{"invariant", "detail"}]}``."""
+    ``{"tree", "current", "generations": [[number, ref]], "violations": [{"invariant", "detail"}]}``; with
+    ``recover`` (a crash state) the system's own recovery runs first (:meth:`SystemUnderTest.recover`) and
+    ``"recovery": {"exit", "output"}`` says how it went (absent: the system has none beyond its next command)."""
     sut = make_system(system, root, scratch, run=run, scratch=scratch)
+    recovery = sut.recover() if recover else None
     state = sut.state()
-    return {"tree": state.tree, "current": state.current,
-            "generations": [[g.number, g.ref] for g in state.generations],
-            "violations": [asdict(v) for v in sut.invariants(state)]}
+    observed = {"tree": state.tree, "current": state.current,
+                "generations": [[g.number, g.ref] for g in state.generations],
+                "violations": [asdict(v) for v in sut.invariants(state)]}
+    if recovery is not None:
+        observed["recovery"] = {"exit": recovery.returncode,
+                                "output": (recovery.stdout + recovery.stderr).strip()[-1500:]}
+    return observed
 
 
 def judge_system_state(observed: dict, old: ExpectedTree, new: ExpectedTree, *, succeeded: bool,

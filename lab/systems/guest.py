@@ -5,10 +5,11 @@ Asterinas 0.18.1 setup), their commands run by the guest agent, and a power cut 
   environment, executed in the guest. The guest sees this machine's root read-only over 9p (the binaries, the
   project, the lab's work directory with the source store, binary cache and repository) and has tmpfs on
   ``/tmp``, where a system's scratch directory (Nix's HOME) goes.
-- :class:`SystemGuest` is the VM target with the root file system of choice. As in :mod:`lab.vm_target`,
-  periodic writeback is off in the guest (and ext4's periodic journal commit): what survives a cut is exactly
-  what the system flushed. That is also Asterinas 0.18.1's behaviour, which has no writeback thread and whose only
-  persistent root file system is ext2 (``../shared/docs/asterinas-0.18.1.md``, "Durability").
+- :class:`SystemGuest` is the VM target with the root file system of choice, its writes recorded for the crash
+  engine. As in :mod:`lab.vm_target`, periodic writeback is off in the guest (and ext4's periodic journal
+  commit): what survives a power cut is exactly what the system flushed. That is also Asterinas 0.18.1's
+  behaviour, which has no writeback thread and whose only persistent root file system is ext2
+  (``../shared/docs/asterinas-0.18.1.md``, "Durability").
 - :class:`GuestSystem` wraps an adapter whose commands run in the guest: its state and invariants are read in the
   guest too (``python -m lab.systems.crashcheck``).
 """
@@ -21,9 +22,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from lab.invariants import Violation
+from lab.systems import make_system
 from lab.systems.base import Generation, RootFilesystem, SystemState, SystemUnderTest
 from lab.target import COMMAND_TIMEOUT, CommandResult
-from lab.vm_target import GUEST_ROOT, SUT_PARTITION, VmTarget
+from lab.vm_target import GUEST_ROOT, VmTarget
 from stonelab.errors import StonelabError
 
 GUEST_SCRATCH = Path("/tmp/stonelab-sut-scratch")
@@ -48,42 +50,27 @@ class GuestRunner:
 
 
 class SystemGuest(VmTarget):
-    """The VM target with the SUT root on ``filesystem``; ``cut()`` is a power cut (QEMU SIGKILLed), the next
-    ``power_on()`` boots again and mounts what the disk holds (ext4 replays its journal; ext2 has none)."""
+    """The VM target with the SUT root on ``filesystem``; with ``record`` (a scenario that explores crash
+    states) each boot's disk writes are logged for the crash engine (:mod:`lab.crash`)."""
 
-    crash_semantics = ("power cut the moment the operation returned (QEMU SIGKILLed): with writeback off, what "
-                       "the system did not flush is lost; one crash state per power_cut step")
+    crash_semantics = ("volatile-cache power-loss model: every crash state of each power_loss step's operation "
+                       "checked (docs/CRASH.md); periodic writeback off, so what survives is what the system "
+                       "flushed")
 
-    def __init__(self, workdir: Path, filesystem: RootFilesystem = RootFilesystem.EXT4, **kwargs):
+    def __init__(self, workdir: Path, filesystem: RootFilesystem = RootFilesystem.EXT4, *, record: bool = True,
+                 **kwargs):
         self.filesystem = RootFilesystem(filesystem)
-        # no write recording: this cut keeps every write the guest submitted (one state, after success)
         # Nix and OSTree are the host's binaries: the guest runs them from the host root over 9p
-        super().__init__(workdir, root_fs=str(self.filesystem), record=False, host_userland=True, **kwargs)
+        super().__init__(workdir, root_fs=str(self.filesystem), record=record, host_userland=True, **kwargs)
 
     def describe(self) -> str:
         return f"{super().describe()}, SUT root {self.filesystem} (writeback off)"
 
-    def fsck(self) -> str:
-        """e2fsck -n of the (unmounted) SUT partition after a cut: what the file system itself lost, one line."""
-        self.power_on()
-        self.machine.succeed(f"umount {GUEST_ROOT}")
-        result = self.machine.execute(f"e2fsck -fn {SUT_PARTITION}", 120)
-        self.mount_root()
-        lines = [line.strip() for line in result.stdout.splitlines() if line.strip()]
-        # a problem is the line asking to fix it, or the line before a bare "Fix? no"
-        problems = [(lines[i - 1] if line.startswith("Fix?") and i else line) for i, line in enumerate(lines)
-                    if "?" in line]
-        shown = "; ".join(dict.fromkeys(problems[:3]))
-        return f"e2fsck exit {result.exit_code}" + (f": {shown}" if shown else " (clean)")
-
     def settle(self) -> None:
-        """``sync`` in the guest: everything written so far is on the disk."""
+        """Everything written so far durable: ``sync``, then an fsync of the root directory, which on ext2 is
+        what sends the disk a cache FLUSH (``sync(2)`` writes ext2's blocks out but flushes nothing)."""
         self.power_on()
-        self.machine.succeed("sync")
-
-    def cut(self) -> None:
-        """The power cut: QEMU SIGKILLed, nothing flushed (:meth:`vm.machine.Machine.crash`)."""
-        self.machine.crash()
+        self.machine.succeed(f"sync && sync {GUEST_ROOT}")
 
 
 class GuestSystem:
@@ -130,3 +117,13 @@ class GuestSystem:
 
     def cleanup(self) -> None:
         """Nothing: the disk goes with the guest."""
+
+
+def guest_system(name: str, guest: SystemGuest, workdir: Path, root: Path | None = None) -> GuestSystem:
+    """System ``name`` in ``guest``, rooted at ``root`` on the SUT disk (default ``GUEST_ROOT/name``; several
+    systems or scenarios can share one guest, each on a root of its own); ``workdir`` on this machine holds what
+    the lab builds for it (readable in the guest over 9p)."""
+    scratch = GUEST_SCRATCH / name
+    inner = make_system(name, root or Path(GUEST_ROOT) / name, workdir, run=GuestRunner(guest.machine),
+                        scratch=scratch)
+    return GuestSystem(inner, guest, scratch)

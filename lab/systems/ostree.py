@@ -122,6 +122,13 @@ class OstreeSystem(RootedSystem):
     def verify(self) -> CommandResult:
         return self.run(["ostree", "fsck", f"--repo={self.repo}"])
 
+    def recover(self) -> CommandResult:
+        """``ostree admin cleanup``: OSTree's own recovery from an interrupted deploy — it deletes deployment
+        directories no entry of the current boot loader set names and the other entry set (a deploy checks out
+        the new deployment before it writes the entries and swaps ``boot/loader``); every ``admin deploy`` runs
+        it first (ostree-sysroot-cleanup.c: ``ostree_sysroot_cleanup``)."""
+        return self.run(["ostree", "admin", f"--sysroot={self.root}", "cleanup"])
+
     def corrupt_store(self) -> str:
         """Flip the first byte of the largest content object of the repository (hard-linked into the
         deployments); returns its path relative to the root."""

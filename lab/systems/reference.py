@@ -77,6 +77,10 @@ class ReferenceSystem:
     def verify(self) -> CommandResult:
         return self.stonelab("state", "verify")
 
+    def recover(self) -> CommandResult:
+        """The recovery verb: ``stonelab state list`` runs recovery under the lock."""
+        return self.stonelab("state", "list")
+
     def corrupt_store(self) -> str:
         return corrupt_largest_asset(self.root)
 

@@ -16,18 +16,21 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lab import invariants as inv
+from lab.crash.check import Oracle
+from lab.crash.explore import ExploreOptions, explore
+from lab.crash.step import record_exploration, step_options
 from lab.invariants import ExpectedTree, Violation
 from lab.packages import PackageDecl, expected_tree
 from lab.probe import Observation
 from lab.runner import ScenarioResult, StepResult, run_cache_dir
 from lab.systems import make_system, operations_of, require
 from lab.systems.base import Operation, SystemUnderTest, UnsupportedOperation
-from lab.systems.crashcheck import judge_system_state
 from lab.target import CommandResult
 
 # the step kinds a real system takes (the others drive the reference's fault points, boot manager, ESP…)
 SYSTEM_STEPS = ("install", "remove", "activate", "prune", "verify", "expect_usr", "expect_fail", "corrupt_store",
-                "power_cut")
+                "power_loss")
+CUTTABLE = ("install", "remove", "prune")  # the operations that make or drop a generation (power_loss: during)
 
 
 def operation_of(kind: str, arg: object) -> Operation | None:
@@ -44,15 +47,18 @@ def check_steps(system: str, target: str, steps: list, fail: Callable[[int, str]
     for step in steps:
         kind, arg = step.kind, step.arg
         where = step.index
-        if kind == "power_cut":
-            if system == "reference":
-                raise fail(where, "power_cut is for real systems; the reference is cut at its fault points "
-                                  "(crash: {at: POINT, during: STEP})")
-            if target != "vm":
-                raise fail(where, "power_cut needs the vm target (target: vm)")
-            kind, arg = arg.after.kind, arg.after.arg
         if system == "reference":
             continue
+        if kind == "power_loss":
+            if not arg.explore:
+                raise fail(where, f"power_loss on system {system!r} needs `explore: true` (the seeded `at: random` "
+                                  "cut counts the reference's system calls)")
+            if target != "vm":
+                raise fail(where, "power_loss needs the vm target (target: vm): it explores recorded disk writes")
+            if arg.during.kind not in CUTTABLE:
+                raise fail(where, f"power_loss on system {system!r} explores an operation that makes or drops a "
+                                  f"generation ({', '.join(CUTTABLE)}), not {arg.during.kind!r}")
+            kind, arg = arg.during.kind, arg.during.arg
         if kind == "expect_fail":
             kind, arg = arg.kind, arg.arg
         if kind not in SYSTEM_STEPS:
@@ -67,9 +73,11 @@ def check_steps(system: str, target: str, steps: list, fail: Callable[[int, str]
 class SystemRunner:
     """Runs steps on one system; keeps the lab's model: which package set each generation was made with."""
 
-    def __init__(self, scenario, system: SystemUnderTest):
+    def __init__(self, scenario, system: SystemUnderTest, crash_defaults=None, crash_overrides: dict | None = None):
         self.scenario = scenario
         self.system = system
+        self.crash_defaults = crash_defaults or ExploreOptions()
+        self.crash_overrides = crash_overrides
         self.installed: dict[str, PackageDecl] = {}
         self.by_ref: dict[str, dict[str, PackageDecl]] = {}
 
@@ -86,8 +94,8 @@ class SystemRunner:
                 acceptable = [self._tree(self.installed)]
             elif step.kind == "expect_usr":
                 acceptable = [expected_tree([self.scenario.packages[k] for k in keys]) for keys in step.arg]
-            elif step.kind == "power_cut":
-                self._power_cut(step, result)
+            elif step.kind == "power_loss":
+                self.power_loss(step, result)
                 result.seconds = time.monotonic() - started
                 return result
             elif step.kind == "corrupt_store":
@@ -109,30 +117,32 @@ class SystemRunner:
         result.seconds = time.monotonic() - started
         return result
 
-    def _power_cut(self, step, result: StepResult) -> None:
-        """Settle the disk (``sync``: the state before the operation is durable, so the cut judges this operation
-        alone), run the operation in the guest, cut the power the moment it returns, boot, judge the crash state
-        with ALICE's contract against the old and the new package set."""
+    def power_loss(self, step, result: StepResult) -> None:
+        """``power_loss: {during: STEP, explore: true}``: settle the disk (``sync`` and a flushing fsync, so the
+        state before the operation is durable and the exploration judges this operation alone), run the
+        operation in the recording guest between two timeline marks, then check every crash state the
+        power-loss model allows during it (:func:`lab.crash.explore.explore`, the engine the reference's
+        ``power_loss`` uses) against the old and the new package set: ALICE's contract and the system's own
+        invariants. The live guest is not cut; the scenario continues from the completed operation."""
+        guest = self.system.guest
         old_installed = dict(self.installed)
-        self.system.guest.settle()
-        outcome, after = self._operate(step.arg.after)
+        guest.settle()
+        start = guest.mark("start")
+        outcome, after = self._operate(step.arg.during)
+        end = guest.mark("return", outcome.returncode)
         self._record(result, outcome)
-        self.system.guest.cut()
-        result.status = "crashed"
         new = self._tree(after if after is not None else old_installed)
-        new = ExpectedTree("new " + new.label, new.files)
-        fsck = self.system.guest.fsck()
-        observed = self.system.observe()
-        result.violations = judge_system_state(observed, self._tree(old_installed), new, succeeded=outcome.ok,
-                                               after_return=True, enabled=self.scenario.invariants)
-        _found, matched = inv.atomic_usr(Observation(usr=observed["tree"]), [new])
-        if matched is not None and after is not None:
+        oracle = Oracle(self._tree(old_installed), ExpectedTree("new " + new.label, new.files), outcome.ok, {},
+                        tuple(self.scenario.invariants), str(self.scenario.system))
+        options = step_options(step.arg, self.crash_defaults, self.crash_overrides)
+        exploration = explore(guest, start.log_bytes, end.log_bytes, outcome.returncode, oracle, [], options,
+                              system_root=str(self.system.root.relative_to(guest.root)))
+        record_exploration(result, exploration)
+        if outcome.ok and after is not None:
             self.installed = after
-        current = dict(observed["generations"]).get(observed["current"])
-        if current is not None and not any(v.invariant == "atomic_usr" for v in result.violations):
-            self.by_ref[current] = dict(self.installed)
-        result.note = (f"cut after exit {outcome.returncode}; after reboot the current generation holds "
-                       f"{'the new' if matched is not None else 'another'} tree; {fsck}")
+        current = self.system.state().current_generation()
+        if outcome.ok and current is not None:
+            self.by_ref[current.ref] = dict(self.installed)
 
     def _operate(self, step) -> tuple[CommandResult, dict[str, PackageDecl] | None]:
         """Run the step's operation; returns its result and the package set it should leave (None: the
@@ -204,10 +214,12 @@ class _StepFailed(Exception):
     pass
 
 
-def run_system_steps(scenario, result: ScenarioResult, kind: str, workdir: Path | None) -> None:
+def run_system_steps(scenario, result: ScenarioResult, kind: str, workdir: Path | None, crash_defaults=None,
+                     crash_overrides: dict | None = None) -> None:
     """Run the steps of ``scenario`` (a real system) into ``result``: on this machine in a temporary root, or on
-    the vm target in a guest whose SUT disk has the scenario's ``filesystem``. Raises StonelabError when the lab
-    cannot set the system up (the caller's ``error`` verdict)."""
+    the vm target in a guest whose SUT disk has the scenario's ``filesystem`` (its writes recorded when a step
+    explores crash states; ``crash_defaults``/``crash_overrides`` as for the reference's ``power_loss``). Raises
+    StonelabError when the lab cannot set the system up (the caller's ``error`` verdict)."""
     kind = "vm" if str(kind) == "vm" else "host"
     result.crash_semantics = "no power cuts on the host target"
     if kind == "vm":
@@ -220,7 +232,7 @@ def run_system_steps(scenario, result: ScenarioResult, kind: str, workdir: Path 
             system.prepare()
             result.environment = (system.guest.describe() if kind == "vm"
                                   else f"host, {scenario.system} on {system.root}")
-            runner = SystemRunner(scenario, system)
+            runner = SystemRunner(scenario, system, crash_defaults, crash_overrides)
             for step in scenario.steps:
                 result.steps.append(runner.run_step(step))
                 if result.steps[-1].status == "failed":
@@ -232,10 +244,7 @@ def run_system_steps(scenario, result: ScenarioResult, kind: str, workdir: Path 
 def _system_on(kind: str, scenario, tmp: Path, stack: ExitStack) -> SystemUnderTest:
     if kind == "host":
         return make_system(scenario.system, tmp / "root", tmp / "work")
-    from lab.systems.guest import GUEST_SCRATCH, GuestRunner, GuestSystem, SystemGuest
-    from lab.vm_target import GUEST_ROOT
-    guest = stack.enter_context(SystemGuest(tmp / "vm", filesystem=scenario.filesystem))
-    scratch = GUEST_SCRATCH / scenario.system
-    inner = make_system(scenario.system, Path(GUEST_ROOT) / scenario.system, tmp / "work",
-                        run=GuestRunner(guest.machine), scratch=scratch)
-    return GuestSystem(inner, guest, scratch)
+    from lab.systems.guest import SystemGuest, guest_system
+    explores = any(step.kind == "power_loss" for step in scenario.steps)
+    guest = stack.enter_context(SystemGuest(tmp / "vm", filesystem=scenario.filesystem, record=explores))
+    return guest_system(str(scenario.system), guest, tmp / "work")
