@@ -71,15 +71,24 @@ def _verify_store(client: Client, repair: bool) -> list[Problem]:
     problems = [Problem("asset", str(p.path), p.problem) for p in client.store.verify(owners)]
     if repair:
         for problem in problems:
-            digest = int(Path(problem.path).name.split(".", 1)[0], 16)
+            damaged = Path(problem.path)
+            digest = int(damaged.name.split(".", 1)[0], 16)
+            canonical = damaged.with_name(damaged.name.split(".", 1)[0])
+            if damaged != canonical:
+                # a mode/owner variant (or a .part leftover): drop it; the trees that linked it are re-blitted
+                # below, and the blit makes the variant afresh from the canonical asset
+                damaged.unlink(missing_ok=True)
+                if hash_file(canonical) == digest:
+                    problem.repaired = True
+                    continue
             meta = client.dbs.install.get(owners[digest])
             source = Path(meta.uri) if meta and meta.uri else None
             if source is None or not source.is_file():
                 problem.detail += f"; cannot repair: the package file {source} is gone (upstream #392)"
                 continue
-            Path(problem.path).unlink(missing_ok=True)
+            canonical.unlink(missing_ok=True)
             client.store.add(read_package(source))
-            problem.repaired = hash_file(Path(problem.path)) == digest
+            problem.repaired = hash_file(canonical) == digest
     return problems
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import stat
 from pathlib import Path
 
 import pytest
@@ -282,3 +283,21 @@ def test_verify_reports_a_package_owning_a_path_outside_usr(root: Path, pkgs):
     refused = pm(root, "exchange", "install", str(pkgs["hello1"]))
     assert refused.returncode == 2 and "outside /usr" in refused.stderr
     assert not (root / "etc/shadow").exists()
+
+
+def test_verify_repairs_a_corrupt_mode_variant_in_one_pass(root: Path, tmp_path: Path):
+    """A file whose mode differs from its asset's is a hard link to a variant ``<asset>.<mode>.<uid>.<gid>``
+    in the store; a corrupt variant was flagged but only repaired by a second `--repair` (issue 14's finding)."""
+    pkg = make_package(tmp_path, "tool", {"bin/tool": "#!/bin/sh\necho tool\n", "share/tool/doc": "doc\n"},
+                       modes={"bin/tool": 0o700})
+    pm(root, "exchange", "install", str(pkg), check=True)
+    variant = next(p for p in (root / ".moss/assets/v2").rglob("*.*.*.*") if p.is_file())
+    os.chmod(variant, 0o600)
+    variant.write_text("damaged\n")
+    found = pm(root, "exchange", "state", "verify")
+    assert found.returncode == 1 and "variant" in found.stdout
+    pm(root, "exchange", "state", "verify", "--repair", check=True)
+    again = pm(root, "exchange", "state", "verify")
+    assert again.returncode == 0, again.stdout
+    assert (root / "usr/bin/tool").read_text() == "#!/bin/sh\necho tool\n"
+    assert stat.S_IMODE((root / "usr/bin/tool").stat().st_mode) == 0o700 & ~0o222  # as every blit gives it
