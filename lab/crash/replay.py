@@ -106,8 +106,8 @@ def replay(path: Path, *, kernel=None, accel: str = "auto") -> list[str]:
                           fstype=repro.filesystem)
     image = kernel or default_kernel()
     choice = AccelSelector().choose(image, accel)
-    # the host root over 9p, as the exploring guest had it: the job needs dmsetup, losetup and the dm-snapshot and
-    # loop modules, which the userland image does not carry
+    # the host root over 9p: a real system's reproducer runs that system's own programs (nix, ostree), which the
+    # userland image does not carry (a reference reproducer could run on the image, which now has the crash tools)
     config = agent_config(image, choice, [DiskSpec(base, readonly=True)], userland="9p")
     with Machine(config, name="replay") as machine:  # the job goes to the guest's own tmpfs
         machine.succeed(["mkdir", "-p", GUEST_JOB_DIR])
