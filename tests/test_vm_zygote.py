@@ -176,3 +176,34 @@ def test_the_agent_forks_warm_requests_and_starts_the_rest_fresh(tmp_path):
         proc.stdin.close()
         proc.wait(30)
         shutil.rmtree(directory)  # the zygote ends with the agent (end of its stdin)
+
+
+@pytest.mark.vm
+def test_a_restored_guest_forks_verbs_from_its_warm_zygote(kernel, accel, tmp_path):
+    """The saved guest carries its zygote: after a restore the no-op verb, a failing verb and a fault-point crash
+    are forked from it and give what a fresh interpreter in the same guest gives."""
+    from vm.disk import DiskLayout, build_disk
+    from vm.machine import Machine, agent_config
+    from vm.qemu import DiskSpec
+    from vm.snapshot import resume, saved_state
+
+    disk = build_disk(tmp_path / "sut.img", DiskLayout(esp_mib=64, root_mib=64))
+    config = agent_config(kernel, accel, [DiskSpec(disk.path)])
+    commands = [
+        ["-m", "stonelab.cli", "faults"],
+        ["-m", "stonelab.cli", "inspect", "/nonexistent.stone"],
+        ["-c", "import os, sys; print(sys.argv, os.environ['ZY'], os.getcwd())", "x y"],
+        ["-c", "from reference_impl.faults import fault_point; fault_point('blit.mid')"],
+    ]
+    with Machine(config, name="zygote", restore_from=saved_state(config)) as guest:
+        resume(guest)
+        for argv in commands:
+            env = {"ZY": "1", "STONELAB_FAULT": "blit.mid:crash"}
+            warm = guest.execute([sys.executable, *argv], 300, env=env, cwd=str(PROJECT), warm=True)
+            cold = guest.execute([sys.executable, *argv], 300, env=env, cwd=str(PROJECT))
+            assert warm.forked and not cold.forked
+            assert (warm.exit_code, warm.stdout, warm.stderr) == (cold.exit_code, cold.stdout, cold.stderr), argv
+        assert warm.exit_code == -9  # the fault point's crash kills the forked command, not the zygote
+        hung = guest.execute([sys.executable, "-c", "import time; time.sleep(600)"], 3, cwd=str(PROJECT), warm=True)
+        assert hung.timed_out and hung.forked
+        assert guest.execute([sys.executable, *commands[0]], 300, cwd=str(PROJECT), warm=True).forked
