@@ -207,3 +207,30 @@ def test_a_restored_guest_forks_verbs_from_its_warm_zygote(kernel, accel, tmp_pa
         hung = guest.execute([sys.executable, "-c", "import time; time.sleep(600)"], 3, cwd=str(PROJECT), warm=True)
         assert hung.timed_out and hung.forked
         assert guest.execute([sys.executable, *commands[0]], 300, cwd=str(PROJECT), warm=True).forked
+
+
+EXCHANGE = """
+import ctypes, errno, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+open('a', 'w').close(); open('b', 'w').close()
+AT_FDCWD, RENAME_EXCHANGE = -100, 2
+rc = libc.syscall(316, AT_FDCWD, b'a', AT_FDCWD, b'b', RENAME_EXCHANGE)  # renameat2 on x86-64
+print(0 if rc == 0 else errno.errorcode[ctypes.get_errno()])
+"""
+
+
+def test_a_kernel_personality_applies_through_the_zygote(zygote, tmp_path):
+    """``--personality``: lab.kernel.emulate, forked from the zygote, installs the profile's seccomp filter and
+    execs the verb exactly as a fresh process does (Asterinas has no RENAME_EXCHANGE: EINVAL)."""
+    import platform
+    if platform.machine() != "x86_64":
+        pytest.skip("the renameat2 syscall number used here is x86-64's")
+    argv = ["-m", "lab.kernel.emulate", "--profile", "asterinas-0.18.1", "--", sys.executable, "-c", EXCHANGE]
+    (tmp_path / "forked").mkdir()
+    (tmp_path / "fresh").mkdir()
+    warm = forked(zygote, argv, environment(), str(tmp_path / "forked"))
+    assert warm == fresh(argv, environment(), str(tmp_path / "fresh"))
+    assert warm["stdout"] == "EINVAL\n", warm["stderr"]
+    # the filter stays in the child: the next command of the zygote is unrestricted
+    plain = forked(zygote, ["-c", EXCHANGE], environment(), str(tmp_path / "forked"))
+    assert plain["stdout"] == "0\n", plain["stderr"]
