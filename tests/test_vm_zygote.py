@@ -234,3 +234,17 @@ def test_a_kernel_personality_applies_through_the_zygote(zygote, tmp_path):
     # the filter stays in the child: the next command of the zygote is unrestricted
     plain = forked(zygote, ["-c", EXCHANGE], environment(), str(tmp_path / "forked"))
     assert plain["stdout"] == "0\n", plain["stderr"]
+
+
+@pytest.mark.parametrize("state, message", [
+    ("import threading, time; threading.Thread(target=time.sleep, args=(30,), daemon=True).start()", "threads"),
+    ("import logging; logging.basicConfig()", "logging"),
+])
+def test_a_zygote_whose_imports_left_unforkable_state_refuses_to_serve(tmp_path, state, message):
+    """A thread (lost in every fork) or logging configured at import time would make forked children differ from
+    fresh interpreters: the zygote stops before listening, so the agent falls back to fresh processes."""
+    code = f"{state}\nimport sys\nfrom vm.zygote import serve\nserve(sys.argv[1], ())"
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "z.sock")], capture_output=True, text=True,
+                          cwd=PROJECT, env=environment(), stdin=subprocess.DEVNULL, timeout=60)
+    assert proc.returncode != 0 and message in proc.stderr and "ready" not in proc.stdout
+    assert not (tmp_path / "z.sock").exists()
