@@ -24,6 +24,7 @@ class WarmPython:
         self.zygote = None
 
     def run(self, command: list[str], env: dict[str, str], cwd: str | None, timeout: float | None):
+        """The ``run`` answer of ``command`` forked from the zygote, or None: run it fresh."""
         if self.zygote is None:
             from vm.zygote import Zygote
             self.zygote = Zygote(sys.executable)
