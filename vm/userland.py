@@ -51,6 +51,7 @@ GUEST_PROGRAMS = ("sh", "bash", "env", "mount", "umount", "mkdir", "cat", "ls", 
                   "sed", "chmod", "dd", "id", "df", "find", "xargs", "wc", "cut", "tr", "sort", "base64",
                   "sha256sum", "cmp", "diff", "blockdev", "mcopy", "mmd", "mdel", "mdir", "mtype", "mattrib", "mren",
                   "mrd", "date", "mkfs.vfat", "mkfs.fat", "fsck.vfat", "strace",
+                  "busybox",  # the program of the transaction trigger lab.kernel.trace traces
                   "sfdisk", "blkid",  # the boot probe and the ESP faults (lab/bootprobe, lab/faults)
                   "dmsetup", "losetup", "modprobe")  # the crash engine's crash-state devices (lab/crash/materialize)
 # loaded by `modprobe` in the guest when needed (not at boot: every module loaded at boot delays agent-ready)
