@@ -305,7 +305,7 @@ class VmTarget:
                                  time.monotonic() - started, crashed=True, lost=lost)
         self.mark("return", result.exit_code)
         return CommandResult(["stonelab", *args], result.exit_code, result.stdout, result.stderr,
-                             time.monotonic() - started)
+                             time.monotonic() - started, timed_out=result.timed_out)
 
     def path_for_package(self, path: Path) -> str:
         """The guest path of a host file or directory (a package, a repository, a crash job): the same path over
