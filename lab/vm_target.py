@@ -107,9 +107,15 @@ class VmTarget:
         # profile's persistent root filesystem; otherwise ``root_fs`` (ext4, or ext2 as on Asterinas)
         self.personality = personality
         self.root_fs = root_fs
+        self.emulation_plan: Path | None = None
         if personality:
+            from lab.kernel.emulate import plan
             from lab.kernel.profile import load_profile
-            self.root_fs = load_profile(personality).persistent_root or "ext4"
+            profile = load_profile(personality)
+            self.root_fs = profile.persistent_root or "ext4"
+            # resolved here: the guest has neither the profile's syscall table (../shared/data) nor the headers
+            self.emulation_plan = workdir / "personality-plan.json"
+            self.emulation_plan.write_text(plan(profile, self.root_fs).to_json())
         self.root = Path(GUEST_ROOT)
         seed = workdir / "seed"
         (seed / "etc").mkdir(parents=True, exist_ok=True)
@@ -284,8 +290,9 @@ class VmTarget:
         a power cut, after which the disk loses what the power-loss model says (``cut_model``, default the
         target's).  Raises StonelabError when the guest fails otherwise."""
         argv = ["-m", "stonelab.cli", *args]
-        if self.personality:
-            argv = ["-m", "lab.kernel.emulate", "--profile", self.personality, "--", sys.executable, *argv]
+        if self.emulation_plan is not None:
+            argv = ["-m", "lab.kernel.emulate", "--plan", self.path_for_package(self.emulation_plan), "--",
+                    sys.executable, *argv]
         prefix = f"STONELAB_FAULT={shlex.quote(fault + ':pause')} " if fault else ""
         prefix += "".join(f"{k}={shlex.quote(v)} " for k, v in (env or {}).items())
         # trace: the host root is read-only in the guest, so the ALICE check judges host-target runs only
