@@ -10,9 +10,14 @@ rather than calls (``sysfs:block`` when ``/sys/dev/block`` or ``/sys/class/block
 
 The result, ``compat/requirements.json``, holds only what does not depend on the machine: feature keys, flags,
 the phases that used each and the errno names seen (no counts, paths, users, TMPDIR or kernel release), sorted —
-so regenerating it reproduces it byte for byte.  ``stonelab kernel trace`` boots the default guest
-(``trace_in_guest``) and runs ``python -m lab.kernel.trace --run`` there; ``--host`` traces on this machine's
-kernel instead (quick, not the reference answer).
+so regenerating it reproduces it byte for byte.  ``stonelab kernel trace`` restores the default guest saved
+after boot (``trace_in_guest``: ``vm.snapshot``, the EROFS userland) and runs ``python -m lab.kernel.trace --run``
+there; ``--host`` traces on this machine's kernel instead (quick, not the reference answer).
+
+Speed under TCG: strace stops the tracee only for the traced calls (``--seccomp-bpf`` with ``--trace=`` the calls
+recorded here), and the workload's independent phase groups — each installation root is one group, and every phase
+that writes the ESP is in the ``exchange`` group — run ``--jobs`` at a time on the guest's vCPUs.  The logs are
+parsed in workload order afterwards, so the result does not depend on the schedule.
 """
 from __future__ import annotations
 
