@@ -166,10 +166,11 @@ def _module_paths(modules: list[str], boot: str) -> list[Path]:
 def probe_kernel(image: Path, *, initrd: Path | None = None, boot: str = "linux",
                  filesystems: list[str] | None = None, accel: str = "auto", name: str | None = None,
                  timeout: float = 600.0, workdir: Path | None = None, modules: list[str] | None = None,
-                 append: str | None = None) -> ProbeRun:
+                 append: str | None = None, console_path: Path | None = None) -> ProbeRun:
     """Boot ``image`` with the probe and return the profile of what it did.  ``modules`` ("PATH[ ARGS]", multiboot
     only) come before the probe's initramfs; a Linux kernel among them (``vmlinuz-*``) gives the initramfs its
-    modules.  ``append``: the booted kernel's command line (default ``APPEND``).  Raises StonelabError (one line)
+    modules.  ``append``: the booted kernel's command line (default ``APPEND``); ``console_path``: where the console goes
+    when the boot ends, finished or not.  Raises StonelabError (one line)
     for a missing or wrong image or module, an unknown filesystem, or a guest that never reaches the end marker."""
     image = Path(image)
     filesystems = list(filesystems or FILESYSTEMS)
@@ -215,6 +216,9 @@ def probe_kernel(image: Path, *, initrd: Path | None = None, boot: str = "linux"
                 tail = " | ".join(guest.console.tail(8)) if guest.console else ""
                 raise StonelabError(f"{image}: the probe did not finish within {timeout:g}s ({type(err).__name__}); "
                                     f"last console lines: {tail[-600:]}") from None
+            finally:
+                if console_path is not None and guest.console is not None:  # the evidence, also of a failed boot
+                    console_path.write_text(guest.console.text)
             status = guest.wait_for_exit(120)
             console = guest.console.text
     release = _kernel_release(console) or image.name

@@ -59,7 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", help="profile name (default: from the kernel's release)")
     p.add_argument("-o", "--output", type=Path,
                    help="write the profile here (default with --kernel: compat/profiles/<name>.json)")
-    p.add_argument("--console", type=Path, help="save the guest console (the evidence) here")
+    p.add_argument("--console", type=Path, help="save the guest console (the evidence, also of a boot that failed) here")
     p.set_defaults(func=cmd_probe)
 
     p = verbs.add_parser("gaps", help="what a kernel lacks for the requirements, with consequences")
@@ -120,12 +120,10 @@ def cmd_probe(args: argparse.Namespace) -> int:
         return 0
     from lab.kernel.boot import probe_kernel
     run = probe_kernel(args.kernel, initrd=args.initrd, boot=args.boot, filesystems=args.fs, accel=args.accel,
-                       name=args.name, modules=args.module, append=args.append)
+                       name=args.name, modules=args.module, append=args.append, console_path=args.console)
     output = args.output or PROFILE_DIR / f"{run.profile.name}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(run.profile.to_json())
-    if args.console:
-        args.console.write_text(run.console)
     Console().print(_profile_table(run.profile))
     print(f"wrote {output} ({run.profile.facts})")
     return 0
