@@ -53,6 +53,8 @@ TRANSACTION_CALLS = {
     "lstat", "stat", "statfs", "fstatfs", "pread64", "pwrite64", "ftruncate", "fallocate", "faccessat",
     "faccessat2", "access", "setxattr", "fsetxattr", "lsetxattr", "getxattr", "fgetxattr", "lgetxattr",
     "open_tree", "move_mount", "mount_setattr", "fsopen", "fsmount", "sync_file_range", "mknodat", "mknod",
+    # what Nix and OSTree also call (lab/kernel/trace_systems.py)
+    "listxattr", "llistxattr", "flistxattr", "removexattr", "lremovexattr", "fremovexattr", "utimes", "futimesat",
 }
 # Runtime calls a foreign kernel may lack (Asterinas: rseq) — traced too, so their ENOSYS is judged.
 RUNTIME_CALLS_OF_INTEREST = {"rseq", "clone", "clone3", "execve", "set_robust_list", "getrandom", "membarrier",
