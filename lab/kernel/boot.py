@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import re
 import shlex
 import subprocess
 import tempfile
@@ -225,7 +226,11 @@ def probe_kernel(image: Path, *, initrd: Path | None = None, boot: str = "linux"
     profile = probed_profile(name or f"{_profile_stem(release)}", release, console, str(image),
                              persistent_root="ext4" if "ext4" in filesystems else "")
     profile.facts = (f"{profile.facts}; booted with --boot {boot}" + (f" --initrd {initrd}" if initrd else "")
+                     + (f" --append {shlex.quote(append)}" if append else "")
                      + "".join(f" --module {shlex.quote(m)}" for m in modules))
+    hypervisor = re.search(r"^\(XEN\) Xen version (\S+)", console, re.MULTILINE)
+    if hypervisor:  # the probe ran in dom0: say on what
+        profile.facts += f"; the probe ran in dom0 of Xen {hypervisor[1]}"
     return ProbeRun(profile, console, status)
 
 
