@@ -114,6 +114,7 @@ class VmTarget:
             profile = load_profile(personality)
             self.root_fs = profile.persistent_root or "ext4"
             # resolved here: the guest has neither the profile's syscall table (../shared/data) nor the headers
+            workdir.mkdir(parents=True, exist_ok=True)
             self.emulation_plan = workdir / "personality-plan.json"
             self.emulation_plan.write_text(plan(profile, self.root_fs).to_json())
         self.root = Path(GUEST_ROOT)
