@@ -32,7 +32,8 @@ from pathlib import Path
 
 from lab.crash.logwrites import read_log
 from lab.crash.model import Model, PowerLoss
-from lab.probe import Observation
+from lab.probe import DAMAGED_EXIT, Observation
+from lab.steps import StepFailure
 from lab.target import COMMAND_TIMEOUT, CommandResult, TargetKind
 from reference_impl import mutants
 from stonelab.errors import StonelabError
@@ -340,6 +341,10 @@ class VmTarget:
 
     def observe(self, *, boot: bool = False) -> Observation:
         result = self._python(["-m", "lab.probe", GUEST_ROOT, *(["--disk", GUEST_DISK] if boot else [])])
+        if result.exit_code == DAMAGED_EXIT:
+            kernel = [line for line in self.console_text().splitlines() if "-fs error" in line][-3:]
+            raise StepFailure(f"the root filesystem ({self.root_fs}) is damaged: {result.stderr.strip()[-300:]}"
+                              + (f"; kernel: {' | '.join(line.strip() for line in kernel)}" if kernel else ""))
         if result.exit_code != 0:
             raise StonelabError(f"lab.probe failed in the guest: {result.stderr.strip()[-300:]}")
         return Observation(**json.loads(result.stdout))
