@@ -193,11 +193,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="stonelab-verify-") as tmp:
         proc = subprocess.run([sys.executable, "-m", "stonelab.cli", "run", "--personality", args.profile,
                                "--report-dir", tmp, *scenarios], cwd=PROJECT, text=True, capture_output=True)
-        report = Path(tmp) / "report.json"
+        report = Path(tmp) / "latest" / "report.json"  # stonelab run writes DIR/<timestamp>/ and DIR/latest
         if not report.is_file():
             tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
             raise StonelabError(f"compat verify: the scenarios did not run ({tail})")
-        results = json.loads(report.read_text())["scenarios"]
+        results = json.loads(report.read_text())["cases"]
     record = {"profile": profile.name, "model": POWER_LOSS_MODEL,
               "scenarios": [{"name": r["name"], "verdict": r["verdict"], "reason": r.get("reason", "")}
                             for r in results]}
