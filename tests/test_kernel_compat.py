@@ -473,3 +473,26 @@ def test_a_step_failure_outside_a_step_is_a_fail_verdict(monkeypatch, tmp_path: 
                                      workdir=tmp_path)
     assert (result.verdict, result.reason) == ("fail", "the root filesystem (ext2) is damaged: "
                                                        "STONELAB-ROOT-DAMAGED /mnt/sut/usr")
+
+
+def test_compat_verify_records_the_verdicts_of_the_run(monkeypatch, tmp_path: Path):
+    import argparse
+    import lab.kernel.report as report
+    shared_file("data")
+
+    def fake_run(argv, **_kwargs):  # what `stonelab run --report-dir DIR` leaves: DIR/<timestamp>/, DIR/latest
+        out = Path(argv[argv.index("--report-dir") + 1]) / "latest"
+        out.mkdir(parents=True)
+        (out / "report.json").write_text(json.dumps({"cases": [
+            {"name": "install-upgrade-rollback", "verdict": "pass", "reason": "all invariants held"},
+            {"name": "reference-survives-power-cut", "verdict": "fail", "reason": "the root filesystem (ext2) is "
+                                                                                   "damaged"}]}))
+        return subprocess.CompletedProcess(argv, 1, "", "")
+    monkeypatch.setattr(report.subprocess, "run", fake_run)
+    monkeypatch.setattr(report, "VERIFIED_DIR", tmp_path)
+    assert report.cmd_verify(argparse.Namespace(profile="asterinas-0.18.1", scenarios=[])) == 0
+    record = json.loads((tmp_path / "asterinas-0.18.1.json").read_text())
+    assert [(s["name"], s["verdict"]) for s in record["scenarios"]] == [("install-upgrade-rollback", "pass"),
+                                                                         ("reference-survives-power-cut", "fail")]
+    verification = report.load_verification("asterinas-0.18.1", tmp_path)
+    assert verification.verified("syncfs") == [] and verification.verified("swap-symlink") == ["install-upgrade-rollback"]
