@@ -312,7 +312,7 @@ def test_a_workaround_is_verified_only_by_scenarios_that_passed(tmp_path: Path):
     data = build(_requirements(), "requirements.json", [(profile, "ext2")], verified_dir=tmp_path)
     gaps = {g["feature"]: g for g in data["sections"][0]["gaps"]}
     assert gaps["renameat2:RENAME_EXCHANGE"]["verified"].startswith("verified: install-upgrade-rollback")
-    assert gaps["writeback"]["verified"].startswith("not verified (reference-survives-power-cut: fail")
+    assert gaps["writeback"]["verified"].startswith("not verified (reference-survives-power-cut: fail — lost")
 
 
 def test_the_probe_initramfs_follows_a_user_initrd(tmp_path: Path):

@@ -72,7 +72,8 @@ def verified_text(gap: Gap, verification: Verification | None) -> str:
     wanted = VERIFIED_BY.get(gap.workaround_id, ())
     if not wanted:
         return "not verified: no lab scenario exercises it yet"
-    seen = [f"{n}: {verification.scenarios[n][0]}" for n in wanted if n in verification.scenarios]
+    seen = [f"{n}: {verdict}" + (f" — {reason[:240]}" if verdict != "pass" and reason else "")
+            for n in wanted if n in verification.scenarios for verdict, reason in [verification.scenarios[n]]]
     return "not verified" + (f" ({', '.join(seen)})" if seen else f": run {', '.join(wanted)}")
 
 
