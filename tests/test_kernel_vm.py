@@ -72,7 +72,7 @@ def test_the_power_cut_scenario_under_the_asterinas_personality_is_judged_and_re
     proc = subprocess.run([sys.executable, "-m", "stonelab.cli", "run", "--personality", "asterinas-0.18.1",
                            "--report-dir", str(tmp_path), str(PROJECT / "scenarios" / "reference-survives-power-cut.yaml")],
                           cwd=PROJECT, capture_output=True, text=True)
-    (case,) = json.loads((tmp_path / "report.json").read_text())["cases"]
+    (case,) = json.loads((tmp_path / "latest" / "report.json").read_text())["cases"]
     # What the lab sees (two runs here): the power cut at blit.mid leaves the ext2 root (no journal; Linux's ext2
     # syncfs sends the disk no cache flush) damaged — a finding about the profile, never a lab error
     assert case["verdict"] == "fail" and "the root filesystem (ext2) is damaged" in case["reason"], \
@@ -81,3 +81,15 @@ def test_the_power_cut_scenario_under_the_asterinas_personality_is_judged_and_re
     recorded = json.loads((PROJECT / "compat" / "verified" / "asterinas-0.18.1.json").read_text())
     verdicts = {s["name"]: s["verdict"] for s in recorded["scenarios"]}
     assert verdicts["reference-survives-power-cut"] == case["verdict"]  # the report's "verified" column is this
+
+
+def test_nix_and_ostree_traced_in_the_guest_reproduce_the_committed_requirements(tmp_path: Path):
+    from lab.kernel.trace_systems import SYSTEMS_REQUIREMENTS, trace_systems_in_guest
+    from tests.systems_helpers import require_nix_ostree_and_kernel
+    require_nix_ostree_and_kernel()
+    trace = trace_systems_in_guest()
+    assert trace.to_json() == SYSTEMS_REQUIREMENTS.read_text()  # byte for byte: no store hashes, paths or counts
+    ostree = {f.key for f in trace.features if any(p.startswith("ostree:") for p in f.phases)}
+    assert {"syncfs", "ioctl:FIFREEZE", "ioctl:FS_IOC_SETFLAGS", "openat:O_TMPFILE"} <= ostree
+    nix = {f.key for f in trace.features if any(p.startswith("nix:") for p in f.phases)}
+    assert {"fdatasync", "rename", "flock:LOCK_EX|LOCK_NB"} <= nix
