@@ -336,3 +336,35 @@ def test_a_traced_workload_is_reproducible_byte_for_byte(tmp_path: Path):
         outputs.append(trace.to_json())
     assert outputs[0] == outputs[1]
     assert "renameat2:RENAME_EXCHANGE" in outputs[0] and str(tmp_path) not in outputs[0]
+
+
+def test_a_damaged_root_is_a_finding_not_a_lab_error(monkeypatch, capsys):
+    import errno
+    import lab.probe
+    from lab.probe import DAMAGED_EXIT, main
+
+    def damaged(root, **_):
+        raise OSError(errno.EUCLEAN, "Structure needs cleaning", str(root / "usr"))
+    monkeypatch.setattr(lab.probe, "observe", damaged)
+    assert main(["/mnt/sut"]) == DAMAGED_EXIT
+    assert "STONELAB-ROOT-DAMAGED /mnt/sut/usr: Structure needs cleaning (errno EUCLEAN)" in capsys.readouterr().err
+
+    def broken_lab(root, **_):
+        raise OSError(errno.EACCES, "Permission denied", str(root))
+    monkeypatch.setattr(lab.probe, "observe", broken_lab)
+    with pytest.raises(PermissionError):  # anything else is still the lab's own failure
+        main(["/mnt/sut"])
+
+
+def test_a_step_failure_outside_a_step_is_a_fail_verdict(monkeypatch, tmp_path: Path):
+    import lab.runner
+    from lab.scenario import load_scenario
+    from lab.steps import StepFailure
+
+    def unreadable(*_args, **_kwargs):
+        raise StepFailure("the root filesystem (ext2) is damaged: STONELAB-ROOT-DAMAGED /mnt/sut/usr")
+    monkeypatch.setattr(lab.runner, "_run_steps", unreadable)
+    result = lab.runner.run_scenario(load_scenario(PROJECT / "scenarios" / "reference-survives-power-cut.yaml"),
+                                     workdir=tmp_path)
+    assert (result.verdict, result.reason) == ("fail", "the root filesystem (ext2) is damaged: "
+                                                       "STONELAB-ROOT-DAMAGED /mnt/sut/usr")
