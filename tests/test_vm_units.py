@@ -551,3 +551,30 @@ def test_vm_target_copies_host_files_and_directories_into_the_guest(tmp_path):
     assert f"{guest_job}/sub" in target.machine.commands[-1]             # its directories made first
     target.run_guest(["-m", "lab.crash.materialize", str(job)], timeout=10)
     assert seen[1][2] != guest_job                                        # a directory: copied afresh each time
+
+
+def test_vm_target_runs_guest_python_warm_with_its_environment(monkeypatch):
+    """Every guest Python command of the VM target is a warm run (forked from the guest's zygote) with the
+    variables as an environment, never a shell line; under limit_open_files a fresh process below ``ulimit -n``."""
+    from lab.vm_target import VmTarget
+    from reference_impl import mutants
+    from vm.machine import PROJECT_DIR
+    from vm.transport import RunResult
+
+    calls = []
+
+    class Machine:
+        def execute(self, command, timeout=600, *, env=None, cwd=None, warm=False):
+            calls.append((command, env, cwd, warm))
+            return RunResult(0, "", "")
+
+    target = object.__new__(VmTarget)
+    target.machine, target.power_on = Machine(), lambda: None
+    monkeypatch.setenv(mutants.ENV_VAR, "skip-syncfs")
+    target._python(["-m", "lab.probe", "/mnt/sut"], {"STONELAB_FAULT": "blit.mid:pause"})
+    command, env, cwd, warm = calls[-1]
+    assert command == [sys.executable, "-m", "lab.probe", "/mnt/sut"] and warm and cwd == str(PROJECT_DIR)
+    assert env == {"STONELAB_FAULT": "blit.mid:pause", mutants.ENV_VAR: "skip-syncfs"}
+    target._python(["-m", "stonelab.cli", "install"], nofile=64)
+    command, env, cwd, warm = calls[-1]
+    assert not warm and isinstance(command, str) and command.startswith("ulimit -n 64 && ")

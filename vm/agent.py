@@ -17,11 +17,29 @@ import time
 from vm.protocol import OPS, ChannelClosed, LineChannel, ProtocolError, b64, unb64
 
 
-def _run(request: dict[str, object]) -> dict[str, object]:
+class WarmPython:
+    """The agent's zygote (``vm.zygote``), imported and started on the first ``run`` request marked ``warm``."""
+
+    def __init__(self):
+        self.zygote = None
+
+    def run(self, command: list[str], env: dict[str, str], cwd: str | None, timeout: float | None):
+        """The ``run`` answer of ``command`` forked from the zygote, or None: run it fresh."""
+        if self.zygote is None:
+            from vm.zygote import Zygote
+            self.zygote = Zygote(sys.executable)
+        return self.zygote.run(command, env, cwd, timeout)
+
+
+def _run(request: dict[str, object], warm: WarmPython | None = None) -> dict[str, object]:
     command = request["command"]
     started = time.monotonic()
     env = dict(os.environ, **request.get("env", {}))
     shell = isinstance(command, str)
+    if warm is not None and request.get("warm") and not shell:
+        result = warm.run(command, env, request.get("cwd"), request.get("timeout"))
+        if result is not None:
+            return result
     try:
         proc = subprocess.run(command, shell=shell, capture_output=True, timeout=request.get("timeout"),
                               cwd=request.get("cwd") or None, env=env, stdin=subprocess.DEVNULL,
@@ -119,14 +137,16 @@ def rescan_disks(sys_block: str = "/sys/block", dev: str = "/dev", cmdline: str 
     return done
 
 
-def handle(request: dict[str, object]) -> dict[str, object]:
+def handle(request: dict[str, object], warm: WarmPython | None = None) -> dict[str, object]:
+    """The answer to one request; a ``run`` marked ``warm`` (a Python command) goes through ``warm``'s zygote
+    when it can serve it exactly as a fresh process."""
     op = request.get("op")
     if op not in OPS:
         raise ValueError(f"unknown op {op!r} (valid: {', '.join(OPS)})")
     if op == "ping":
         return {"pong": True, "pid": os.getpid()}
     if op == "run":
-        return _run(request)
+        return _run(request, warm)
     if op == "read_file":
         return _read_file(request)
     if op == "write_file":
@@ -139,7 +159,7 @@ def handle(request: dict[str, object]) -> dict[str, object]:
     return {"shutdown": True}
 
 
-def serve(channel: LineChannel) -> str:
+def serve(channel: LineChannel, warm: WarmPython | None = None) -> str:
     """Answer requests until a shutdown request ("shutdown") or the end of the stream ("closed": the host side
     went away — e.g. the guest was saved and is being restored; the caller serves again when it comes back)."""
     uptime = None
@@ -148,6 +168,7 @@ def serve(channel: LineChannel) -> str:
             uptime = float(proc_uptime.read().split()[0])
     except (OSError, ValueError):
         pass
+    warm = warm or WarmPython()
     try:
         channel.send({"event": "ready", "pid": os.getpid(), "uptime": uptime})
         while True:
@@ -160,7 +181,7 @@ def serve(channel: LineChannel) -> str:
                 continue
             ident = request.get("id")
             try:
-                answer = {"id": ident, "ok": True, "result": handle(request)}
+                answer = {"id": ident, "ok": True, "result": handle(request, warm)}
             except Exception as err:  # noqa: BLE001 - every failure goes back to the host as one line
                 answer = {"id": ident, "ok": False, "error": f"{type(err).__name__}: {err}"}
             channel.send(answer)
@@ -184,8 +205,9 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE, file=sys.stderr)
         return 2
     fd = os.open(args[1], os.O_RDWR | os.O_NOCTTY)
+    warm = WarmPython()  # one zygote for the agent's life, also across a save and restore of the guest
     # A virtio-serial port reads end-of-file while the host side is not connected: wait for it to come back.
-    while serve(LineChannel(fd, fd)) == "closed":
+    while serve(LineChannel(fd, fd), warm) == "closed":
         time.sleep(0.2)
     return 0
 

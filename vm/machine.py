@@ -16,6 +16,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 from contextlib import ExitStack, closing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -435,18 +436,22 @@ class Machine:
         self.close()
 
     # -- commands ----------------------------------------------------------------------------------------------
-    def execute(self, command: Command, timeout: float | None = 600) -> RunResult:
-        """Run ``command`` (a word list, run exactly; or a shell command line) in the guest."""
+    def execute(self, command: Command, timeout: float | None = 600, *, env: dict[str, str] | None = None,
+                cwd: str | None = None, warm: bool = False) -> RunResult:
+        """Run ``command`` (a word list, run exactly; or a shell command line) in the guest, with ``env`` added to
+        its environment, in ``cwd``; ``warm``: a ``python -m``/``-c`` word list the guest may fork from a warm
+        interpreter (``vm.zygote``) instead of starting a fresh one, with the same result."""
         if not self.running:
             raise VmError(f"{self.name}: the machine is not running (command {shell_line(command)!r})")
-        log.debug("%s$ %s", self.name, shell_line(command))
-        result = self.transport.run(command, timeout)
+        log.debug("%s$ %s%s", self.name, shell_line(command, env, cwd), " (warm)" if warm else "")
+        result = self.transport.run(command, timeout, env=env, cwd=cwd, warm=warm)
         log.debug("%s: exit %d after %.2f s", self.name, result.exit_code, result.seconds)
         return result
 
-    def succeed(self, command: Command, timeout: float | None = 600) -> str:
-        """stdout of ``command``; CommandFailed with its exit code and stderr when it fails."""
-        result = self.execute(command, timeout)
+    def succeed(self, command: Command, timeout: float | None = 600, **how: Any) -> str:
+        """stdout of ``command`` (``how``: ``execute``'s env, cwd, warm); CommandFailed with its exit code and
+        stderr when it fails."""
+        result = self.execute(command, timeout, **how)
         if result.exit_code != 0:
             raise CommandFailed(shell_line(command), result.exit_code, result.stdout, result.stderr)
         return result.stdout

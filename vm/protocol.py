@@ -1,7 +1,9 @@
 """The guest agent's wire protocol: one JSON object per line, both directions.
 
 Host → guest: ``{"id": N, "op": "run"|"read_file"|"write_file"|"hash_tree"|"rescan_disks"|"ping"|"shutdown", ...}``;
-``run`` takes ``command`` as a list of words (executed exactly, no shell) or a string (a ``/bin/sh -c`` line).
+``run`` takes ``command`` as a list of words (executed exactly, no shell) or a string (a ``/bin/sh -c`` line),
+optionally ``env`` (added to the agent's), ``cwd``, ``timeout`` and ``warm`` (a ``python -m``/``-c`` word list that
+the agent's zygote, ``vm.zygote``, may fork from a warm interpreter instead of starting a fresh one).
 Guest → host: ``{"id": N, "ok": true, "result": {...}}`` or ``{"id": N, "ok": false, "error": "..."}``, and once
 at start ``{"event": "ready", ...}``.  File contents travel base64-encoded.
 

@@ -34,8 +34,6 @@ from vm.qemu import BLOCKDEV_CACHE, DiskSpec, MachineConfig
 FORMAT_VERSION = "2"
 # what the lab's guest commands import (the verbs import the client only when they open an installation): read once
 # before the save, they are in the restored guest's page cache
-WARM_IMPORTS = ("import stonelab.cli, reference_impl.cli, reference_impl.client, reference_impl.verify, lab.probe, "
-                "lab.faults")
 log = get_logger("vm.snapshot")
 
 
@@ -108,8 +106,8 @@ def _placeholders(config: MachineConfig, directory: Path) -> MachineConfig:
 
 def saved_state(config: MachineConfig, *, qemu: str | None = None, cache: Path | None = None,
                 boot_timeout: float = 300.0) -> Path:
-    """The saved state for ``config`` (booted, agent ready, the lab's modules imported once so the guest's page
-    cache holds them), from the cache or made now. Raises VmError when the guest cannot be saved."""
+    """The saved state for ``config`` (booted, agent ready, its zygote — ``vm.zygote`` — warm: the lab's modules
+    imported, the guest's page cache holding them), from the cache or made now. Raises VmError when the guest cannot be saved."""
     from vm.host import qemu_binary
     from vm.machine import Machine
 
@@ -127,7 +125,8 @@ def saved_state(config: MachineConfig, *, qemu: str | None = None, cache: Path |
             part = Path(tmp) / "state"
             with Machine(_placeholders(config, Path(tmp)), name="snapshot", boot_timeout=boot_timeout,
                          qemu=qemu) as machine:
-                machine.succeed([_python(config), "-c", WARM_IMPORTS], timeout=boot_timeout)
+                # the agent's zygote imports the lab's modules now, so every restored guest has it warm
+                machine.succeed([_python(config), "-c", "pass"], timeout=boot_timeout, warm=True)
                 _migrate_to(machine, part)
             os.replace(part, state)
         _drop_stale(directory, state)

@@ -29,26 +29,34 @@ Command = str | Sequence[str]
 @dataclass
 class RunResult:
     """One command's outcome: ``exit_code`` (negative: killed by that signal), its output, whether it was killed
-    for exceeding its timeout, and its duration in seconds as the guest measured it."""
+    for exceeding its timeout, its duration in seconds as the guest measured it, and whether the guest forked it
+    from its warm interpreter (``vm.zygote``) rather than starting a fresh process."""
 
     exit_code: int
     stdout: str
     stderr: str
     timed_out: bool = False
     seconds: float = 0.0
+    forked: bool = False
 
     @classmethod
     def from_wire(cls, result: dict[str, Any]) -> RunResult:
         return cls(int(result["exit_code"]), result.get("stdout", ""), result.get("stderr", ""),
-                   bool(result.get("timed_out", False)), float(result.get("seconds", 0.0)))
+                   bool(result.get("timed_out", False)), float(result.get("seconds", 0.0)),
+                   bool(result.get("forked", False)))
 
 
 log = get_logger("vm.transport")
 
 
-def shell_line(command: Command) -> str:
-    """``command`` as one shell command line: a string unchanged, a word list quoted word by word."""
-    return command if isinstance(command, str) else shlex.join(command)
+def shell_line(command: Command, env: dict[str, str] | None = None, cwd: str | None = None) -> str:
+    """``command`` as one shell command line: a string unchanged, a word list quoted word by word; with ``env``
+    (exported) or ``cwd``, in a subshell that sets them first."""
+    line = command if isinstance(command, str) else shlex.join(command)
+    if not env and not cwd:
+        return line
+    setup = ([f"cd {shlex.quote(cwd)}"] if cwd else []) + [f"export {k}={shlex.quote(v)}" for k, v in (env or {}).items()]
+    return f"( {' && '.join(setup)} && {line} )"
 
 
 @dataclass
@@ -67,12 +75,14 @@ class Transport(Protocol):
 
     ``attach`` is called once per boot after QEMU started and returns once commands can run (raises VmError /
     GuestTimeout with the console tail otherwise); ``run`` returns a RunResult (exit code; negative: killed by
-    that signal); ``read_file``/``write_file`` move bytes; ``request_poweroff`` asks the guest to sync and power
+    that signal), with ``env`` added to the guest's environment, in ``cwd``, and ``warm``: a ``python -m``/``-c``
+    word list that may be forked from a warm interpreter (the agent's zygote; other transports start it fresh); ``read_file``/``write_file`` move bytes; ``request_poweroff`` asks the guest to sync and power
     off (QEMU then exits); ``detach`` drops the connection (called when the boot ends, also after a power cut).
     """
 
     def attach(self, link: GuestLink, timeout: float) -> dict[str, Any]: ...
-    def run(self, command: Command, timeout: float | None = None) -> RunResult: ...
+    def run(self, command: Command, timeout: float | None = None, *, env: dict[str, str] | None = None,
+            cwd: str | None = None, warm: bool = False) -> RunResult: ...
     def read_file(self, path: str) -> bytes: ...
     def write_file(self, path: str, data: bytes, mode: int | None = None, fsync: bool = False) -> None: ...
     def request_poweroff(self) -> None: ...
@@ -140,8 +150,10 @@ class AgentTransport:
             raise VmError(f"guest agent {op} failed: {message.get('error')}")
         return message["result"]
 
-    def run(self, command: Command, timeout: float | None = None, **fields: Any) -> RunResult:
+    def run(self, command: Command, timeout: float | None = None, *, env: dict[str, str] | None = None,
+            cwd: str | None = None, warm: bool = False) -> RunResult:
         wire = command if isinstance(command, str) else list(command)  # a list runs without a shell
+        fields = {k: v for k, v in (("env", env), ("cwd", cwd), ("warm", warm)) if v}
         return RunResult.from_wire(self.request("run", timeout, command=wire, timeout=timeout, **fields))
 
     def read_file(self, path: str, timeout: float | None = 120) -> bytes:
@@ -182,11 +194,12 @@ class ConsoleTransport:
         self.send, self.wait_for = link.console.send, link.console.wait_for
         return {}
 
-    def run(self, command: Command, timeout: float | None = None) -> RunResult:
+    def run(self, command: Command, timeout: float | None = None, *, env: dict[str, str] | None = None,
+            cwd: str | None = None, warm: bool = False) -> RunResult:
         tag = secrets.token_hex(4)
         started = time.monotonic()
         # The markers are built by the shell (quotes split them), so the echoed command line never matches.
-        self.send(f"echo ST''ART-{tag}; {shell_line(command)}; echo EX''IT-{tag}=$?\n")
+        self.send(f"echo ST''ART-{tag}; {shell_line(command, env, cwd)}; echo EX''IT-{tag}=$?\n")
         self.wait_for(rf"START-{tag}\r*\n", timeout or 600)
         match = self.wait_for(rf"(?s)(.*?)EXIT-{tag}=(\d+)", timeout or 600)
         output = match.group(1).replace("\r", "")
@@ -259,11 +272,12 @@ class SSHTransport:
                 time.sleep(1.0)
         raise VmError(f"ssh {self.username}@{self.host}:{self.port}: no connection within {timeout:g}s ({last})")
 
-    def run(self, command: Command, timeout: float | None = None) -> RunResult:
+    def run(self, command: Command, timeout: float | None = None, *, env: dict[str, str] | None = None,
+            cwd: str | None = None, warm: bool = False) -> RunResult:
         if self._client is None:
             self.connect()
         started = time.monotonic()
-        _, stdout, stderr = self._client.exec_command(shell_line(command), timeout=timeout)
+        _, stdout, stderr = self._client.exec_command(shell_line(command, env, cwd), timeout=timeout)
         out = stdout.read().decode("utf-8", "replace")
         err = stderr.read().decode("utf-8", "replace")
         return RunResult(stdout.channel.recv_exit_status(), out, err, seconds=time.monotonic() - started)
