@@ -6,6 +6,7 @@ guest for the VM target — and prints JSON, so invariants are judged the same w
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sqlite3
@@ -159,12 +160,27 @@ def _read_layouts(obs: Observation, db: Path, usr: Path) -> None:
                 obs.shared_empty_files.append(rel)
 
 
+# reading the root failed because its filesystem is damaged: EUCLEAN is what ext2/ext4 return for a corrupt
+# structure (EFSCORRUPTED), EIO what a driver returns for what it cannot read
+DAMAGE_ERRNOS = (errno.EUCLEAN, errno.EIO)
+DAMAGED = "STONELAB-ROOT-DAMAGED"
+DAMAGED_EXIT = 3
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lab.probe", description="observe a system root as JSON")
     parser.add_argument("root", type=Path)
     parser.add_argument("--disk", type=Path, help="the GPT disk holding the ESP, to observe boot entries")
     args = parser.parse_args(argv)
-    obs = observe(args.root)
+    try:
+        obs = observe(args.root)
+    except OSError as err:
+        if err.errno not in DAMAGE_ERRNOS:
+            raise
+        # the filesystem itself is inconsistent (e.g. ext2 without a journal after a power cut): a finding about
+        # the system under test, not a failure of the lab
+        print(f"{DAMAGED} {err.filename}: {err.strerror} (errno {errno.errorcode[err.errno]})", file=sys.stderr)
+        return DAMAGED_EXIT
     if args.disk is not None:
         obs.boot = observe_boot(args.disk)
     print(json.dumps(asdict(obs)))

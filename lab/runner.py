@@ -223,6 +223,8 @@ def run_scenario(scenario: Scenario, *, workdir: Path | None = None, target: str
         else:
             _run_steps(scenario, result, kind, workdir, vm_factory,
                        {"crash_defaults": crash_defaults, "crash_overrides": crash_overrides}, on_step)
+    except StepFailure as err:  # the system left its root unreadable (a damaged filesystem): a verdict
+        result.verdict, result.reason = Verdict.FAIL, str(err)
     except StonelabError as err:
         result.verdict, result.reason = Verdict.ERROR, f"lab error: {err}"
     except Exception as err:  # a bug in the lab: report it, keep running the other scenarios

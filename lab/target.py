@@ -47,6 +47,7 @@ class CommandResult:
     seconds: float
     crashed: bool = False  # died at the requested fault point
     lost: str = ""  # after a power cut: what the disk lost (the power-loss model's account)
+    timed_out: bool = False  # killed by the lab after COMMAND_TIMEOUT (returncode -9): not the program's own exit
 
     @property
     def ok(self) -> bool:
@@ -54,6 +55,8 @@ class CommandResult:
 
     def summary(self) -> str:
         tail = (self.stderr.strip().splitlines() or [""])[-1]
+        if self.timed_out:
+            return f"timed out: killed after {self.seconds:.0f} s" + (f" (last output: {tail})" if tail else "")
         return f"exit {self.returncode}" + (f": {tail}" if tail else "")
 
 

@@ -32,7 +32,8 @@ from pathlib import Path
 
 from lab.crash.logwrites import read_log
 from lab.crash.model import Model, PowerLoss
-from lab.probe import Observation
+from lab.probe import DAMAGED_EXIT, Observation
+from lab.steps import StepFailure
 from lab.target import COMMAND_TIMEOUT, CommandResult, TargetKind
 from reference_impl import mutants
 from stonelab.errors import StonelabError
@@ -107,9 +108,16 @@ class VmTarget:
         # profile's persistent root filesystem; otherwise ``root_fs`` (ext4, or ext2 as on Asterinas)
         self.personality = personality
         self.root_fs = root_fs
+        self.emulation_plan: Path | None = None
         if personality:
+            from lab.kernel.emulate import plan
             from lab.kernel.profile import load_profile
-            self.root_fs = load_profile(personality).persistent_root or "ext4"
+            profile = load_profile(personality)
+            self.root_fs = profile.persistent_root or "ext4"
+            # resolved here: the guest has neither the profile's syscall table (../shared/data) nor the headers
+            workdir.mkdir(parents=True, exist_ok=True)
+            self.emulation_plan = workdir / "personality-plan.json"
+            self.emulation_plan.write_text(plan(profile, self.root_fs).to_json())
         self.root = Path(GUEST_ROOT)
         seed = workdir / "seed"
         (seed / "etc").mkdir(parents=True, exist_ok=True)
@@ -291,8 +299,9 @@ class VmTarget:
         a power cut, after which the disk loses what the power-loss model says (``cut_model``, default the
         target's).  Raises StonelabError when the guest fails otherwise."""
         argv = ["-m", "stonelab.cli", *args]
-        if self.personality:
-            argv = ["-m", "lab.kernel.emulate", "--profile", self.personality, "--", sys.executable, *argv]
+        if self.emulation_plan is not None:
+            argv = ["-m", "lab.kernel.emulate", "--plan", self.path_for_package(self.emulation_plan), "--",
+                    sys.executable, *argv]
         variables = {"STONELAB_FAULT": f"{fault}:pause"} if fault else {}
         variables.update(env or {})
         # trace: the host root is read-only in the guest, so the ALICE check judges host-target runs only
@@ -312,7 +321,7 @@ class VmTarget:
                                  time.monotonic() - started, crashed=True, lost=lost)
         self.mark("return", result.exit_code)
         return CommandResult(["stonelab", *args], result.exit_code, result.stdout, result.stderr,
-                             time.monotonic() - started)
+                             time.monotonic() - started, timed_out=result.timed_out)
 
     def path_for_package(self, path: Path) -> str:
         """The guest path of a host file or directory (a package, a repository, a crash job): the same path over
@@ -339,6 +348,10 @@ class VmTarget:
 
     def observe(self, *, boot: bool = False) -> Observation:
         result = self._python(["-m", "lab.probe", GUEST_ROOT, *(["--disk", GUEST_DISK] if boot else [])])
+        if result.exit_code == DAMAGED_EXIT:
+            kernel = [line for line in self.console_text().splitlines() if "-fs error" in line][-3:]
+            raise StepFailure(f"the root filesystem ({self.root_fs}) is damaged: {result.stderr.strip()[-300:]}"
+                              + (f"; kernel: {' | '.join(line.strip() for line in kernel)}" if kernel else ""))
         if result.exit_code != 0:
             raise StonelabError(f"lab.probe failed in the guest: {result.stderr.strip()[-300:]}")
         return Observation(**json.loads(result.stdout))

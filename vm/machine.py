@@ -78,13 +78,15 @@ def agent_config(kernel: Kernel, accel: AccelChoice, disks: list[DiskSpec] | Non
 
 def foreign_config(image: Path, accel: AccelChoice, append: str = "", *, memory_mb: int = 1024,
                    cpus: int = 1, disks: list[DiskSpec] | None = None, machine_type: str = "q35",
-                   initrd: Path | None = None) -> MachineConfig:
+                   initrd: Path | None = None, modules: tuple[str, ...] = ()) -> MachineConfig:
     """A kernel that cannot run the lab's userland (e.g. Asterinas): booted directly (Linux boot protocol or
     multiboot — QEMU recognises both; ``initrd`` is the initramfs, or the first multiboot module), watched on the
-    console, finished through ``isa-debug-exit``."""
+    console, finished through ``isa-debug-exit``.  ``modules`` ("PATH[ ARGS]" each): a multiboot kernel's
+    modules in order, instead of ``initrd`` (e.g. Xen: dom0's kernel, then its initramfs)."""
     return MachineConfig(accel=accel, kernel=Kernel(Path(image).resolve(), "", Path("/nonexistent")),
                          initrd=initrd, append=append, memory_mb=memory_mb, cpus=cpus, machine_type=machine_type,
-                         disks=list(disks or []), share_host_root=False, agent=False, debug_exit=True)
+                         disks=list(disks or []), share_host_root=False, agent=False, debug_exit=True,
+                         multiboot_modules=tuple(modules))
 
 
 def uefi_config(accel: AccelChoice, boot_disk: DiskSpec, *, extra_disks: list[DiskSpec] | None = None,

@@ -105,6 +105,8 @@ class MachineConfig:
     debug_exit: bool = False
     ssh_forward_port: int | None = None   # user networking with 127.0.0.1:PORT → guest :22
     extra_args: list[str] = field(default_factory=list)
+    # multiboot modules in order, each "PATH[ ARGS]" (a multiboot kernel only; ``initrd`` then unused)
+    multiboot_modules: tuple[str, ...] = ()
 
 
 def qemu_args(config: MachineConfig, sockets: Path, uefi_vars: Path | None = None) -> list[str]:
@@ -120,7 +122,9 @@ def qemu_args(config: MachineConfig, sockets: Path, uefi_vars: Path | None = Non
                  "-drive", f"if=pflash,format=raw,unit=1,file={uefi_vars}"]
     if config.kernel is not None:
         args += ["-kernel", str(config.kernel.image)]
-        if config.initrd:
+        if config.multiboot_modules:  # QEMU's multiboot loader: modules separated by "," (a literal one doubled)
+            args += ["-initrd", ",".join(m.replace(",", ",,") for m in config.multiboot_modules)]
+        elif config.initrd:
             args += ["-initrd", str(config.initrd)]
         if config.append:
             args += ["-append", config.append]

@@ -51,6 +51,8 @@ GUEST_PROGRAMS = ("sh", "bash", "env", "mount", "umount", "mkdir", "cat", "ls", 
                   "sed", "chmod", "dd", "id", "df", "find", "xargs", "wc", "cut", "tr", "sort", "base64",
                   "sha256sum", "cmp", "diff", "blockdev", "mcopy", "mmd", "mdel", "mdir", "mtype", "mattrib", "mren",
                   "mrd", "date", "mkfs.vfat", "mkfs.fat", "fsck.vfat", "strace",
+                  "busybox",  # the program of the transaction trigger lab.kernel.trace traces
+                  "ldconfig",  # ctypes.util.find_library runs `ldconfig -p` (pyseccomp finds libseccomp so)
                   "sfdisk", "blkid",  # the boot probe and the ESP faults (lab/bootprobe, lab/faults)
                   "dmsetup", "losetup", "modprobe")  # the crash engine's crash-state devices (lab/crash/materialize)
 # loaded by `modprobe` in the guest when needed (not at boot: every module loaded at boot delays agent-ready)
@@ -60,6 +62,9 @@ ETC_FILES = ("/etc/ld.so.cache", "/etc/passwd", "/etc/group", "/etc/nsswitch.con
 # the bootloader `boot sync` installs when a state ships none (reference_impl.boot.sync.HOST_SYSTEMD_BOOT): a
 # rescue guest rebuilding a wiped ESP must find it as the host does
 DATA_FILES = (str(HOST_SYSTEMD_BOOT),)
+# libraries the lab loads with ctypes (no ELF file depends on them, so ldd never lists them): libseccomp for
+# `stonelab run --personality` (lab.kernel.emulate through pyseccomp)
+CTYPES_LIBRARIES = ("libseccomp.so.2",)
 # glibc's character set converters (mtools converts FAT names through IBM850/437) and the C.UTF-8 locale the
 # guest's commands run in
 SUPPORT_TREES = ("/usr/lib/x86_64-linux-gnu/gconv", "/usr/lib/locale/C.utf8")
@@ -91,6 +96,20 @@ class Userland:
     key: str
     cached: bool
     size: int
+
+
+def _ctypes_libraries() -> list[Path]:
+    """The files of ``CTYPES_LIBRARIES`` as the host's dynamic loader cache names them (``ldconfig -p``)."""
+    ldconfig = shutil.which("ldconfig", path=SBIN_PATH)
+    if not ldconfig:
+        return []
+    listing = subprocess.run([ldconfig, "-p"], capture_output=True, text=True).stdout
+    found = []
+    for line in listing.splitlines():
+        name, _, path = line.strip().partition(" => ")
+        if name.split(" ")[0] in CTYPES_LIBRARIES and "x86-64" in name and os.path.exists(path):
+            found.append(Path(path))
+    return found
 
 
 def _stdlib_dir() -> Path:
@@ -133,7 +152,7 @@ def _module_indexes(modules: tuple[Path, ...]) -> list[Path]:
 
 
 def _inputs(spec: UserlandSpec) -> list[Path]:
-    files = [Path(spec.python), *_programs(spec),
+    files = [Path(spec.python), *_programs(spec), *_ctypes_libraries(),
              *(Path(p) for p in (*ETC_FILES, *DATA_FILES) if os.path.exists(p)),
              *spec.kernel_modules, *_module_indexes(spec.kernel_modules)]
     for top, skip in _roots(spec):

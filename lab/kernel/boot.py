@@ -6,7 +6,9 @@ tmpfs and on each disk (the probe mounts them itself, so a missing driver is rep
 then reports the kernel-wide needs (sysfs block directories, periodic writeback) and powers off.  Boot protocols:
 
 * ``linux``: QEMU direct boot of a bzImage (``-kernel``/``-initrd``/``-append``);
-* ``multiboot``: QEMU direct boot of a multiboot v1 ELF; the initramfs is the first module;
+* ``multiboot``: QEMU direct boot of a multiboot v1 ELF (gunzipped first when it is gzip-compressed, as Debian
+  ships Xen); the initramfs is the last module, after the user's ``--module``s — e.g. Xen with the Linux kernel as
+  dom0, whose initramfs is then the probe's, so the probe runs in dom0 on the hypervisor;
 * ``uefi``: OVMF → systemd-boot on an ESP disk (added last) → a Type 1 entry for an EFI-stub kernel.
 
 A user ``--initrd`` is kept and the probe's archive appended after it (the kernel unpacks concatenated newc
@@ -15,7 +17,10 @@ archives in order, so ``/init`` is the probe's).  The kernel's modules are added
 """
 from __future__ import annotations
 
+import gzip
 import io
+import re
+import shlex
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -73,7 +78,8 @@ class ProbeRun:
 
 
 def check_image(image: Path, boot: str) -> None:
-    """A one-line StonelabError when ``image`` is missing or does not carry the header ``boot`` needs."""
+    """A one-line StonelabError when ``image`` is missing or does not carry the header ``boot`` needs (a
+    gzip-compressed multiboot kernel is checked after :func:`probe_kernel` decompressed it)."""
     if boot not in BOOT_PROTOCOLS:
         raise StonelabError(f"--boot {boot}: not one of {', '.join(BOOT_PROTOCOLS)}")
     if not image.is_file():
@@ -128,23 +134,65 @@ def _initramfs(out: Path, probe: Path, disks: list[tuple[str, Path]], kernel: Ke
     return out
 
 
+def _plain_image(image: Path, boot: str, work: Path) -> Path:
+    """The image QEMU loads: a gzip-compressed multiboot kernel (Debian's ``xen-*.gz``) decompressed into
+    ``work`` (QEMU's multiboot loader reads the file as it is); anything else as given."""
+    with open(image, "rb") as handle:
+        compressed = handle.read(2) == b"\x1f\x8b"
+    if boot != "multiboot" or not compressed:
+        return image
+    plain = work / image.name.removesuffix(".gz")
+    try:
+        with gzip.open(image) as source, open(plain, "wb") as out:
+            while chunk := source.read(1 << 20):
+                out.write(chunk)
+    except (OSError, EOFError) as err:
+        raise StonelabError(f"{image}: cannot decompress the gzip-compressed kernel ({err})") from None
+    return plain
+
+
+def _module_paths(modules: list[str], boot: str) -> list[Path]:
+    """The files of ``--module "PATH[ ARGS]"`` values; StonelabError for a missing one or a non-multiboot boot."""
+    if modules and boot != "multiboot":
+        raise StonelabError(f"--module is for --boot multiboot (a multiboot kernel's modules), not --boot {boot}")
+    paths = []
+    for module in modules:
+        words = shlex.split(module)
+        if not words or not Path(words[0]).is_file():
+            raise StonelabError(f"--module {module!r}: {words[0] if words else 'no path'}: module file not found")
+        paths.append(Path(words[0]))
+    return paths
+
+
 def probe_kernel(image: Path, *, initrd: Path | None = None, boot: str = "linux",
                  filesystems: list[str] | None = None, accel: str = "auto", name: str | None = None,
-                 timeout: float = 600.0, workdir: Path | None = None) -> ProbeRun:
-    """Boot ``image`` with the probe and return the profile of what it did.  Raises StonelabError (one line) for a
-    missing or wrong image, an unknown filesystem, or a guest that never reaches the end marker."""
+                 timeout: float = 600.0, workdir: Path | None = None, modules: list[str] | None = None,
+                 append: str | None = None, console_path: Path | None = None) -> ProbeRun:
+    """Boot ``image`` with the probe and return the profile of what it did.  ``modules`` ("PATH[ ARGS]", multiboot
+    only) come before the probe's initramfs; a Linux kernel among them (``vmlinuz-*``) gives the initramfs its
+    modules.  ``append``: the booted kernel's command line (default ``APPEND``); ``console_path``: where the console goes
+    when the boot ends, finished or not.  Raises StonelabError (one line)
+    for a missing or wrong image or module, an unknown filesystem, or a guest that never reaches the end marker."""
     image = Path(image)
     filesystems = list(filesystems or FILESYSTEMS)
+    modules = list(modules or [])
     unknown = [fs for fs in filesystems if fs not in FILESYSTEMS]
     if unknown:
         raise StonelabError(f"--fs {','.join(unknown)}: unknown filesystem (valid: {', '.join(FILESYSTEMS)})")
-    check_image(image, boot)
+    if boot not in BOOT_PROTOCOLS:
+        raise StonelabError(f"--boot {boot}: not one of {', '.join(BOOT_PROTOCOLS)}")
+    if not image.is_file():
+        raise StonelabError(f"{image}: kernel image not found")
     if initrd is not None and not Path(initrd).is_file():
         raise StonelabError(f"{initrd}: initrd not found")
-    linux = kernel_from_path(image) if image.name.startswith("vmlinuz-") else None
+    module_paths = _module_paths(modules, boot)
+    linux = next((kernel_from_path(path) for path in [image, *module_paths] if path.name.startswith("vmlinuz-")),
+                 None)
     probe = build_probe()
     with tempfile.TemporaryDirectory(prefix="stonelab-kprobe-", dir=workdir) as tmp:
         work = Path(tmp)
+        loaded = _plain_image(image, boot, work)
+        check_image(loaded, boot)
         disks = _fs_disks(work, filesystems)
         # under UEFI the ESP disk comes first (the firmware boots the first disk), the filesystems follow it
         cpio = _initramfs(work / "initramfs.cpio", probe, disks, linux, Path(initrd) if initrd else None,
@@ -155,12 +203,13 @@ def probe_kernel(image: Path, *, initrd: Path | None = None, boot: str = "linux"
         if boot == "uefi":
             from vm.disk import DiskLayout, build_disk, uefi_esp_tree
             from vm.host import systemd_boot
-            tree = uefi_esp_tree(work / "esp", image, cpio, APPEND, systemd_boot())
+            tree = uefi_esp_tree(work / "esp", image, cpio, append or APPEND, systemd_boot())
             esp = build_disk(work / "esp.img", DiskLayout(esp_mib=64, root_mib=8), esp_tree=tree)
             config = uefi_config(choice, DiskSpec(esp.path), extra_disks=specs, agent=False, share_host_root=False)
             config.debug_exit = True
         else:
-            config = foreign_config(image, choice, APPEND, disks=specs, initrd=cpio)
+            config = foreign_config(loaded, choice, append or APPEND, disks=specs, initrd=cpio,
+                                    modules=(*modules, str(cpio)) if modules else ())
         with Machine(config, name="kprobe", transport=ConsoleTransport(), console_log=work / "console.log") as guest:
             try:
                 guest.wait_for_console(END_MARKER + r"\s", timeout)
@@ -168,12 +217,20 @@ def probe_kernel(image: Path, *, initrd: Path | None = None, boot: str = "linux"
                 tail = " | ".join(guest.console.tail(8)) if guest.console else ""
                 raise StonelabError(f"{image}: the probe did not finish within {timeout:g}s ({type(err).__name__}); "
                                     f"last console lines: {tail[-600:]}") from None
+            finally:
+                if console_path is not None and guest.console is not None:  # the evidence, also of a failed boot
+                    console_path.write_text(guest.console.text)
             status = guest.wait_for_exit(120)
             console = guest.console.text
     release = _kernel_release(console) or image.name
     profile = probed_profile(name or f"{_profile_stem(release)}", release, console, str(image),
                              persistent_root="ext4" if "ext4" in filesystems else "")
-    profile.facts = f"{profile.facts}; booted with --boot {boot}" + (f" --initrd {initrd}" if initrd else "")
+    profile.facts = (f"{profile.facts}; booted with --boot {boot}" + (f" --initrd {initrd}" if initrd else "")
+                     + (f" --append {shlex.quote(append)}" if append else "")
+                     + "".join(f" --module {shlex.quote(m)}" for m in modules))
+    hypervisor = re.search(r"^\(XEN\) Xen version (\S+)", console, re.MULTILINE)
+    if hypervisor:  # the probe ran in dom0: say on what
+        profile.facts += f"; the probe ran in dom0 of Xen {hypervisor[1]}"
     return ProbeRun(profile, console, status)
 
 

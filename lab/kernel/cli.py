@@ -12,9 +12,8 @@ from rich.table import Table
 from lab.kernel.gaps import analyse, gaps_json
 from lab.kernel.probe import FILESYSTEMS, probe_here
 from lab.kernel.profile import PROFILE_DIR, load_profile, probed_profile
-from lab.kernel.trace import REQUIREMENTS, Trace
+from lab.kernel.trace import REQUIREMENTS, default_requirements, load_requirements
 from stonelab.errors import StonelabError
-
 
 
 def _fs_list(text: str) -> list[str]:
@@ -32,11 +31,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     verbs.required = True
 
     p = verbs.add_parser("trace", help="trace every operation of the reference in the Linux guest (requirements)")
-    p.add_argument("-o", "--output", type=Path, default=REQUIREMENTS,
-                   help="requirements JSON (default: compat/requirements.json)")
+    p.add_argument("-o", "--output", type=Path,
+                   help="requirements JSON (default: compat/requirements.json; with --systems "
+                        "compat/requirements-systems.json)")
+    p.add_argument("--systems", action="store_true",
+                   help="trace the real systems under test (Nix, OSTree) instead of the reference")
     p.add_argument("--host", action="store_true", help="trace on this machine's kernel instead of the guest")
     p.add_argument("--kernel", help="guest kernel (default: the newest /boot/vmlinuz-*)")
     p.add_argument("--accel", choices=["auto", "kvm", "tcg"], default="auto")
+    p.add_argument("--jobs", type=int, default=2, help="guest vCPUs, and independent operations traced at a time")
+    p.add_argument("--no-snapshots", action="store_true", help="boot the guest instead of restoring a saved one")
+    p.add_argument("--only", action="append", default=[], metavar="PREFIX",
+                   help="trace only the operations whose name starts with PREFIX (repeatable)")
     p.set_defaults(func=cmd_trace)
 
     p = verbs.add_parser("probe", help="semantic probe: on a booted kernel (--kernel) or here (DIR…)")
@@ -44,20 +50,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kernel", type=Path, help="boot this kernel image with the probe")
     p.add_argument("--initrd", type=Path, help="the kernel's own initramfs (the probe is appended to it)")
     p.add_argument("--boot", choices=["linux", "multiboot", "uefi"], default="linux")
+    p.add_argument("--module", action="append", default=[], metavar="'PATH [ARGS]'",
+                   help="a multiboot module before the probe's initramfs (repeatable; e.g. Xen's dom0 kernel)")
+    p.add_argument("--append", help="the booted kernel's command line (default: console=ttyS0 panic=-1 rdinit=/init)")
     p.add_argument("--fs", type=_fs_list, default=list(FILESYSTEMS),
                    help=f"filesystems to probe (default {','.join(FILESYSTEMS)})")
     p.add_argument("--accel", choices=["auto", "kvm", "tcg"], default="auto")
     p.add_argument("--name", help="profile name (default: from the kernel's release)")
     p.add_argument("-o", "--output", type=Path,
                    help="write the profile here (default with --kernel: compat/profiles/<name>.json)")
-    p.add_argument("--console", type=Path, help="save the guest console (the evidence) here")
+    p.add_argument("--console", type=Path, help="save the guest console (the evidence, also of a boot that failed) here")
     p.set_defaults(func=cmd_probe)
 
     p = verbs.add_parser("gaps", help="what a kernel lacks for the requirements, with consequences")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--profile", help="a kernel profile: name in compat/profiles or a path")
     source.add_argument("--probe-log", type=Path, help="console output of the probe")
-    p.add_argument("--trace", type=Path, default=REQUIREMENTS, help="requirements (default compat/requirements.json)")
+    p.add_argument("--trace", type=Path, action="append", metavar="REQUIREMENTS",
+                   help="requirements file (repeatable; default compat/requirements.json and, when present, "
+                        "compat/requirements-systems.json)")
     p.add_argument("--fs", default=None, help="filesystem of the root to judge (default: the profile's root)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_gaps)
@@ -67,22 +78,34 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
-    if args.host:
+    import time
+    started = time.monotonic()
+    if args.jobs < 1:
+        raise StonelabError(f"--jobs {args.jobs}: must be at least 1")
+    if args.systems:
+        from lab.kernel.trace_systems import SYSTEMS_REQUIREMENTS, trace_systems_in_guest
+        trace = trace_systems_in_guest(accel=args.accel)
+        args.output = args.output or SYSTEMS_REQUIREMENTS
+    elif args.host:
         import tempfile
 
         from lab.kernel.trace import run_workload
         from vm.disk import DiskLayout, build_disk
         with tempfile.TemporaryDirectory(prefix="stonelab-trace-") as tmp:
             disk = build_disk(Path(tmp) / "esp.img", DiskLayout(esp_mib=48, root_mib=8))
-            trace = run_workload(Path(tmp), f"{disk.path}:1", root_device=f"{disk.path}:2", traced_on="this machine's kernel (--host)")
+            trace = run_workload(Path(tmp), f"{disk.path}:1", root_device=f"{disk.path}:2", jobs=args.jobs,
+                                 only=tuple(args.only), traced_on="this machine's kernel (--host)")
     else:
         from lab.kernel.trace import trace_in_guest
-        trace = trace_in_guest(args.kernel, args.accel)
+        traces, _ = trace_in_guest(args.kernel, args.accel, only=tuple(args.only), jobs=args.jobs,
+                                   snapshots=not args.no_snapshots)
+        trace = traces[0]
+    args.output = args.output or REQUIREMENTS
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(trace.to_json())
     transaction = sum(f.category == "transaction" for f in trace.features)
     print(f"wrote {args.output}: {len(trace.features)} features ({transaction} transaction) over "
-          f"{len(trace.phases)} phases")
+          f"{len(trace.phases)} phases in {time.monotonic() - started:.0f} s")
     return 0
 
 
@@ -97,12 +120,10 @@ def cmd_probe(args: argparse.Namespace) -> int:
         return 0
     from lab.kernel.boot import probe_kernel
     run = probe_kernel(args.kernel, initrd=args.initrd, boot=args.boot, filesystems=args.fs, accel=args.accel,
-                       name=args.name)
+                       name=args.name, modules=args.module, append=args.append, console_path=args.console)
     output = args.output or PROFILE_DIR / f"{run.profile.name}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(run.profile.to_json())
-    if args.console:
-        args.console.write_text(run.console)
     Console().print(_profile_table(run.profile))
     print(f"wrote {output} ({run.profile.facts})")
     return 0
@@ -126,17 +147,13 @@ def _read(path: Path, what: str) -> str:
         raise StonelabError(f"{path}: cannot read the {what} ({err.strerror})") from None
 
 
-def load_requirements(path: Path) -> Trace:
-    return Trace.from_json(_read(path, "requirements"), str(path))
-
-
 def cmd_gaps(args: argparse.Namespace) -> int:
     if args.profile:
         profile = load_profile(args.profile)
     else:
         profile = probed_profile(args.probe_log.name, "", _read(args.probe_log, "probe log"), str(args.probe_log))
     filesystem = profile.judged_filesystem(args.fs, f"--fs {args.fs}")
-    gaps = analyse(load_requirements(args.trace), profile, filesystem)
+    gaps = analyse(load_requirements(args.trace or default_requirements()), profile, filesystem)
     if args.json:
         print(gaps_json(gaps, profile, filesystem))
         return 0

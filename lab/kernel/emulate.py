@@ -1,7 +1,8 @@
 """Run a command on Linux as if on another kernel: a seccomp filter generated from a kernel profile.
 
 ``python -m lab.kernel.emulate --profile asterinas-0.18.1 [--fs ext2] -- CMD ARGS…`` installs the filter (through
-libseccomp's maintained binding, pyseccomp) and execs CMD, which inherits it:
+libseccomp's maintained binding, pyseccomp) and execs CMD, which inherits it (``--plan FILE`` instead of
+``--profile``: a plan resolved on the lab's side, which is how the VM target's guests run it):
 
 * every x86-64 syscall Linux has and the profile's syscall table lacks returns ENOSYS;
 * a flag the profile refuses returns the profile's errno when the flag bit is set (``renameat2`` with
@@ -24,9 +25,11 @@ from __future__ import annotations
 import argparse
 import ctypes
 import errno
+import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from lab.kernel.profile import KernelProfile, linux_syscall_numbers, load_profile
 from stonelab.errors import StonelabError
@@ -82,6 +85,23 @@ class Plan:
     no_writeback: bool
     hide_sysfs_block: bool
     not_emulated: tuple[str, ...]
+
+    def to_json(self) -> str:
+        """The plan on its own (``--plan FILE``): a guest runs it without the profile, the kernel headers or
+        ``../shared/data``, which only the lab's side has."""
+        return json.dumps({"enosys": list(self.enosys), "flags": [[k, asdict(r), e] for k, r, e in self.flags],
+                           "no_writeback": self.no_writeback, "hide_sysfs_block": self.hide_sysfs_block,
+                           "not_emulated": list(self.not_emulated)}, indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, where: str) -> Plan:
+        """Raises StonelabError (one line naming ``where``) for anything but :meth:`to_json`'s output."""
+        try:
+            data = json.loads(text)
+            return cls(tuple(data["enosys"]), tuple((k, ArgRule(**r), e) for k, r, e in data["flags"]),
+                       bool(data["no_writeback"]), bool(data["hide_sysfs_block"]), tuple(data["not_emulated"]))
+        except (ValueError, KeyError, TypeError) as err:
+            raise StonelabError(f"{where}: not an emulation plan ({err})") from None
 
 
 def plan(profile: KernelProfile, filesystem: str) -> Plan:
@@ -150,18 +170,28 @@ def _apply_environment(p: Plan) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lab.kernel.emulate",
                                      description="run CMD under the seccomp emulation of a kernel profile")
-    parser.add_argument("--profile", required=True)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--profile", help="a kernel profile (name in compat/profiles or a path)")
+    source.add_argument("--plan", type=Path, help="a plan written by Plan.to_json (what a guest runs)")
     parser.add_argument("--fs", help="filesystem whose results apply (default: the profile's persistent root)")
     parser.add_argument("--explain", action="store_true", help="print the plan and exit")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     try:
-        profile = load_profile(args.profile)
-        filesystem = args.fs or profile.persistent_root or "*"
-        p = plan(profile, filesystem)
+        if args.plan:
+            try:
+                p = Plan.from_json(args.plan.read_text(), str(args.plan))
+            except OSError as err:
+                raise StonelabError(f"{args.plan}: cannot read the emulation plan ({err.strerror})") from None
+            title = str(args.plan)
+        else:
+            profile = load_profile(args.profile)
+            filesystem = args.fs or profile.persistent_root or "*"
+            p = plan(profile, filesystem)
+            title = f"{profile.name} on {filesystem}"
         if args.explain:
-            print(f"{profile.name} on {filesystem}: ENOSYS for {len(p.enosys)} syscalls; flags: "
+            print(f"{title}: ENOSYS for {len(p.enosys)} syscalls; flags: "
                   + ", ".join(f"{k} → {e}" for k, _, e in p.flags))
             for line in p.not_emulated:
                 print(f"not emulated: {line}")

@@ -20,7 +20,7 @@ from jinja2 import Environment, FileSystemLoader
 
 from lab.kernel.gaps import Gap, analyse
 from lab.kernel.profile import PROJECT, KernelProfile, load_profile
-from lab.kernel.trace import REQUIREMENTS, Trace
+from lab.kernel.trace import Trace, default_requirements, load_requirements
 from stonelab.errors import StonelabError
 
 VERIFIED_DIR = PROJECT / "compat" / "verified"
@@ -72,8 +72,19 @@ def verified_text(gap: Gap, verification: Verification | None) -> str:
     wanted = VERIFIED_BY.get(gap.workaround_id, ())
     if not wanted:
         return "not verified: no lab scenario exercises it yet"
-    seen = [f"{n}: {verification.scenarios[n][0]}" for n in wanted if n in verification.scenarios]
+    seen = [f"{n}: {verdict}" + (f" — {reason[:240]}" if verdict != "pass" and reason else "")
+            for n in wanted if n in verification.scenarios for verdict, reason in [verification.scenarios[n]]]
     return "not verified" + (f" ({', '.join(seen)})" if seen else f": run {', '.join(wanted)}")
+
+
+SYSTEM_NAMES = {"nix": "Nix", "ostree": "OSTree"}  # phase prefix → system; any other phase is the reference's
+
+
+def systems_hit(phases: list[str]) -> list[str]:
+    """The systems whose traced operations (``phases``) use a feature: ``reference``, ``Nix``, ``OSTree``; a need
+    no trace shows (no phases) is the reference's."""
+    hit = {SYSTEM_NAMES.get(phase.split(":", 1)[0], "reference") for phase in phases} or {"reference"}
+    return sorted(hit, key=["reference", *SYSTEM_NAMES.values()].index)
 
 
 def operation_matrix(trace: Trace, sections: list[dict]) -> list[dict]:
@@ -100,7 +111,8 @@ def build(trace: Trace, requirements_source: str, profiles: list[tuple[KernelPro
     sections = []
     for profile, filesystem in profiles:
         verification = load_verification(profile.name, verified_dir)
-        gaps = [dict(asdict(g), verified=verified_text(g, verification)) for g in analyse(trace, profile, filesystem)]
+        gaps = [dict(asdict(g), verified=verified_text(g, verification), systems=systems_hit(g.phases))
+                for g in analyse(trace, profile, filesystem)]
         try:
             not_emulated = list(plan(profile, filesystem).not_emulated)
         except StonelabError:
@@ -111,6 +123,8 @@ def build(trace: Trace, requirements_source: str, profiles: list[tuple[KernelPro
                          "degraded": sum(g["severity"] == "degraded" for g in gaps),
                          "benign": sum(g["severity"] == "benign" for g in gaps),
                          "verification": asdict(verification) if verification else None,
+                         "systems_hit": {name: [g["feature"] for g in gaps if name in g["systems"]]
+                                         for name in SYSTEM_NAMES.values()},
                          "not_emulated": not_emulated})
     return {"requirements_source": requirements_source, "traced_on": trace.traced_on,
             "n_features": len(trace.features), "n_phases": len(trace.phases),
@@ -142,7 +156,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = verbs.add_parser("report", help="operations × kernel profiles: gaps, consequences, verified workarounds")
     p.add_argument("--profile", action="append", required=True, metavar="PROFILE[:FS]",
                    help="a kernel profile (name or path), optionally with the root filesystem to judge (repeatable)")
-    p.add_argument("--requirements", type=Path, default=REQUIREMENTS)
+    p.add_argument("--requirements", type=Path, action="append",
+                   help="requirements file (repeatable; default compat/requirements.json and, when present, "
+                        "compat/requirements-systems.json: Nix and OSTree)")
     p.add_argument("-o", "--output", type=Path, default=Path("reports"), metavar="DIR")
     p.set_defaults(func=cmd_report)
     p = verbs.add_parser("verify", help="run the workarounds' scenarios under --personality PROFILE and record them")
@@ -159,17 +175,16 @@ def _profile_arg(spec: str) -> tuple[KernelProfile, str]:
 
 def cmd_report(args: argparse.Namespace) -> int:
     profiles = [_profile_arg(spec) for spec in args.profile]
-    try:
-        text = args.requirements.read_text()
-    except OSError as err:
-        raise StonelabError(f"{args.requirements}: cannot read the requirements ({err.strerror})") from None
-    trace = Trace.from_json(text, str(args.requirements))
-    data = build(trace, args.requirements.name, profiles)
+    paths = args.requirements or default_requirements()
+    data = build(load_requirements(paths), ", ".join(p.name for p in paths), profiles)
     for path in write_report(data, args.output):
         print(f"wrote {path}")
     for section in data["sections"]:
         print(f"{section['name']} on {section['filesystem']}: {len(section['blockers'])} blockers: "
               + ", ".join(g["feature"] for g in section["blockers"]))
+        for system, features in section["systems_hit"].items():
+            if features:
+                print(f"  gaps that hit {system}: {', '.join(features)}")
     return 0
 
 
@@ -179,11 +194,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="stonelab-verify-") as tmp:
         proc = subprocess.run([sys.executable, "-m", "stonelab.cli", "run", "--personality", args.profile,
                                "--report-dir", tmp, *scenarios], cwd=PROJECT, text=True, capture_output=True)
-        report = Path(tmp) / "report.json"
+        report = Path(tmp) / "latest" / "report.json"  # stonelab run writes DIR/<timestamp>/ and DIR/latest
         if not report.is_file():
             tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
             raise StonelabError(f"compat verify: the scenarios did not run ({tail})")
-        results = json.loads(report.read_text())["scenarios"]
+        results = json.loads(report.read_text())["cases"]
     record = {"profile": profile.name, "model": POWER_LOSS_MODEL,
               "scenarios": [{"name": r["name"], "verdict": r["verdict"], "reason": r.get("reason", "")}
                             for r in results]}
