@@ -11,8 +11,9 @@ operating systems and other installations of the same one.  Boot sync decides ow
 - **The entry token** names entries (``<token>-<kver>-<state>.conf``) and the kernel directory
   (``EFI/<token>/<kver>/``), as systemd's kernel-install does (kernel-install(8), ``--entry-token=auto``):
   ``/etc/kernel/entry-token``, else the machine ID (``/etc/machine-id``), else os-release's ``IMAGE_ID``, else
-  ``ID``.  A token from os-release is shared by every installation of that OS: when the ESP already holds
-  ``<token>-*`` entries of another ``root=``, this installation uses ``<token>-<installation id>`` instead.
+  ``ID``.  A token from os-release is shared by every installation of that OS (and a machine ID by every clone
+  of an image): when the ESP already holds ``<token>-*`` entries of another ``root=``, this installation uses
+  ``<token>-<installation id>`` instead.
 - **The ownership record** is ``loader/stonelab/<installation id>.files``, one ESP path per line; the
   installation id is the first 16 hex digits of the sha256 of the ``root=`` words (sorted), so a record never
   mixes two installations.
@@ -93,10 +94,10 @@ def choose_token(token: EntryToken, root_arg: str, entries: dict[str, str], want
 
     Taken: a ``<token>-*.conf`` entry with ``moss.fstx=`` and another root (first come, first served: while
     this installation has entries under the plain token it keeps it), or, always, an entry file that is not this
-    installation's at one of ``wanted_names`` (entry file names with the plain token).  ``entries`` maps the ESP's entry paths
-    to their text.  Only tokens from os-release can collide; explicit ones and machine IDs are kept."""
-    if token.source not in ("ID", "IMAGE_ID"):
-        return token
+    installation's at one of ``wanted_names`` (entry file names with the plain token).  ``entries`` maps the
+    ESP's entry paths to their text.  Tokens from os-release collide by design; a machine ID or an
+    ``/etc/kernel/entry-token`` collides when an image was cloned without giving each copy its own: the rule is
+    the same for every source, so no entry of another installation is ever overwritten."""
     shared = EntryToken(f"{token.value}-{installation_id(root_arg)[:8]}", f"{token.source} (shared ESP)")
     prefix = f"{ENTRIES_DIR}/{token.value}-".casefold()
     shared_prefix = f"{ENTRIES_DIR}/{shared.value}-".casefold()
