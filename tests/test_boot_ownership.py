@@ -235,3 +235,10 @@ def test_a_foreign_dot_tmp_file_beside_an_entry_is_not_a_leftover(tmp_path: Path
     report = sync_boot(root, esp=disk, root_arg=ROOT_A, bootloader=bootloader)
     assert report.removed == []
     assert esp_read(disk, "loader/loader.conf.tmp") == b"someone else's temporary"
+
+
+def test_a_quoted_root_word_is_one_word() -> None:
+    spaced = 'root=UUID=u rootflags="subvol=/my root"'
+    assert is_ours(f"options {spaced} rw moss.fstx=1\n", spaced)
+    assert not is_ours('options root=UUID=u rootflags="subvol=/my other" rw moss.fstx=1\n', spaced)
+    assert installation_id(spaced) != installation_id('root=UUID=u rootflags="subvol=/my other"')

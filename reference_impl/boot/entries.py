@@ -5,6 +5,7 @@ after ``linux`` (blsforme #71 — it breaks GRUB's BLS parser).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,9 +146,18 @@ def parse_entry(text: str) -> dict[str, list[str]]:
     return fields
 
 
+_CMDLINE_WORD = re.compile(r'(?:[^\s"]|"[^"]*(?:"|$))+')
+
+
+def cmdline_words(options: str) -> list[str]:
+    """The parameters of a kernel command line as the kernel splits them (``next_arg()`` in kernel/params.c):
+    at blanks outside double quotes, so ``rootflags="subvol=/my root"`` is one word (quotes kept)."""
+    return _CMDLINE_WORD.findall(options)
+
+
 def entry_fstx(text: str) -> int | None:
     for options in parse_entry(text).get("options", []):
-        for word in options.split():
+        for word in cmdline_words(options):
             if word.startswith(FSTX_OPTION) and word[len(FSTX_OPTION):].isdigit():
                 return int(word[len(FSTX_OPTION):])
     return None
