@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import uuid
@@ -272,3 +273,23 @@ def test_fat_root_directory_outside_the_image_keeps_the_boot_sector_label(tmp_pa
     img.write_bytes(bytes(boot))
     info = probe(img)
     assert info is not None and (info.type, info.uuid, info.label) == ("vfat", "1234-5678", "BOOTLBL")
+
+
+def blkid_label(path: Path) -> str:
+    """blkid's LABEL exactly (udev output's ID_FS_LABEL_ENC: \\xNN escapes, no shell quoting to undo)."""
+    out = subprocess.run(["blkid", "-p", "-o", "udev", str(path)], capture_output=True, text=True, check=True).stdout
+    enc = next((line.split("=", 1)[1] for line in out.splitlines() if line.startswith("ID_FS_LABEL_ENC=")), "")
+    return re.sub(rb"\\x([0-9a-fA-F]{2})", lambda m: bytes([int(m.group(1), 16)]), enc.encode()).decode()
+
+
+@pytest.mark.parametrize("kind", sorted(k for k in SIZES if not k.startswith("fat")))
+@pytest.mark.parametrize("label", ["  lead  in ", "\u00fcn\u00ef \u00e9 "])
+def test_leading_inner_blanks_and_utf8_labels_as_blkid(kind: str, label: str, tmp_path: Path) -> None:
+    """Only trailing blanks go (leading and inner ones stay), UTF-8 as blkid decodes it (f2fs stores UTF-16)."""
+    need(TOOLS[kind])
+    need("blkid")
+    img = tmp_path / f"{kind}.img"
+    subprocess.run(["truncate", "-s", SIZES[kind], str(img)], check=True)
+    _mkfs(kind, img, str(uuid.uuid4()), label)
+    info = probe(img)
+    assert info is not None and info.label == label.rstrip() == blkid_label(img)
