@@ -303,3 +303,23 @@ def test_crash_and_random_cut_steps_name_their_power_loss_model(tmp_path):
     assert cut.steps[0].arg.model is Model.VOLATILE_CACHE
     with pytest.raises(ScenarioError, match="model"):
         load_scenarios(scenario_file(tmp_path, "crash: {at: swap.after, during: {install: [a]}, model: cache}"))
+
+
+DISCARD = int(LogFlag.DISCARD)
+
+
+@pytest.mark.parametrize("request_, disk_bytes", [((DISCARD, 0, 2 ** 60, b""), None),
+                                                  ((W, 2 ** 62, 1, b"x"), None),
+                                                  ((W, 128, 1, b"x"), 64 * SECTOR),
+                                                  ((DISCARD, 60, 8, b""), 64 * SECTOR)])
+def test_an_entry_past_the_end_of_the_disk_is_a_recording_error(tmp_path, request_, disk_bytes):
+    """A hostile or damaged log: a discard of 2^60 sectors (its zeros would not fit in memory), a write at a
+    sector no file offset reaches, or past the recorded disk's end (it would grow the image)."""
+    path = write_log(tmp_path / "log", [(W, 8, 1, b"a"), request_])
+    with pytest.raises(RecordingError, match="entry 1 covers sectors .* past the end of the"):
+        read_log(path, disk_bytes=disk_bytes)
+    assert len(read_log(write_log(tmp_path / "ok", [(W, 8, 1, b"a"), (DISCARD, 56, 8, b"")]),
+                        disk_bytes=64 * SECTOR).entries) == 2
+    uncounted = read_log(write_log(tmp_path / "tail", [(W, 8, 1, b"a"), request_], counted=1),
+                         disk_bytes=disk_bytes)
+    assert len(uncounted.entries) == 1     # an uncounted tail ends at the first entry that is not whole

@@ -94,7 +94,7 @@ def replay(path: Path, *, kernel=None, accel: str = "auto") -> list[str]:
         power = PowerLoss(Model(repro.model), Granularity(repro.granularity))
     except ValueError as err:
         raise StonelabError(f"{path}: {err}") from None
-    recording = read_log(log)
+    recording = read_log(log, disk_bytes=base.stat().st_size)   # the base is raw
     if repro.cut > len(recording.entries) or repro.boundary > repro.cut:
         raise StonelabError(f"{path}: cut {repro.cut} / boundary {repro.boundary} do not fit the recording "
                             f"({len(recording.entries)} entries)")
