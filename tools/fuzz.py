@@ -136,9 +136,14 @@ class StoneTarget(Target):
 
     def run(self, path: Path, data: bytes) -> None:
         from reference_impl.stone import read_stone
+        from reference_impl.stone.model import FileType
+        from reference_impl.stone.repository import indexed_path
         stone = read_stone(path)
         if stone.index:
             stone.verify_content()
+        if stone.file_type is FileType.REPOSITORY:    # a stone.index: every entry's URI and hash
+            for meta in stone.metas:
+                indexed_path(path, meta.name, meta.uri, meta.hash)
 
 
 def mutate_stone_record(rng: random.Random, data: bytes) -> bytes | None:
@@ -338,6 +343,8 @@ def build_seeds(work: Path) -> dict[str, list[bytes]]:
                                       "share/fuzz/empty": "", "lib/libf.so.1": bytes(range(256)) * 4},
                                      spec, work / "seed.stone", symlinks={"bin/f": "fuzz"}, level=3)
     seeds["stone"].append(built.read_bytes())
+    from reference_impl.stone import write_repository_index
+    seeds["stone"].append(write_repository_index(built.parent).read_bytes())
     fixtures = PROJECT.parent / "shared" / "fixtures"
     for path in sorted((fixtures / "aerynos" / "stones").glob("*.stone")):
         if path.stat().st_size <= 256 * 1024:
