@@ -18,7 +18,7 @@ from reference_impl.installation import Installation
 from reference_impl.recovery import recover
 from reference_impl.resolve import Candidate, removal, resolve
 from reference_impl.stone import LayoutEntry, LayoutType, StoneError, read_stone
-from reference_impl.stone.repository import check_indexed_file, indexed_path
+from reference_impl.stone.repository import check_indexed_file, file_identity, indexed_path
 from reference_impl.store import Store
 from reference_impl.swap import SwapChoice, SwapStrategy, choose_strategy
 from reference_impl.transaction import BootConfig, Mode, Settings, Transaction, remove_tree
@@ -167,12 +167,17 @@ class Client:
 
     def _new_state(self, selected: list[Candidate], explicit: set[str], summary: str) -> Outcome:
         pending = [c for c in selected if not self._has_package(c)]
+        checked = {}
         for candidate in pending:   # every file is checked before anything changes
             if candidate.from_repository:
-                check_indexed_file(Path(candidate.origin), candidate.meta.hash, candidate.meta.size)
+                checked[candidate.origin] = check_indexed_file(Path(candidate.origin), candidate.meta.hash,
+                                                               candidate.meta.size)
         tx = self._swap_transaction()
         for candidate in pending:
             self._intake(candidate)
+            if candidate.origin in checked and _identity(Path(candidate.origin)) != checked[candidate.origin]:
+                raise StonelabError(f"{candidate.origin}: changed while it was being installed (a download still "
+                                    f"running?): its checked sha256 no longer vouches for it; nothing committed")
         package_ids = [c.package_id for c in selected]
         entries = merged_layout(self.dbs, package_ids)
         selections = [Selection(pid, pid in explicit) for pid in package_ids]
@@ -251,6 +256,13 @@ class Client:
         digests = {e.digest for _, e in self.dbs.layout.entries(self.dbs.layout.package_ids())
                    if e.digest is not None}
         self.store.remove_unreferenced(digests)
+
+
+def _identity(path: Path) -> tuple[int, int, int, int] | None:
+    try:
+        return file_identity(path)
+    except OSError:
+        return None
 
 
 def read_package(path: Path):

@@ -363,3 +363,25 @@ def test_index_hashes_in_upper_case_and_identical_duplicates_are_one_package(roo
     assert [c.package_id for c in candidates] == [hashlib.sha256(app.read_bytes()).hexdigest()]
     stonelab("install", "-D", str(root), "--repo", str(repo), "app", check=True)
     assert (root / "usr/bin/app").read_text() == "app 1"
+
+
+def test_a_package_file_that_changes_after_its_check_is_not_committed(root: Path, tmp_path: Path, monkeypatch,
+                                                                      capsys) -> None:
+    """A download still running (resumed, or replaced by rename) between the index check and the unpack: the
+    bytes used are no longer the checked ones, so nothing is committed."""
+    from reference_impl.client import Client
+    from reference_impl.stone import write_repository_index
+    from stonelab.cli import main
+    repo = tmp_path / "repo"
+    app = make_package(repo, "app", {"bin/app": "app 1"})
+    write_repository_index(repo)
+    intake = Client._intake
+
+    def intake_then_grow(self, candidate):
+        intake(self, candidate)
+        with open(app, "ab") as handle:
+            handle.write(b"more bytes of a resumed download")
+    monkeypatch.setattr(Client, "_intake", intake_then_grow)
+    assert main(["install", "-D", str(root), "--repo", str(repo), "app"]) == 2
+    assert "changed while it was being installed" in capsys.readouterr().err
+    assert state_id(root) is None and not (root / "usr").exists()

@@ -44,11 +44,19 @@ def indexed_path(index: Path, name: str, uri: str | None, sha256: str | None) ->
     return index.parent / uri, sha256.lower()
 
 
-def check_indexed_file(path: Path, sha256: str, size: int | None) -> None:
+def file_identity(path: Path) -> tuple[int, int, int, int]:
+    """(device, inode, size, mtime in ns) of ``path``: equal before and after a use means the same bytes were
+    used as were checked (a download resumed or replaced in between changes it).  OSError if it is gone."""
+    info = os.stat(path)
+    return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns
+
+
+def check_indexed_file(path: Path, sha256: str, size: int | None) -> tuple[int, int, int, int]:
     """Refuse a repository package file that is not the one ``stone.index`` describes (its PackageHash, the
     sha256 hex digest of the whole file, and PackageSize in bytes): a truncated or resumed download, trailing
     bytes, another build under the indexed name, or no regular file at all (a FIFO or device would never end).
-    Raises one-line StonelabError naming the file and both hashes; the file is read once, nothing is written."""
+    Raises one-line StonelabError naming the file and both hashes; the file is read once, nothing is written.
+    Returns the checked file's ``file_identity``."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -60,6 +68,7 @@ def check_indexed_file(path: Path, sha256: str, size: int | None) -> None:
         if not stat.S_ISREG(info.st_mode):
             raise StonelabError(f"{path}: listed in {INDEX_NAME} but not a regular file")
         actual_size = info.st_size
+        identity = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
         digest = hashlib.sha256()
         try:
             while chunk := handle.read(1 << 20):
@@ -71,6 +80,7 @@ def check_indexed_file(path: Path, sha256: str, size: int | None) -> None:
         sizes = f"{actual_size} bytes, {INDEX_NAME} says {size}" if size is not None else f"{actual_size} bytes"
         raise StonelabError(f"{path}: does not match {INDEX_NAME}: sha256 {actual}, {INDEX_NAME} says {sha256} "
                             f"({sizes}); refusing it (incomplete download or another build)")
+    return identity
 
 
 def write_repository_index(directory: str | os.PathLike[str]) -> Path:
