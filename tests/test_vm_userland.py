@@ -181,3 +181,26 @@ def test_saved_guest_of_a_recording_generation(tmp_path):
         [True, True, False]
     assert [(d.format, d.log, d.readonly) for d in saved.disks[:2]] == [("raw", None, False), ("raw", None, True)]
     assert all(d.path.stat().st_size == 1 << 20 for d in saved.disks[:2]) and saved.disks[2] == config.disks[2]
+
+
+def test_stale_images_dropped_and_a_vanished_one_tolerated(tmp_path, monkeypatch):
+    """Two runs build and clean the cache at once (`make run` with --jobs 2): an image another run removed
+    between the listing and its stat must not end this run (it did: FileNotFoundError in a scenario)."""
+    from vm import userland
+    cache = tmp_path / "userland"
+    cache.mkdir()
+    keep, old, vanished = (cache / f"userland-{name}.erofs" for name in ("keep", "old", "vanished"))
+    for image in (keep, old, vanished):
+        image.write_bytes(b"x")
+        image.with_suffix(".json").write_text("{}")
+    os.utime(old, (1, 1))
+    real_glob = Path.glob
+
+    def glob_then_vanish(self, pattern):
+        found = list(real_glob(self, pattern))
+        vanished.unlink(missing_ok=True)
+        return iter(found)
+
+    monkeypatch.setattr(Path, "glob", glob_then_vanish)
+    userland._drop_stale_images(cache, keep=keep)
+    assert keep.exists() and not old.exists() and not old.with_suffix(".json").exists()

@@ -278,8 +278,20 @@ def build_userland(spec: UserlandSpec | None = None, cache: Path | None = None) 
                                             indent=1))
         os.replace(manifest_part, manifest)
         os.replace(part, image)
-    for stale in directory.glob("userland-*.erofs"):  # one image per input set is enough: drop older ones
-        if stale != image and stale.stat().st_mtime < image.stat().st_mtime - 3600:
+    _drop_stale_images(directory, keep=image)
+    return Userland(image, key, False, image.stat().st_size)
+
+
+def _drop_stale_images(directory: Path, keep: Path, age: float = 3600.0) -> None:
+    """Remove the images (and manifests) in ``directory`` older than ``keep`` by more than ``age`` seconds: one
+    image per input set is enough. Other runs build and drop images concurrently, so an image that vanishes
+    between the listing and its ``stat`` is simply gone already."""
+    newest = keep.stat().st_mtime
+    for stale in directory.glob("userland-*.erofs"):
+        try:
+            old = stale != keep and stale.stat().st_mtime < newest - age
+        except FileNotFoundError:
+            continue
+        if old:
             stale.unlink(missing_ok=True)
             stale.with_suffix(".json").unlink(missing_ok=True)
-    return Userland(image, key, False, image.stat().st_size)
