@@ -12,6 +12,7 @@ import pytest
 import zstandard
 
 from reference_impl.boot.device import root_argument, root_argument_for_spec
+from stonelab.errors import StonelabError
 from reference_impl.boot.superblock import probe
 from stonelab.cli import main
 from tests.conftest import shared_file
@@ -293,3 +294,21 @@ def test_leading_inner_blanks_and_utf8_labels_as_blkid(kind: str, label: str, tm
     _mkfs(kind, img, str(uuid.uuid4()), label)
     info = probe(img)
     assert info is not None and info.label == label.rstrip() == blkid_label(img)
+
+
+def test_root_device_spec_names_a_btrfs_subvolume(tmp_path: Path) -> None:
+    """``--root-device IMG[:N]:subvol=PATH``: a btrfs root in an image or partition with its subvolume (nested,
+    with a blank); a subvolume for ext4 is refused rather than dropped."""
+    need("mkfs.btrfs")
+    img = tmp_path / "btrfs.img"
+    subprocess.run(["truncate", "-s", SIZES["btrfs"], str(img)], check=True)
+    fs_uuid = str(uuid.uuid4())
+    _mkfs("btrfs", img, fs_uuid, "r")
+    assert root_argument_for_spec(f"{img}:subvol=/@/nested") == f"root=UUID={fs_uuid} rootflags=subvol=/@/nested"
+    assert root_argument_for_spec(f"{img}:subvol=/my root") == f'root=UUID={fs_uuid} rootflags="subvol=/my root"'
+    assert root_argument_for_spec(str(img)) == f"root=UUID={fs_uuid} rootflags=subvol=/"
+    ext4 = tmp_path / "ext4.img"
+    subprocess.run(["truncate", "-s", SIZES["ext4"], str(ext4)], check=True)
+    _mkfs("ext4", ext4, str(uuid.uuid4()), "r")
+    with pytest.raises(StonelabError, match="subvol=/@ given, but the filesystem is ext4"):
+        root_argument_for_spec(f"{ext4}:subvol=/@")

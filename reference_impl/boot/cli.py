@@ -38,7 +38,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                             help="accept an ESP directory that is not a vfat mount (testing only)")
         parser.set_defaults(func=func)
         parser.add_argument("--root-device", default=None,
-                            help="DEV_OR_IMG[:PARTNUM] holding the root filesystem: root= of this installation "
+                            help="DEV_OR_IMG[:PARTNUM][:subvol=PATH] holding the root filesystem (PATH: its btrfs "
+                                 "subvolume, default /): root= of this installation "
                                  "(default: from /proc/self/mountinfo)")
         if name == "sync":
             parser.add_argument("--state", type=int, default=None, help="state to boot by default (default: active)")

@@ -220,9 +220,21 @@ def root_argument_for_path(root: Path, mountinfo: Path = Path("/proc/self/mounti
     return arg
 
 
+SUBVOL_SUFFIX = ":subvol="
+
+
 def root_argument_for_spec(spec: str, subvol: str | None = None) -> str:
+    """``root=`` for ``DEV_OR_IMG[:PARTNUM][:subvol=PATH]`` (``--root-device``): the subvolume of a btrfs root
+    given in the spec (or as ``subvol``; default ``/``).  A subvolume for a filesystem that is not btrfs is a
+    one-line StonelabError, not silently dropped."""
+    if SUBVOL_SUFFIX in spec and not os.path.exists(spec):
+        spec, _, given = spec.partition(SUBVOL_SUFFIX)
+        subvol = subvol or given
     volume = parse_volume_spec(spec)
     fs = probe_volume(volume)
+    if subvol and fs is not None and fs.type != "btrfs":
+        raise StonelabError(f"{volume.describe()}: subvol={subvol} given, but the filesystem is {fs.type}, "
+                            f"not btrfs: it has no subvolumes")
     arg = root_argument(fs, volume.partition, subvol)
     if arg is None:
         raise StonelabError(f"{volume.describe()}: no known filesystem superblock, cannot derive root=")
