@@ -1,7 +1,9 @@
 """root= rules, mountinfo parsing, and the vfat check of a mounted ESP (from a given mountinfo file)."""
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from reference_impl.boot.esp import DirectoryEsp, EspMissingError, EspNotFatErro
 from reference_impl.boot.gpt import Partition
 from reference_impl.boot.superblock import FsInfo
 from stonelab.errors import StonelabError
+from tests.conftest import REPO
 
 PART = Partition(2, "0fc63daf-8483-4772-8e79-3d69d8477de4", "6b1c3e1c-1111-4a2b-9c3d-0123456789ab", "root",
                  2048, 4095, 0, 512)
@@ -134,3 +137,19 @@ def test_root_argument_of_btrfs_subvolumes_on_a_real_mount(tmp_path: Path) -> No
         image = tmp_path / "btrfs.img"
         with mounted(tmp_path / "sub", "-t", "btrfs", "-o", "loop,subvol=/@", str(image)) as sub:
             assert root_argument_for_path(sub / "nested") == f"root=UUID={uuid} rootflags=subvol=/@/nested"
+
+
+@pytest.mark.parametrize("argv", [["boot", "probe", "{fifo}"], ["boot", "probe", "/dev/zero"],
+                                  ["inspect", "{fifo}"], ["inspect", "/dev/zero"],
+                                  ["boot", "sync", "-D", "{tmp}", "--esp", "{fifo}", "--root-device", "/dev/zero"],
+                                  ["boot", "status", "-D", "{tmp}", "--esp", "/dev/zero"]],
+                         ids=["probe-fifo", "probe-zero", "inspect-fifo", "inspect-zero", "sync-fifo", "status-zero"])
+def test_a_fifo_or_character_device_for_an_image_is_one_line_not_a_hang(tmp_path: Path, argv: list[str]) -> None:
+    """A FIFO blocks its first open or read for ever and /dev/zero has no end: neither is a disk image or a
+    package; one line, at once."""
+    os.mkfifo(tmp_path / "fifo")
+    args = [a.format(fifo=tmp_path / "fifo", tmp=tmp_path) for a in argv]
+    done = subprocess.run([sys.executable, "-m", "stonelab.cli", *args], capture_output=True, text=True, timeout=60,
+                          stdin=subprocess.DEVNULL, cwd=REPO)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "neither a disk image nor a block device" in done.stderr or "not a regular file" in done.stderr

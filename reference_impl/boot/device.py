@@ -58,6 +58,17 @@ def root_argument(fs: FsInfo | None, partition: Partition | None, subvol: str | 
     return f"root=UUID={fs.uuid}"
 
 
+def check_disk_path(path: str | os.PathLike[str]) -> None:
+    """Refuse, in one line, a path that is neither a disk image (regular file) nor a block device: a FIFO would
+    block the first read for ever, a character device (``/dev/zero``) has no end."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as err:
+        raise StonelabError(f"{path}: {err.strerror or err}") from None
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+        raise StonelabError(f"{path}: neither a disk image nor a block device")
+
+
 def parse_volume_spec(spec: str) -> Volume:
     """``IMG_OR_DEV`` or ``IMG_OR_DEV:PARTNUM`` (partition number in the image's GPT)."""
     path, number = spec, None
@@ -68,6 +79,7 @@ def parse_volume_spec(spec: str) -> Volume:
         number = int(tail)
     if not os.path.exists(path):
         raise StonelabError(f"{path}: no such disk image or device")
+    check_disk_path(path)
     if number is None:
         return Volume(path)
     part = read_gpt(path).partition(number)
