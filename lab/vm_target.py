@@ -268,9 +268,9 @@ class VmTarget:
         Raises StonelabError when the write log cannot be read or qemu-img fails."""
         if self.generation is None or power.model is Model.OPTIMISTIC:
             return "every write the guest had submitted survives (optimistic model)"
-        recording = read_log(self.generation.log)
-        state = power.worst_cut(recording)
         flat = self._raw_copy(self.generation.base, self.generation.base_format, "cut")
+        recording = read_log(self.generation.log, disk_bytes=flat.stat().st_size)
+        state = power.worst_cut(recording)
         power.write_state(recording, state, flat)
         self._start_next_generation_from(flat)
         units, _forced = power.in_flight(recording, state.cut)

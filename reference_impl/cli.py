@@ -37,7 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     group.add_argument("--blit", choices=BLIT_CHOICES, default="auto",
                        help="how files reach the staged tree (auto: reflink, else hard links, EXDEV → copy)")
     group.add_argument("--esp", metavar="PATH", help="synchronise boot entries on this ESP after the switch")
-    group.add_argument("--root-device", metavar="DEV[:N]", help="device for root= in boot entries")
+    group.add_argument("--root-device", metavar="DEV[:N][:subvol=PATH]",
+                       help="device for root= in boot entries (a btrfs root's subvolume after :subvol=, default /)")
     group.add_argument("--no-triggers", action="store_true", help="do not run transaction triggers")
     listing = argparse.ArgumentParser(add_help=False)
     listing.add_argument("--json", action="store_true", help="machine-readable output")

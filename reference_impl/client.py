@@ -18,7 +18,7 @@ from reference_impl.installation import Installation
 from reference_impl.recovery import recover
 from reference_impl.resolve import Candidate, removal, resolve
 from reference_impl.stone import LayoutEntry, LayoutType, StoneError, read_stone
-from reference_impl.stone.repository import check_indexed_file
+from reference_impl.stone.repository import check_indexed_file, file_identity, indexed_path
 from reference_impl.store import Store
 from reference_impl.swap import SwapChoice, SwapStrategy, choose_strategy
 from reference_impl.transaction import BootConfig, Mode, Settings, Transaction, remove_tree
@@ -167,12 +167,17 @@ class Client:
 
     def _new_state(self, selected: list[Candidate], explicit: set[str], summary: str) -> Outcome:
         pending = [c for c in selected if not self._has_package(c)]
+        checked = {}
         for candidate in pending:   # every file is checked before anything changes
             if candidate.from_repository:
-                check_indexed_file(Path(candidate.origin), candidate.meta.hash, candidate.meta.size)
+                checked[candidate.origin] = check_indexed_file(Path(candidate.origin), candidate.meta.hash,
+                                                               candidate.meta.size)
         tx = self._swap_transaction()
         for candidate in pending:
             self._intake(candidate)
+            if candidate.origin in checked and _identity(Path(candidate.origin)) != checked[candidate.origin]:
+                raise StonelabError(f"{candidate.origin}: changed while it was being installed (a download still "
+                                    f"running?): its checked sha256 no longer vouches for it; nothing committed")
         package_ids = [c.package_id for c in selected]
         entries = merged_layout(self.dbs, package_ids)
         selections = [Selection(pid, pid in explicit) for pid in package_ids]
@@ -253,6 +258,13 @@ class Client:
         self.store.remove_unreferenced(digests)
 
 
+def _identity(path: Path) -> tuple[int, int, int, int] | None:
+    try:
+        return file_identity(path)
+    except OSError:
+        return None
+
+
 def read_package(path: Path):
     try:
         return read_stone(path)
@@ -276,13 +288,19 @@ def repository_candidates(repo: Path) -> list[Candidate]:
     stone = read_package(index)
     if stone.file_type.label != "repository":
         raise StonelabError(f"{index}: not a repository index")
-    base = index.parent
-    result = []
+    result: dict[str, Candidate] = {}
+    builds: dict[tuple[str, int, int], Candidate] = {}
     for meta in stone.metas:
-        if not meta.uri or not meta.hash:
-            raise StonelabError(f"{index}: entry {meta.name} has no PackageURI/PackageHash")
-        result.append(Candidate(meta, str(base / meta.uri), meta.hash, from_repository=True))
-    return result
+        path, meta.hash = indexed_path(index, meta.name, meta.uri, meta.hash)
+        candidate = Candidate(meta, str(path), meta.hash, from_repository=True)
+        build = (meta.name, meta.release, meta.build_release)
+        same = builds.setdefault(build, candidate)
+        if same.package_id != candidate.package_id:
+            raise StonelabError(f"{index}: {meta.name} release {meta.release} build {meta.build_release} is "
+                                f"listed twice with different files ({same.meta.uri} sha256 {same.package_id}, "
+                                f"{meta.uri} sha256 {meta.hash}): which one is meant is unknown")
+        result.setdefault(candidate.package_id, candidate)
+    return list(result.values())
 
 
 def inside_usr(target: str) -> bool:

@@ -131,7 +131,7 @@ def _verify_tree(tree: Path, entries: list[LayoutEntry], state_id: int) -> list[
             if not stat.S_ISDIR(st.st_mode):
                 problems.append(Problem("wrong-type", f"/usr/{target}", "not a directory", state_id))
             else:
-                problems += _directory_metadata(target, st, entry, state_id)
+                problems += _directory_metadata(target, st, state_id, entry)
     owned_dirs = {t.rsplit("/", i)[0] for t in [*expected, *SYSTEM_FILES] for i in range(1, t.count("/") + 1)}
     for dirpath, dirs, files in os.walk(tree):
         rel_dir = os.path.relpath(dirpath, tree)
@@ -141,21 +141,27 @@ def _verify_tree(tree: Path, entries: list[LayoutEntry], state_id: int) -> list[
                 problems.append(Problem("unowned", f"/usr/{rel}", "no package owns this file", state_id))
         for name in dirs:
             rel = name if rel_dir == "." else f"{rel_dir}/{name}"
-            if rel not in expected and rel not in owned_dirs and not os.path.islink(os.path.join(dirpath, name)):
+            if os.path.islink(os.path.join(dirpath, name)) or rel in expected:
+                continue
+            if rel not in owned_dirs:
                 problems.append(Problem("unowned", f"/usr/{rel}/", "no package owns this directory", state_id))
+            else:   # a parent no layout lists: the blit made it 0755 root:root
+                problems += _directory_metadata(rel, os.lstat(os.path.join(dirpath, name)), state_id)
     return problems
 
 
-def _directory_metadata(target: str, st: os.stat_result, entry: LayoutEntry, state_id: int) -> list[Problem]:
+def _directory_metadata(target: str, st: os.stat_result, state_id: int, entry: LayoutEntry | None = None,
+                        ) -> list[Problem]:
     """A directory's mode (all 12 permission bits) and, when running as root (only root can give owners),
-    its owner against the layout."""
+    its owner against the layout's ``entry``, or 0755 root:root for a directory no layout lists."""
     problems = []
-    want, have = stat.S_IMODE(entry.mode), stat.S_IMODE(st.st_mode)
+    want, uid, gid = (stat.S_IMODE(entry.mode), entry.uid, entry.gid) if entry is not None else (0o755, 0, 0)
+    have = stat.S_IMODE(st.st_mode)
     if have != want:
         problems.append(Problem("wrong-mode", f"/usr/{target}/", f"mode {have:04o}, expected {want:04o}", state_id))
-    if os.geteuid() == 0 and (st.st_uid, st.st_gid) != (entry.uid, entry.gid):
+    if os.geteuid() == 0 and (st.st_uid, st.st_gid) != (uid, gid):
         problems.append(Problem("wrong-owner", f"/usr/{target}/",
-                                f"owner {st.st_uid}:{st.st_gid}, expected {entry.uid}:{entry.gid}", state_id))
+                                f"owner {st.st_uid}:{st.st_gid}, expected {uid}:{gid}", state_id))
     return problems
 
 

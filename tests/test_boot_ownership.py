@@ -10,6 +10,7 @@ from reference_impl.boot import MtoolsEsp, boot_status, sync_boot
 from reference_impl.boot.ownership import (EntryToken, choose_token, configured_token, installation_id, is_ours,
                                            record_path)
 from stonelab.cli import main
+from stonelab.errors import StonelabError
 from tests.test_boot_helpers import ESP_START, crash_mid_sync, drop_state, esp_listing, esp_read, make_disk, \
     make_root
 
@@ -184,3 +185,60 @@ def test_the_ownership_record_goes_with_the_last_owned_file(tmp_path: Path, boot
     assert sorted(report.removed) == ["EFI/aerynos/6.8.0/10-default.initrd", "EFI/aerynos/6.8.0/vmlinuz",
                                       "loader/entries/aerynos-6.8.0-1.conf"]
     assert not [p for p in MtoolsEsp(disk, ESP_START * 512)._walk() if p.casefold().startswith("loader/stonelab")]
+
+
+@pytest.mark.parametrize("token_file, token", [("etc/machine-id", "0123456789abcdef0123456789abcdef"),
+                                                ("etc/kernel/entry-token", "lab-box")])
+def test_two_clones_with_one_token_keep_separate_entries(tmp_path: Path, bootloader: Path, token_file: str,
+                                                         token: str) -> None:
+    """A cloned image: two installations with the same machine ID (or entry-token file), the same kernel
+    version and state id. The second sync must not overwrite the first one's entry."""
+    roots = []
+    for name in ("a", "b"):
+        root = make_root(tmp_path / name, {1: "6.8.0"}, active=1)
+        (root / token_file).parent.mkdir(parents=True, exist_ok=True)
+        (root / token_file).write_text(token + "\n")
+        roots.append(root)
+    disk = make_disk(tmp_path / "disk.img")
+    first = sync_boot(roots[0], esp=disk, root_arg=ROOT_A, bootloader=bootloader)
+    second = sync_boot(roots[1], esp=disk, root_arg=ROOT_B, bootloader=bootloader)
+    assert first.entries == [f"{token}-6.8.0-1.conf"]
+    assert second.entries == [f"{token}-{installation_id(ROOT_B)[:8]}-6.8.0-1.conf"]
+    assert ROOT_A in esp_read(disk, f"loader/entries/{first.entries[0]}").decode()
+    assert ROOT_B in esp_read(disk, f"loader/entries/{second.entries[0]}").decode()
+    again = sync_boot(roots[0], esp=disk, root_arg=ROOT_A, bootloader=bootloader)
+    assert (again.entries, again.written, again.removed) == (first.entries, ["loader/loader.conf"], [])
+
+
+@pytest.mark.parametrize("foreign", ["EFI/aerynos/6.8.0", "EFI/aerynos"])
+def test_a_foreign_file_where_a_kernel_directory_goes(tmp_path: Path, bootloader: Path, foreign: str) -> None:
+    """A file (not a directory) at the kernel directory's path, or at its parent: left alone; the kernel goes to
+    another directory, or the sync is one line naming the obstacle."""
+    root = make_root(tmp_path / "root", {1: "6.8.0"}, active=1)
+    disk = make_disk(tmp_path / "disk.img")
+    MtoolsEsp(disk, ESP_START * 512).write_atomic(foreign, b"not a directory")
+    if foreign == "EFI/aerynos":
+        with pytest.raises(StonelabError, match="no free directory for kernel 6.8.0 below EFI/aerynos/"):
+            sync_boot(root, esp=disk, root_arg=ROOT_A, bootloader=bootloader)
+    else:
+        sync_boot(root, esp=disk, root_arg=ROOT_A, bootloader=bootloader)
+        assert "EFI/aerynos/6.8.0-" in esp_read(disk, "loader/entries/aerynos-6.8.0-1.conf").decode()
+    assert esp_read(disk, foreign) == b"not a directory"
+
+
+def test_a_foreign_dot_tmp_file_beside_an_entry_is_not_a_leftover(tmp_path: Path, bootloader: Path) -> None:
+    root = make_root(tmp_path / "root", {1: "6.8.0"}, active=1)
+    disk = make_disk(tmp_path / "disk.img")
+    esp = MtoolsEsp(disk, ESP_START * 512)
+    for path in ("loader/entries/aerynos-6.8.0-1.conf.tmp", "loader/loader.conf.tmp"):
+        esp.write_atomic(path, b"someone else's temporary")
+    report = sync_boot(root, esp=disk, root_arg=ROOT_A, bootloader=bootloader)
+    assert report.removed == []
+    assert esp_read(disk, "loader/loader.conf.tmp") == b"someone else's temporary"
+
+
+def test_a_quoted_root_word_is_one_word() -> None:
+    spaced = 'root=UUID=u rootflags="subvol=/my root"'
+    assert is_ours(f"options {spaced} rw moss.fstx=1\n", spaced)
+    assert not is_ours('options root=UUID=u rootflags="subvol=/my other" rw moss.fstx=1\n', spaced)
+    assert installation_id(spaced) != installation_id('root=UUID=u rootflags="subvol=/my other"')

@@ -10,6 +10,7 @@ import pytest
 
 from reference_impl.boot import DirectoryEsp, EspFullError, EspMissingError, EspNotFatError, MtoolsEsp, \
     boot_status, sync_boot
+from reference_impl.boot.esp import TMP_SUFFIX
 from reference_impl.boot.gpt import read_gpt
 from reference_impl.boot.ownership import record_path
 from stonelab.cli import main
@@ -90,7 +91,7 @@ def test_newest_five_states_with_trees_and_stale_cleanup(tmp_path: Path, bootloa
     assert esp_read(disk, "loader/entries/otheros-6.1.0-1.conf") == foreign
     kernel_dirs = sorted({p.split("/")[2] for p in listing if p.startswith("EFI/aerynos/")})
     assert kernel_dirs == ["6.1.0", "6.2.0", "6.3.0", "6.7.0"]
-    assert not any(p.endswith(".tmp") for p in listing)
+    assert not any(p.endswith(TMP_SUFFIX) for p in listing)
     esp.remove("loader/entries/otheros-6.1.0-1.conf")
     esp.remove("loader/entries/memtest.conf")
     status = boot_status(root, esp=disk)
@@ -164,7 +165,7 @@ def test_enospc_during_a_copy_leaves_no_temp_file(tmp_path: Path) -> None:
     with pytest.raises(EspFullError, match="full, cannot write EFI/x/vmlinuz"):
         esp.write_atomic("EFI/x/vmlinuz", big)
     assert "loader/entries/keep.conf" in esp.list_files()
-    assert not any(p.endswith(".tmp") or p.endswith("vmlinuz") for p in esp.list_files())
+    assert not any(p.endswith(TMP_SUFFIX) or p.endswith("vmlinuz") for p in esp.list_files())
 
 
 def test_fault_between_kernels_and_entries_keeps_old_entries(tmp_path: Path, bootloader: Path) -> None:
@@ -236,7 +237,7 @@ def test_directory_esp_must_be_vfat(tmp_path: Path, bootloader: Path) -> None:
                        bootloader=bootloader)
     assert (esp_dir / "loader/entries/aerynos-6.6.1-1.conf").read_text().endswith(f"{ROOT_ARG} rw moss.fstx=1\n")
     assert report.default_entry == "aerynos-6.6.1-1.conf"
-    assert not list(esp_dir.rglob("*.tmp"))
+    assert not list(esp_dir.rglob(f"*{TMP_SUFFIX}"))
 
 
 def test_cli_sync_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

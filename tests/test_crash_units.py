@@ -2,6 +2,7 @@
 guest gets, the scenario step, the recorded disk's QEMU arguments."""
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from lab.crash.model import CrashState, Granularity, Model, PowerLoss, Unit
 from lab.crash.explore import ExploreOptions
 from lab.crash.step import step_options
 from lab.scenario import ScenarioError, load_scenarios
+from stonelab.errors import StonelabError
 
 SECTOR = 512
 MAGIC = 0x6A736677736872
@@ -303,3 +305,50 @@ def test_crash_and_random_cut_steps_name_their_power_loss_model(tmp_path):
     assert cut.steps[0].arg.model is Model.VOLATILE_CACHE
     with pytest.raises(ScenarioError, match="model"):
         load_scenarios(scenario_file(tmp_path, "crash: {at: swap.after, during: {install: [a]}, model: cache}"))
+
+
+DISCARD = int(LogFlag.DISCARD)
+
+
+@pytest.mark.parametrize("request_, disk_bytes", [((DISCARD, 0, 2 ** 60, b""), None),
+                                                  ((W, 2 ** 62, 1, b"x"), None),
+                                                  ((W, 128, 1, b"x"), 64 * SECTOR),
+                                                  ((DISCARD, 60, 8, b""), 64 * SECTOR)])
+def test_an_entry_past_the_end_of_the_disk_is_a_recording_error(tmp_path, request_, disk_bytes):
+    """A hostile or damaged log: a discard of 2^60 sectors (its zeros would not fit in memory), a write at a
+    sector no file offset reaches, or past the recorded disk's end (it would grow the image)."""
+    path = write_log(tmp_path / "log", [(W, 8, 1, b"a"), request_])
+    with pytest.raises(RecordingError, match="entry 1 covers sectors .* past the end of the"):
+        read_log(path, disk_bytes=disk_bytes)
+    assert len(read_log(write_log(tmp_path / "ok", [(W, 8, 1, b"a"), (DISCARD, 56, 8, b"")]),
+                        disk_bytes=64 * SECTOR).entries) == 2
+    uncounted = read_log(write_log(tmp_path / "tail", [(W, 8, 1, b"a"), request_], counted=1),
+                         disk_bytes=disk_bytes)
+    assert len(uncounted.entries) == 1     # an uncounted tail ends at the first entry that is not whole
+
+
+GOOD_REPRO = dict(base="recording/base.raw", log="recording/gen1.log", partition=[0, 64 * SECTOR],
+                  model="volatile-cache", granularity="sector", cut=2, boundary=0, persisted=[], after_return=True,
+                  oracle={}, recovery=[])
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(cut="two"), "malformed reproducer: cut: Input should be a valid integer"),
+    (dict(persisted=[[0, "x", 1]]), "malformed reproducer: persisted.0.1"),
+    (dict(persisted=[[0, 0]]), "each persisted unit [entry, first, count]"),
+    (dict(partition=[-1, 5]), "partition is [start, length]"),
+    (dict(oracle=[]), "malformed reproducer: oracle"),
+    (dict(persisted=[[1, 0, 1]]), "persisted unit [1, 0, 1] is not part of a request before the cut"),
+    (dict(persisted=[[0, 2 ** 62, 1]]), "persisted unit [0, 4611686018427387904, 1] is not part of a request"),
+])
+def test_a_malformed_reproducer_is_one_line(tmp_path, change, message):
+    """Fields of the wrong type or out of the recording's range: one line, not a TypeError or IndexError."""
+    from lab.crash.replay import replay
+    (tmp_path / "recording").mkdir()
+    (tmp_path / "recording" / "base.raw").write_bytes(bytes(64 * SECTOR))
+    write_log(tmp_path / "recording" / "gen1.log", [(W, 8, 1, b"a"), (F, 0, 0, b"")])
+    path = tmp_path / "repro.json"
+    path.write_text(json.dumps(dict(GOOD_REPRO, format="stonelab-crash-reproducer/1", **change)))
+    with pytest.raises(StonelabError) as err:
+        replay(path)
+    assert message in str(err.value) and "\n" not in str(err.value)

@@ -93,3 +93,70 @@ def test_state_verify_checks_directory_metadata_and_repair_restores_it(root: Pat
     assert pm(root, swap, "state", "verify").returncode == 0
     usr = (root / "usr").resolve()
     assert stat.S_IMODE((usr / "share/spool").stat().st_mode) == 0o1777
+
+
+NESTED = {"share/sg": (0o2775, 0, 42), "share/sg/sub": (0o2770, 1000, 42), "share/spool": (0o1777, 0, 0),
+          "share/spool/inner": (0o1770, 1000, 1000), "lib/ro": (0o555, 0, 0), "lib/ro/x": (0o700, 1000, 1000),
+          "lib/suid": (0o4755, 0, 0), "share/emptyowned": (0o750, 1000, 1000)}
+
+
+@pytest.fixture
+def nested_package(tmp_path: Path) -> Path:
+    """Nested set-gid and sticky directories with non-root owners, a read-only parent of a private child."""
+    tree = tmp_path / "nested"
+    for rel in sorted(NESTED):
+        (tree / rel).mkdir(parents=True, exist_ok=True)
+        if rel != "share/emptyowned":
+            (tree / rel / "f").write_text(rel)
+    (tree / "share/sg/sub/deep").mkdir()
+    (tree / "share/sg/sub/deep/f").write_text("deep")
+    for rel in sorted(NESTED, key=lambda r: -r.count("/")):
+        os.chmod(tree / rel, NESTED[rel][0])
+    for rel in ("share", "lib", "share/sg/sub/deep"):
+        os.chmod(tree / rel, 0o755)
+    spec = PackageSpec(**SPEC, owners={rel: owner[1:] for rel, owner in NESTED.items()}, modes={})
+    return build_package(tree, spec, tmp_path / "nested-1-1-1-x86_64.stone", level=3)
+
+
+@pytest.mark.parametrize("strategy", [BlitStrategy.HARDLINK, BlitStrategy.COPY, BlitStrategy.REFLINK])
+def test_nested_setgid_sticky_and_owned_directories_through_every_strategy(nested_package: Path, tmp_path: Path,
+                                                                           strategy: BlitStrategy) -> None:
+    stone = read_stone(nested_package)
+    assert {e.target: (stat.S_IMODE(e.mode), e.uid, e.gid) for e in stone.layout
+            if e.file_type is LayoutType.DIRECTORY} == NESTED
+    with contextlib.ExitStack() as stack:
+        base = stack.enter_context(btrfs_mount(tmp_path)) if strategy is BlitStrategy.REFLINK else tmp_path
+        store = Store(base / "assets" / "v2")
+        store.add(stone)
+        usr = base / "usr"
+        usr.mkdir()
+        blit(stone.layout, store.path, usr, BlitOptions(strategy=strategy))
+        for rel, (mode, uid, gid) in NESTED.items():
+            st = (usr / rel).stat()
+            assert stat.S_IMODE(st.st_mode) == mode, rel
+            if os.geteuid() == 0:
+                assert (st.st_uid, st.st_gid) == (uid, gid), rel
+        assert stat.S_IMODE((usr / "share/sg/sub/deep").stat().st_mode) == 0o755   # no set-gid inherited
+
+
+def test_state_verify_catches_nested_bits_and_directories_no_layout_lists(root: Path, nested_package: Path) -> None:
+    """A set-gid or sticky bit dropped below another such directory, and a parent no layout lists (made 0755
+    root:root by the blit) whose mode or group changed."""
+    pm(root, "exchange", "install", str(nested_package), check=True)
+    usr = (root / "usr").resolve()
+    assert pm(root, "exchange", "state", "verify").returncode == 0
+    os.chmod(usr / "share/sg/sub", 0o770)
+    os.chmod(usr / "share/spool/inner", 0o770)
+    os.chmod(usr / "share", 0o775)
+    if os.geteuid() == 0:
+        os.chown(usr / "share/sg/sub/deep", 0, 5)
+    found = pm(root, "exchange", "state", "verify", "--json")
+    problems = {(p["kind"], p["path"], p["detail"]) for p in json.loads(found.stdout)["problems"]}
+    assert {("wrong-mode", "/usr/share/sg/sub/", "mode 0770, expected 2770"),
+            ("wrong-mode", "/usr/share/spool/inner/", "mode 0770, expected 1770"),
+            ("wrong-mode", "/usr/share/", "mode 0775, expected 0755")} <= problems
+    if os.geteuid() == 0:
+        assert ("wrong-owner", "/usr/share/sg/sub/deep/", "owner 0:5, expected 0:0") in problems
+    pm(root, "exchange", "state", "verify", "--repair", check=True)
+    assert pm(root, "exchange", "state", "verify").returncode == 0
+    assert stat.S_IMODE((root / "usr").resolve().joinpath("share").stat().st_mode) == 0o755

@@ -41,10 +41,10 @@ def test_short_campaign_over_the_binary_parsers_finds_nothing(fuzz, tmp_path: Pa
         pytest.skip("sfdisk/mkfs.vfat not installed (tools/debian-packages.txt)")
     before = os.environ.get("TMPDIR"), tempfile.gettempdir()
     stats, outside, _elapsed = fuzz.campaign(600, 1, 15, tmp_path / "work", 10.0, 0,
-                                             ["stone", "gpt", "superblock"])
+                                             ["stone", "gpt", "superblock", "recording"])
     # the campaign's private TMPDIR must not outlive it: later tests' guests put their sockets there (CI failed so)
     assert (os.environ.get("TMPDIR"), tempfile.gettempdir()) == before
-    assert stats.inputs == 600 and set(stats.per_target) == {"stone", "gpt", "superblock"}
+    assert stats.inputs == 600 and set(stats.per_target) == {"stone", "gpt", "superblock", "recording"}
     assert stats.refused > 0                      # the mutations reach the error paths
     assert (stats.failure_count, stats.hangs, outside) == (0, 0, []), stats.failures
 
@@ -61,6 +61,17 @@ def test_a_seeded_parser_bug_is_caught_and_its_input_kept(fuzz, tmp_path: Path, 
     signature, kept = next(iter(stats.failures.items()))
     assert signature.split()[1] in ("ValueError", "OverflowError") and Path(kept).is_file()
     assert "gpt.py" in Path(kept).with_suffix(".txt").read_text()
+
+
+def test_a_seeded_recording_bug_is_caught(fuzz, tmp_path: Path, cwd_back, monkeypatch) -> None:
+    """Issue 15's write-log bug put back: entries not bounded by the recorded disk, so a discard of 2^60
+    sectors reaches ``bytes(count * sector_size)``."""
+    from lab.crash import logwrites
+    monkeypatch.setattr(logwrites, "MAX_OFFSET", 2**200)
+    monkeypatch.setattr(fuzz.RecordingTarget, "DISK_BYTES", None)
+    stats, _outside, _elapsed = fuzz.campaign(1500, 1, 15, tmp_path / "work", 10.0, 0, ["recording"])
+    assert stats.failure_count > 0
+    assert {s.split()[1] for s in stats.failures} <= {"MemoryError", "OverflowError", "ValueError"}
 
 
 def test_a_write_outside_the_work_directory_is_reported(fuzz, tmp_path: Path, cwd_back) -> None:

@@ -301,3 +301,87 @@ def test_verify_repairs_a_corrupt_mode_variant_in_one_pass(root: Path, tmp_path:
     assert again.returncode == 0, again.stdout
     assert (root / "usr/bin/tool").read_text() == "#!/bin/sh\necho tool\n"
     assert stat.S_IMODE((root / "usr/bin/tool").stat().st_mode) == 0o700 & ~0o222  # as every blit gives it
+
+
+def _rewrite_index(index: Path, change) -> None:
+    from reference_impl.stone import codec, read_stone
+    from reference_impl.stone.model import FileType, PayloadKind
+    from reference_impl.stone.writer import write_record_file
+    metas = change(read_stone(index).metas)
+    payloads = [(PayloadKind.META, *codec.encode_meta(codec.meta_records(m))) for m in metas]
+    write_record_file(index, FileType.REPOSITORY, payloads)
+
+
+def _entry(field: str, value):
+    def change(metas):
+        for meta in metas:
+            setattr(meta, field, value)
+        return metas
+    return change
+
+
+def _twice(metas):
+    import copy
+    other = copy.deepcopy(metas[0])
+    other.hash = "0" * 64
+    return metas + [other]
+
+
+@pytest.mark.parametrize("change, message", [
+    (_entry("uri", "/dev/zero"), "PackageURI '/dev/zero' is not a file inside the repository"),
+    (_entry("uri", "../outside.stone"), "PackageURI '../outside.stone' is not a file inside the repository"),
+    (_entry("uri", "fifo"), "fifo: listed in stone.index but not a regular file"),
+    (_entry("hash", "zz" * 32), "PackageHash 'zzzz"),
+    (_entry("hash", "ab"), "PackageHash 'ab' is not a sha256"),
+    (_twice, "app release 1 build 1 is listed twice with different files"),
+], ids=["device", "outside", "fifo", "not-hex", "short-hash", "twice"])
+def test_a_hostile_repository_index_is_one_line_and_never_hangs(root: Path, tmp_path: Path, change,
+                                                                 message: str) -> None:
+    """An index naming a device, a FIFO (both never end), a file outside the repository, a malformed hash, or
+    one build twice with different files: one line, nothing installed, within the timeout."""
+    from reference_impl.stone import write_repository_index
+    repo = tmp_path / "repo"
+    app = make_package(repo, "app", {"bin/app": "app 1"})
+    (tmp_path / "outside.stone").write_bytes(app.read_bytes())
+    os.mkfifo(repo / "fifo")
+    _rewrite_index(write_repository_index(repo), change)
+    refused = stonelab("install", "-D", str(root), "--repo", str(repo), "app")
+    assert refused.returncode == 2 and message in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and state_id(root) is None
+
+
+def test_index_hashes_in_upper_case_and_identical_duplicates_are_one_package(root: Path, tmp_path: Path) -> None:
+    from reference_impl.client import repository_candidates
+    from reference_impl.stone import write_repository_index
+    repo = tmp_path / "repo"
+    app = make_package(repo, "app", {"bin/app": "app 1"})
+    import copy
+    import hashlib
+    _rewrite_index(write_repository_index(repo), lambda ms: [copy.deepcopy(ms[0]) for _ in "ab"])
+    _rewrite_index(repo / "stone.index", _entry("hash", hashlib.sha256(app.read_bytes()).hexdigest().upper()))
+    candidates = repository_candidates(repo)
+    assert [c.package_id for c in candidates] == [hashlib.sha256(app.read_bytes()).hexdigest()]
+    stonelab("install", "-D", str(root), "--repo", str(repo), "app", check=True)
+    assert (root / "usr/bin/app").read_text() == "app 1"
+
+
+def test_a_package_file_that_changes_after_its_check_is_not_committed(root: Path, tmp_path: Path, monkeypatch,
+                                                                      capsys) -> None:
+    """A download still running (resumed, or replaced by rename) between the index check and the unpack: the
+    bytes used are no longer the checked ones, so nothing is committed."""
+    from reference_impl.client import Client
+    from reference_impl.stone import write_repository_index
+    from stonelab.cli import main
+    repo = tmp_path / "repo"
+    app = make_package(repo, "app", {"bin/app": "app 1"})
+    write_repository_index(repo)
+    intake = Client._intake
+
+    def intake_then_grow(self, candidate):
+        intake(self, candidate)
+        with open(app, "ab") as handle:
+            handle.write(b"more bytes of a resumed download")
+    monkeypatch.setattr(Client, "_intake", intake_then_grow)
+    assert main(["install", "-D", str(root), "--repo", str(repo), "app"]) == 2
+    assert "changed while it was being installed" in capsys.readouterr().err
+    assert state_id(root) is None and not (root / "usr").exists()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import uuid
@@ -11,6 +12,7 @@ import pytest
 import zstandard
 
 from reference_impl.boot.device import root_argument, root_argument_for_spec
+from stonelab.errors import StonelabError
 from reference_impl.boot.superblock import probe
 from stonelab.cli import main
 from tests.conftest import shared_file
@@ -272,3 +274,41 @@ def test_fat_root_directory_outside_the_image_keeps_the_boot_sector_label(tmp_pa
     img.write_bytes(bytes(boot))
     info = probe(img)
     assert info is not None and (info.type, info.uuid, info.label) == ("vfat", "1234-5678", "BOOTLBL")
+
+
+def blkid_label(path: Path) -> str:
+    """blkid's LABEL exactly (udev output's ID_FS_LABEL_ENC: \\xNN escapes, no shell quoting to undo)."""
+    out = subprocess.run(["blkid", "-p", "-o", "udev", str(path)], capture_output=True, text=True, check=True).stdout
+    enc = next((line.split("=", 1)[1] for line in out.splitlines() if line.startswith("ID_FS_LABEL_ENC=")), "")
+    return re.sub(rb"\\x([0-9a-fA-F]{2})", lambda m: bytes([int(m.group(1), 16)]), enc.encode()).decode()
+
+
+@pytest.mark.parametrize("kind", sorted(k for k in SIZES if not k.startswith("fat")))
+@pytest.mark.parametrize("label", ["  lead  in ", "\u00fcn\u00ef \u00e9 "])
+def test_leading_inner_blanks_and_utf8_labels_as_blkid(kind: str, label: str, tmp_path: Path) -> None:
+    """Only trailing blanks go (leading and inner ones stay), UTF-8 as blkid decodes it (f2fs stores UTF-16)."""
+    need(TOOLS[kind])
+    need("blkid")
+    img = tmp_path / f"{kind}.img"
+    subprocess.run(["truncate", "-s", SIZES[kind], str(img)], check=True)
+    _mkfs(kind, img, str(uuid.uuid4()), label)
+    info = probe(img)
+    assert info is not None and info.label == label.rstrip() == blkid_label(img)
+
+
+def test_root_device_spec_names_a_btrfs_subvolume(tmp_path: Path) -> None:
+    """``--root-device IMG[:N]:subvol=PATH``: a btrfs root in an image or partition with its subvolume (nested,
+    with a blank); a subvolume for ext4 is refused rather than dropped."""
+    need("mkfs.btrfs")
+    img = tmp_path / "btrfs.img"
+    subprocess.run(["truncate", "-s", SIZES["btrfs"], str(img)], check=True)
+    fs_uuid = str(uuid.uuid4())
+    _mkfs("btrfs", img, fs_uuid, "r")
+    assert root_argument_for_spec(f"{img}:subvol=/@/nested") == f"root=UUID={fs_uuid} rootflags=subvol=/@/nested"
+    assert root_argument_for_spec(f"{img}:subvol=/my root") == f'root=UUID={fs_uuid} rootflags="subvol=/my root"'
+    assert root_argument_for_spec(str(img)) == f"root=UUID={fs_uuid} rootflags=subvol=/"
+    ext4 = tmp_path / "ext4.img"
+    subprocess.run(["truncate", "-s", SIZES["ext4"], str(ext4)], check=True)
+    _mkfs("ext4", ext4, str(uuid.uuid4()), "r")
+    with pytest.raises(StonelabError, match="subvol=/@ given, but the filesystem is ext4"):
+        root_argument_for_spec(f"{ext4}:subvol=/@")

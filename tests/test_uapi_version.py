@@ -2,7 +2,12 @@
 from __future__ import annotations
 
 import itertools
+import random
+import shutil
+import subprocess
 from pathlib import Path
+
+import pytest
 
 from reference_impl.boot.entries import plan_boot
 from reference_impl.boot.states import find_kernels, load_state
@@ -53,3 +58,28 @@ def test_the_default_guest_kernel_is_the_newest_by_the_same_rules(tmp_path: Path
     for release in ("6.9.0-1-amd64", "6.10.0-1-amd64", "6.10.0~rc7-1-amd64", "6.1.0-28-amd64"):
         (boot / f"vmlinuz-{release}").write_bytes(b"MZ")
     assert default_kernel(boot, tmp_path / "modules").release == "6.10.0-1-amd64"
+
+
+KERNEL_PAIRS = [("6.10.0-rc1", "6.10.0"), ("6.10.0~rc1", "6.10.0"), ("6.1~rc2", "6.1"), ("6.1^post", "6.1"),
+                ("6.1^post", "6.1.1"), ("6.1.0-57-amd64", "6.1.0-9-amd64"), ("6.1a", "6.1.0"), ("6.1", "6.1a"),
+                ("1.0", "1_0"), ("", "a"), ("", "~"), ("1~", "1"), ("1-", "1"), ("1.", "1"), ("1^", "1"),
+                ("6.8.0-rc7+", "6.8.0-rc7"), ("6.6.0-asterinas", "6.6.0"), ("0.9.0", "0.10.0")]
+
+
+def _systemd_order(a: str, b: str) -> int:
+    proc = subprocess.run(["systemd-analyze", "compare-versions", "--", a, b], capture_output=True)
+    return {0: 0, 11: 1, 12: -1}[proc.returncode]
+
+
+def test_the_same_order_as_systemd_itself() -> None:
+    """Differential: systemd-analyze compare-versions (systemd >= 252) is strverscmp_improved() itself; every
+    kernel-like pair and 300 random strings over the separators, digits, letters and invalid characters."""
+    if shutil.which("systemd-analyze") is None or subprocess.run(
+            ["systemd-analyze", "compare-versions", "1", "2"], capture_output=True).returncode != 12:
+        pytest.skip("no systemd-analyze with compare-versions (systemd >= 252)")
+    rng = random.Random(15)
+    chars = "0123456789aAzZ~-^._+é \t"
+    pairs = KERNEL_PAIRS + [tuple("".join(rng.choice(chars) for _ in range(rng.randrange(7))) for _ in "ab")
+                            for _ in range(300)]
+    wrong = [(a, b) for a, b in pairs if compare_versions(a, b) != _systemd_order(a, b)]
+    assert wrong == []

@@ -2,7 +2,8 @@
 """`make fuzz`: a long randomized campaign over the parsers of untrusted input.
 
 Targets: the ``.stone`` reader (``read_stone`` + every file's digest), the GPT reader, the superblock probes (in
-memory and on a file, FAT root directory included) and scenario files (``lab.scenario.load_scenario``).  Inputs
+memory and on a file, FAT root directory included), scenario files (``lab.scenario.load_scenario``) and write
+logs (``lab.crash.logwrites.read_log``, a crash reproducer's recording, every entry's data read back).  Inputs
 are mutations of real seeds (packages built here and ``../shared/fixtures``, a GPT made by sfdisk, mkfs images,
 ``scenarios/*.yaml``): bit flips, interesting integers (0, 2^31, 2^63, 2^64-1, the file size, ...) written over
 4/8-byte fields, truncation, junk appended, chunks duplicated or spliced; structure-aware where a checksum would
@@ -135,9 +136,14 @@ class StoneTarget(Target):
 
     def run(self, path: Path, data: bytes) -> None:
         from reference_impl.stone import read_stone
+        from reference_impl.stone.model import FileType
+        from reference_impl.stone.repository import indexed_path
         stone = read_stone(path)
         if stone.index:
             stone.verify_content()
+        if stone.file_type is FileType.REPOSITORY:    # a stone.index: every entry's URI and hash
+            for meta in stone.metas:
+                indexed_path(path, meta.name, meta.uri, meta.hash)
 
 
 def mutate_stone_record(rng: random.Random, data: bytes) -> bytes | None:
@@ -254,6 +260,35 @@ class ScenarioTarget(Target):
         load_scenario(path)
 
 
+class RecordingTarget(Target):
+    """A dm-log-writes write log (a crash reproducer's recording): the super block and entry headers sit at
+    sector boundaries; every entry's data is read back, over a 64 KiB recorded disk."""
+    WINDOWS = ((0, 32), (512, 544), (1536, 1568), (2048, 2080), (3072, 3104))
+    DISK_BYTES = 64 * 1024
+
+    def mutate(self, rng: random.Random, seed: bytes) -> bytes:
+        return mutate_window(rng, seed, self.WINDOWS) if rng.random() < 0.7 else mutate_bytes(rng, seed)
+
+    def prepare(self) -> None:
+        import lab.crash.logwrites  # noqa: F401
+
+    def run(self, path: Path, data: bytes) -> None:
+        from lab.crash.logwrites import read_log
+        recording = read_log(path, disk_bytes=self.DISK_BYTES)
+        for entry in recording.entries:
+            recording.read(entry)
+        recording.position(len(data))
+
+
+def recording_seed() -> bytes:
+    """A log as QEMU's blklogwrites writes it: write (2 sectors), flush, FUA write, discard, uncounted write."""
+    def entry(sector: int, count: int, flags: int, fill: bytes) -> bytes:
+        head = struct.pack("<QQQQ", sector, count, flags, 0).ljust(512, b"\0")
+        return head + (b"" if flags & 4 else fill * (count * 512))
+    body = entry(8, 2, 0, b"a") + entry(0, 0, 1, b"") + entry(16, 1, 2, b"b") + entry(24, 8, 4, b"")
+    return struct.pack("<QQQI", 0x6A736677736872, 1, 4, 512).ljust(512, b"\0") + body + entry(40, 1, 0, b"c")
+
+
 YAML_VALUES = (None, True, 0, -1, 2**64, 1.5, "", "x", "../../etc/passwd", "/abs", "a" * 300, [], {}, [None],
                {"x": None}, ["install"], {"install": ["x"]}, "*", "previous", "\0", "é")
 
@@ -298,7 +333,8 @@ def _mutate_node(rng: random.Random, node: object, depth: int) -> object:
 
 def build_seeds(work: Path) -> dict[str, list[bytes]]:
     """Real inputs to mutate: built here (packages, a GPT disk, mkfs images) and from ../shared/fixtures."""
-    seeds: dict[str, list[bytes]] = {"stone": [], "gpt": [], "superblock": [], "scenario": []}
+    seeds: dict[str, list[bytes]] = {"stone": [], "gpt": [], "superblock": [], "scenario": [],
+                                     "recording": [recording_seed()]}
     from reference_impl.stone import PackageSpec, build_package_from_files
     spec = PackageSpec(name="fuzz", version="1", release=1, summary="fuzz seed", license=["MPL-2.0"],
                        depends=["soname(libc.so.6(x86_64))"], provides=["binary(fuzz)"], conflicts=[],
@@ -307,6 +343,8 @@ def build_seeds(work: Path) -> dict[str, list[bytes]]:
                                       "share/fuzz/empty": "", "lib/libf.so.1": bytes(range(256)) * 4},
                                      spec, work / "seed.stone", symlinks={"bin/f": "fuzz"}, level=3)
     seeds["stone"].append(built.read_bytes())
+    from reference_impl.stone import write_repository_index
+    seeds["stone"].append(write_repository_index(built.parent).read_bytes())
     fixtures = PROJECT.parent / "shared" / "fixtures"
     for path in sorted((fixtures / "aerynos" / "stones").glob("*.stone")):
         if path.stat().st_size <= 256 * 1024:
@@ -336,9 +374,10 @@ def build_seeds(work: Path) -> dict[str, list[bytes]]:
     return {name: values for name, values in seeds.items() if values}
 
 
-TARGET_TYPES = {"stone": StoneTarget, "gpt": GptTarget, "superblock": SuperblockTarget, "scenario": ScenarioTarget}
+TARGET_TYPES = {"stone": StoneTarget, "gpt": GptTarget, "superblock": SuperblockTarget, "scenario": ScenarioTarget,
+                "recording": RecordingTarget}
 # Share of the inputs per target: YAML parsing is pure Python and ten times slower than the binary parsers.
-WEIGHTS = {"stone": 3, "gpt": 3, "superblock": 3, "scenario": 1}
+WEIGHTS = {"stone": 3, "gpt": 3, "superblock": 3, "scenario": 1, "recording": 2}
 
 
 # -- the campaign ---------------------------------------------------------------------------------------------------

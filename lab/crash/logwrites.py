@@ -101,12 +101,17 @@ class Recording:
         return done
 
 
-def read_log(path: Path, sector_size_hint: int = 512) -> Recording:
+MAX_OFFSET = (1 << 63) - 1   # the largest file offset (off_t)
+
+
+def read_log(path: Path, sector_size_hint: int = 512, disk_bytes: int | None = None) -> Recording:
     """Parse the write log at ``path``. Raises RecordingError (file, offset, problem) on anything malformed.
 
     A super block of zeros is a log QEMU has not yet summarised (it writes the super block only on a flush or
     every 4096 entries — a guest that never flushes leaves it empty): its entries are read as the uncounted
-    tail, in units of ``sector_size_hint`` (QEMU's ``log-sector-size``, default 512)."""
+    tail, in units of ``sector_size_hint`` (QEMU's ``log-sector-size``, default 512).  Every entry's sectors
+    must lie on the recorded disk (``disk_bytes``, its size, when the caller knows it; else within a file
+    offset): a write or discard past its end would grow the image, or ask for more memory than there is."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -145,6 +150,9 @@ def read_log(path: Path, sector_size_hint: int = 512) -> Recording:
                 problem = f"entry {len(entries)} has unknown flags {flags:#x}"
             elif offset + sector_size + data_bytes > size:
                 problem = f"entry {len(entries)} needs {data_bytes} data bytes past the end of the file"
+            elif (sector + nr_sectors) * sector_size > (MAX_OFFSET if disk_bytes is None else disk_bytes):
+                problem = (f"entry {len(entries)} covers sectors {sector}+{nr_sectors}, past the end of the "
+                           f"{'recorded disk' if disk_bytes is None else f'{disk_bytes}-byte recorded disk'}")
             if problem:
                 if counted_entry:
                     raise RecordingError(f"{path}: offset {offset}: {problem}")

@@ -66,10 +66,18 @@ def read_reproducer(path: Path) -> Reproducer:
         raise StonelabError(f"{path}: not JSON ({err})") from None
     if not isinstance(data, dict) or data.pop("format", None) != FORMAT:
         raise StonelabError(f"{path}: not a stonelab crash reproducer (format {FORMAT!r} expected)")
+    import pydantic
     try:
-        return Reproducer(**data)
-    except TypeError as err:
-        raise StonelabError(f"{path}: malformed reproducer ({err})") from None
+        repro = pydantic.TypeAdapter(Reproducer).validate_python(data)
+    except pydantic.ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "(top)"
+        raise StonelabError(f"{path}: malformed reproducer: {where}: {first['msg']}") from None
+    if len(repro.partition) != 2 or min(repro.partition) < 0 or any(len(u) != 3 or min(u) < 0
+                                                                     for u in repro.persisted):
+        raise StonelabError(f"{path}: malformed reproducer: partition is [start, length] and each persisted "
+                            f"unit [entry, first, count], none negative")
+    return repro
 
 
 def replay(path: Path, *, kernel=None, accel: str = "auto") -> list[str]:
@@ -94,10 +102,14 @@ def replay(path: Path, *, kernel=None, accel: str = "auto") -> list[str]:
         power = PowerLoss(Model(repro.model), Granularity(repro.granularity))
     except ValueError as err:
         raise StonelabError(f"{path}: {err}") from None
-    recording = read_log(log)
+    recording = read_log(log, disk_bytes=base.stat().st_size)   # the base is raw
     if repro.cut > len(recording.entries) or repro.boundary > repro.cut:
         raise StonelabError(f"{path}: cut {repro.cut} / boundary {repro.boundary} do not fit the recording "
                             f"({len(recording.entries)} entries)")
+    for entry, first, count in repro.persisted:
+        if entry >= repro.cut or first + count > recording.entries[entry].nr_sectors:
+            raise StonelabError(f"{path}: persisted unit [{entry}, {first}, {count}] is not part of a request "
+                                f"before the cut ({repro.cut}) in the recording")
     state = CrashState(repro.cut, repro.boundary, tuple(Unit(*u) for u in repro.persisted), repro.after_return,
                        "replay")
     oracle = Oracle.from_dict(repro.oracle)

@@ -7,7 +7,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from reference_impl.boot.device import Volume, probe_disk, probe_volume, root_argument
+from reference_impl.boot.device import Volume, check_disk_path, probe_disk, probe_volume, root_argument
 from reference_impl.boot.gpt import EFIVARS_DIR, has_gpt, read_gpt
 from reference_impl.boot.sync import boot_status, sync_boot
 from stonelab.errors import StonelabError
@@ -38,7 +38,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                             help="accept an ESP directory that is not a vfat mount (testing only)")
         parser.set_defaults(func=func)
         parser.add_argument("--root-device", default=None,
-                            help="DEV_OR_IMG[:PARTNUM] holding the root filesystem: root= of this installation "
+                            help="DEV_OR_IMG[:PARTNUM][:subvol=PATH] holding the root filesystem (PATH: its btrfs "
+                                 "subvolume, default /): root= of this installation "
                                  "(default: from /proc/self/mountinfo)")
         if name == "sync":
             parser.add_argument("--state", type=int, default=None, help="state to boot by default (default: active)")
@@ -50,6 +51,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     path = Path(args.device)
     if not path.exists():
         raise StonelabError(f"{path}: no such disk image or device")
+    check_disk_path(path)
     if has_gpt(path):
         rows = []
         for rep in probe_disk(read_gpt(path)):

@@ -12,6 +12,8 @@ for ``/sysroot`` (systemd.kernel-command-line(7), dracut.cmdline(7)).  blsforme 
 from __future__ import annotations
 
 import os
+import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,15 +37,36 @@ class Volume:
 
 
 def root_argument(fs: FsInfo | None, partition: Partition | None, subvol: str | None = None) -> str | None:
+    """The ``root=`` words booting ``fs`` (None for no filesystem): see the module's docstring.  A btrfs
+    subvolume with blanks is quoted as the kernel and systemd read it (``rootflags="subvol=/my root"``); one
+    with a comma or a double quote cannot be named there (mount options are comma-separated, the command line
+    has no escape for ``"``): StonelabError."""
     if fs is None:
         return None
     if fs.type == "crypto_LUKS":
         return f"rd.luks.uuid={fs.uuid}"
     if fs.type == "btrfs":
-        return f"root=UUID={fs.uuid} rootflags=subvol={subvol or '/'}"
+        subvol = subvol or "/"
+        if "," in subvol or '"' in subvol or "\n" in subvol:
+            raise StonelabError(f"btrfs subvolume {subvol!r} cannot be named in rootflags=subvol= (a comma splits "
+                                f"mount options, a quote or newline ends the command line word): rename it")
+        flags = f"subvol={subvol}"
+        return f"root=UUID={fs.uuid} " + (f'rootflags="{flags}"' if any(c.isspace() for c in flags)
+                                          else f"rootflags={flags}")
     if partition is not None:
         return f"root=PARTUUID={partition.part_guid}"
     return f"root=UUID={fs.uuid}"
+
+
+def check_disk_path(path: str | os.PathLike[str]) -> None:
+    """Refuse, in one line, a path that is neither a disk image (regular file) nor a block device: a FIFO would
+    block the first read for ever, a character device (``/dev/zero``) has no end."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as err:
+        raise StonelabError(f"{path}: {err.strerror or err}") from None
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+        raise StonelabError(f"{path}: neither a disk image nor a block device")
 
 
 def parse_volume_spec(spec: str) -> Volume:
@@ -56,6 +79,7 @@ def parse_volume_spec(spec: str) -> Volume:
         number = int(tail)
     if not os.path.exists(path):
         raise StonelabError(f"{path}: no such disk image or device")
+    check_disk_path(path)
     if number is None:
         return Volume(path)
     part = read_gpt(path).partition(number)
@@ -96,8 +120,16 @@ class Mount:
     super_options: str
 
 
+_OCTAL = re.compile(rb"\\([0-7]{3})")
+
+
 def _unescape(field: str) -> str:
-    return field.encode().decode("unicode_escape") if "\\" in field else field
+    """A mountinfo field with the kernel's octal escapes (``\\040`` for a blank, ``seq_escape()``) undone; bytes
+    that are not escapes (UTF-8 names) are kept as they are."""
+    if "\\" not in field:
+        return field
+    raw = _OCTAL.sub(lambda m: bytes([int(m.group(1), 8) & 0xFF]), field.encode("utf-8", "surrogateescape"))
+    return raw.decode("utf-8", "surrogateescape")
 
 
 def read_mountinfo(path: Path = Path("/proc/self/mountinfo")) -> list[Mount]:
@@ -124,8 +156,16 @@ def mount_of(target: Path, mounts: list[Mount]) -> Mount | None:
 
 
 def volume_of_mount(mount: Mount, sysfs: Path = Path("/sys")) -> Volume:
-    """The block device (and GPT partition) behind a mounted filesystem, from sysfs."""
+    """The block device (and GPT partition) behind a mounted filesystem, from sysfs.  btrfs reports an anonymous
+    device number (0:N) for every mount; its device is then the mount's source."""
     dev = sysfs / "dev" / "block" / mount.major_minor
+    if not dev.exists() and mount.source.startswith("/dev/"):
+        try:
+            rdev = os.stat(mount.source).st_rdev if stat.S_ISBLK(os.stat(mount.source).st_mode) else None
+        except OSError:
+            rdev = None
+        if rdev is not None:
+            dev = sysfs / "dev" / "block" / f"{os.major(rdev)}:{os.minor(rdev)}"
     if not dev.exists():
         raise StonelabError(f"{mount.mount_point}: filesystem {mount.fstype} on {mount.source} is not on a "
                             f"block device (pass --root-device)")
@@ -146,8 +186,32 @@ def volume_of_mount(mount: Mount, sysfs: Path = Path("/sys")) -> Volume:
 def subvol_of(mount: Mount) -> str | None:
     for option in mount.super_options.split(","):
         if option.startswith("subvol="):
-            return option[len("subvol="):]
+            return _unescape(option[len("subvol="):])
     return None
+
+
+BTRFS_SUBVOLUME_INODE = 256   # BTRFS_FIRST_FREE_OBJECTID: the inode number of every subvolume's top directory
+
+
+def root_subvolume(root: Path, mount: Mount) -> str | None:
+    """The btrfs subvolume ``root`` is, as ``subvol=`` names it: the mount's own, or, for a subvolume below the
+    mount point (``/@`` mounted, root at ``<mnt>/nested``), the mount's joined with the path below it.  Raises
+    StonelabError when ``root`` is a plain directory inside a subvolume: the kernel mounts only a subvolume as
+    the root, so no ``rootflags=`` boots it."""
+    base = subvol_of(mount)
+    real = os.path.realpath(root)
+    below = os.path.relpath(real, mount.mount_point)
+    if below == ".":
+        return base
+    try:
+        inode = os.stat(real).st_ino
+    except OSError as err:
+        raise StonelabError(f"{root}: cannot read: {err.strerror or err}") from err
+    if inode != BTRFS_SUBVOLUME_INODE:
+        raise StonelabError(f"{root}: a directory inside btrfs subvolume {base or '/'} mounted at "
+                            f"{mount.mount_point}, not a subvolume of its own: no rootflags=subvol= boots it "
+                            f"(make it a subvolume, or pass --root-device)")
+    return (base or "/").rstrip("/") + "/" + below
 
 
 def root_argument_for_path(root: Path, mountinfo: Path = Path("/proc/self/mountinfo"),
@@ -160,16 +224,29 @@ def root_argument_for_path(root: Path, mountinfo: Path = Path("/proc/self/mounti
         fs = probe_volume(volume)
     except StonelabError as err:
         raise StonelabError(f"{err} (pass --root-device DEV_OR_IMG[:PARTNUM])") from err
-    arg = root_argument(fs, volume.partition, subvol_of(mount))
+    subvol = root_subvolume(root, mount) if fs is not None and fs.type == "btrfs" else None
+    arg = root_argument(fs, volume.partition, subvol)
     if arg is None:
         raise StonelabError(f"{volume.describe()}: no known filesystem superblock, cannot derive root= "
                             f"(pass --root-device)")
     return arg
 
 
+SUBVOL_SUFFIX = ":subvol="
+
+
 def root_argument_for_spec(spec: str, subvol: str | None = None) -> str:
+    """``root=`` for ``DEV_OR_IMG[:PARTNUM][:subvol=PATH]`` (``--root-device``): the subvolume of a btrfs root
+    given in the spec (or as ``subvol``; default ``/``).  A subvolume for a filesystem that is not btrfs is a
+    one-line StonelabError, not silently dropped."""
+    if SUBVOL_SUFFIX in spec and not os.path.exists(spec):
+        spec, _, given = spec.partition(SUBVOL_SUFFIX)
+        subvol = subvol or given
     volume = parse_volume_spec(spec)
     fs = probe_volume(volume)
+    if subvol and fs is not None and fs.type != "btrfs":
+        raise StonelabError(f"{volume.describe()}: subvol={subvol} given, but the filesystem is {fs.type}, "
+                            f"not btrfs: it has no subvolumes")
     arg = root_argument(fs, volume.partition, subvol)
     if arg is None:
         raise StonelabError(f"{volume.describe()}: no known filesystem superblock, cannot derive root=")

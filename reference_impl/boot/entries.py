@@ -5,6 +5,7 @@ after ``linux`` (blsforme #71 — it breaks GRUB's BLS parser).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +66,15 @@ def _content_key(kernel: Kernel) -> str:
 BOOTLOADER_PATHS = ("EFI/BOOT/BOOTX64.EFI", "EFI/systemd/systemd-bootx64.efi")
 
 
+def _blocked(directory: str, names: list[str], avoid: frozenset[str]) -> bool:
+    """A file of ``avoid`` (casefolded ESP paths) sits at ``directory/<name>``, or at ``directory`` or one of its
+    parents, where a directory would have to be."""
+    parts = directory.split("/")
+    prefixes = ("/".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return any(p.casefold() in avoid for p in prefixes) or any(f"{directory}/{n}".casefold() in avoid
+                                                                for n in names)
+
+
 def plan_boot(states: list[BootState], root_arg: str, bootloader: Path | None,
               target: int | None = None, *, token: str | None = None,
               avoid: frozenset[str] = frozenset()) -> BootPlan:
@@ -89,8 +99,7 @@ def plan_boot(states: list[BootState], root_arg: str, bootloader: Path | None,
                 names = ["vmlinuz", *(initrd.name for initrd in kernel.initrds)]
                 base = f"EFI/{key[0]}/{kernel.version}"
                 kernel_dir = next((d for d in (base, f"{base}-{key[1][:8]}", f"{base}-{key[1]}")
-                                   if d not in taken and not any(f"{d}/{n}".casefold() in avoid for n in names)),
-                                  None)
+                                   if d not in taken and not _blocked(d, names, avoid)), None)
                 if kernel_dir is None:
                     raise EspError(f"no free directory for kernel {kernel.version} below EFI/{key[0]}/: files "
                                    f"this installation did not write are in the way")
@@ -137,9 +146,18 @@ def parse_entry(text: str) -> dict[str, list[str]]:
     return fields
 
 
+_CMDLINE_WORD = re.compile(r'(?:[^\s"]|"[^"]*(?:"|$))+')
+
+
+def cmdline_words(options: str) -> list[str]:
+    """The parameters of a kernel command line as the kernel splits them (``next_arg()`` in kernel/params.c):
+    at blanks outside double quotes, so ``rootflags="subvol=/my root"`` is one word (quotes kept)."""
+    return _CMDLINE_WORD.findall(options)
+
+
 def entry_fstx(text: str) -> int | None:
     for options in parse_entry(text).get("options", []):
-        for word in options.split():
+        for word in cmdline_words(options):
             if word.startswith(FSTX_OPTION) and word[len(FSTX_OPTION):].isdigit():
                 return int(word[len(FSTX_OPTION):])
     return None

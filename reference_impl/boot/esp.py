@@ -23,7 +23,7 @@ from reference_impl.fsutil import fsync_dir
 from reference_impl.boot.superblock import probe_bytes
 from stonelab.errors import StonelabError
 
-TMP_SUFFIX = ".tmp"
+TMP_SUFFIX = ".stl"   # not ".tmp": a foreign "<our file>.tmp" is not a leftover of ours (8.3 kept: mren keeps "vmlinuz" lower case)
 
 
 class EspError(StonelabError):

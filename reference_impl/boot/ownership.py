@@ -11,8 +11,9 @@ operating systems and other installations of the same one.  Boot sync decides ow
 - **The entry token** names entries (``<token>-<kver>-<state>.conf``) and the kernel directory
   (``EFI/<token>/<kver>/``), as systemd's kernel-install does (kernel-install(8), ``--entry-token=auto``):
   ``/etc/kernel/entry-token``, else the machine ID (``/etc/machine-id``), else os-release's ``IMAGE_ID``, else
-  ``ID``.  A token from os-release is shared by every installation of that OS: when the ESP already holds
-  ``<token>-*`` entries of another ``root=``, this installation uses ``<token>-<installation id>`` instead.
+  ``ID``.  A token from os-release is shared by every installation of that OS (and a machine ID by every clone
+  of an image): when the ESP already holds ``<token>-*`` entries of another ``root=``, this installation uses
+  ``<token>-<installation id>`` instead.
 - **The ownership record** is ``loader/stonelab/<installation id>.files``, one ESP path per line; the
   installation id is the first 16 hex digits of the sha256 of the ``root=`` words (sorted), so a record never
   mixes two installations.
@@ -24,7 +25,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from reference_impl.boot.entries import ENTRIES_DIR, entry_fstx, parse_entry
+from reference_impl.boot.entries import ENTRIES_DIR, cmdline_words, entry_fstx, parse_entry
 from reference_impl.installation import Installation
 
 RECORD_DIR = "loader/stonelab"
@@ -40,7 +41,7 @@ class EntryToken:
 
 def installation_id(root_arg: str) -> str:
     """16 hex digits identifying an installation on an ESP: its ``root=`` words, order-insensitive."""
-    return hashlib.sha256(" ".join(sorted(root_arg.split())).encode()).hexdigest()[:16]
+    return hashlib.sha256(" ".join(sorted(cmdline_words(root_arg))).encode()).hexdigest()[:16]
 
 
 def record_path(root_arg: str) -> str:
@@ -71,8 +72,8 @@ def entry_root(text: str, keys: tuple[str, ...] = ("root", "rootflags", "rd.luks
     """The first ``key=value`` word of each of ``keys`` in an entry's options (the root it boots), in order."""
     first: dict[str, str] = {}
     for options in parse_entry(text).get("options", []):
-        for word in options.split():
-            key = word.split("=", 1)[0]
+        for word in cmdline_words(options):
+            key = word.split("=", 1)[0].strip('"')
             if key in keys and "=" in word:
                 first.setdefault(key, word)
     return " ".join(first[k] for k in keys if k in first)
@@ -84,8 +85,9 @@ def is_ours(text: str, root_arg: str) -> bool:
     of the same shape for its own root; a later ``rootflags=`` from a cmdline snippet does not count)."""
     if entry_fstx(text) is None:
         return False
-    keys = tuple(dict.fromkeys(w.split("=", 1)[0] for w in root_arg.split()))
-    return entry_root(text, keys) == " ".join(root_arg.split())
+    words = cmdline_words(root_arg)
+    keys = tuple(dict.fromkeys(w.split("=", 1)[0].strip('"') for w in words))
+    return entry_root(text, keys) == " ".join(words)
 
 
 def choose_token(token: EntryToken, root_arg: str, entries: dict[str, str], wanted_names: list[str]) -> EntryToken:
@@ -93,10 +95,10 @@ def choose_token(token: EntryToken, root_arg: str, entries: dict[str, str], want
 
     Taken: a ``<token>-*.conf`` entry with ``moss.fstx=`` and another root (first come, first served: while
     this installation has entries under the plain token it keeps it), or, always, an entry file that is not this
-    installation's at one of ``wanted_names`` (entry file names with the plain token).  ``entries`` maps the ESP's entry paths
-    to their text.  Only tokens from os-release can collide; explicit ones and machine IDs are kept."""
-    if token.source not in ("ID", "IMAGE_ID"):
-        return token
+    installation's at one of ``wanted_names`` (entry file names with the plain token).  ``entries`` maps the
+    ESP's entry paths to their text.  Tokens from os-release collide by design; a machine ID or an
+    ``/etc/kernel/entry-token`` collides when an image was cloned without giving each copy its own: the rule is
+    the same for every source, so no entry of another installation is ever overwritten."""
     shared = EntryToken(f"{token.value}-{installation_id(root_arg)[:8]}", f"{token.source} (shared ESP)")
     prefix = f"{ENTRIES_DIR}/{token.value}-".casefold()
     shared_prefix = f"{ENTRIES_DIR}/{shared.value}-".casefold()
@@ -116,7 +118,7 @@ def remember_root(root: Path, root_arg: str) -> str | None:
     """Keep ``root_arg`` in ``<root>/.moss/boot-root`` (written to a temporary, renamed) so that ``boot status``
     knows this installation's entries without ``--root-device``; None, or why it could not be kept."""
     path = Installation(root).boot_root
-    text = " ".join(root_arg.split()) + "\n"
+    text = " ".join(cmdline_words(root_arg)) + "\n"
     try:
         if path.is_file() and path.read_text() == text:
             return None

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from reference_impl import mutants
-from reference_impl.boot.device import (mount_of, parse_volume_spec, read_mountinfo, root_argument_for_path,
+from reference_impl.boot.device import (check_disk_path, mount_of, parse_volume_spec, read_mountinfo, root_argument_for_path,
                                         root_argument_for_spec, volume_of_mount)
 from reference_impl.boot.entries import (BOOTLOADER_PATHS, ENTRIES_DIR, LOADER_CONF, BootPlan, entry_files,
                                          entry_fstx, entry_name, merge_loader_conf, parse_entry, plan_boot)
@@ -90,6 +90,7 @@ def resolve_esp(esp: EspTarget | Path | str | None, root: Path, *, efivars: Path
     if path.is_dir():
         return EspLocation(DirectoryEsp(path, require_vfat=require_vfat))
     if path.exists():
+        check_disk_path(path)
         return _image_location(path, efivars)
     volume = parse_volume_spec(str(esp))
     if volume.partition is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -260,12 +261,15 @@ class ContentStream:
 def read_stone(path: str | os.PathLike[str], *, limits: Limits | None = None) -> StoneFile:
     """Parse and verify a `.stone` file (everything but the Content stream, which is verified as it is read)."""
     path = Path(path)
-    try:
-        handle = open(path, "rb")
+    try:   # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused below)
+        handle = open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb")
     except OSError as err:
         raise StoneError(str(path), err.strerror or str(err)) from None
     with handle:
-        size = os.fstat(handle.fileno()).st_size
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise StoneError(str(path), "not a regular file (a FIFO, device or directory cannot be a .stone)")
+        size = info.st_size
         stone, num_payloads = _read_header(path, handle, size, limits or Limits())
         _read_payloads(stone, handle, num_payloads)
     _check_consistency(stone)
