@@ -94,8 +94,6 @@ def trace_systems_in_guest(names: Sequence[str] = ("nix", "ostree"), accel: str 
             system = guest_system(name, guest, Path(tmp) / name)
             runner = TracingRunner(system.inner.run, guest.machine, features)
             system.inner.run = runner
-            # the adapter's gc reads the generations from the root, which is in the guest
-            system.inner.state = system.state
             system.prepare()
             for operation, call in operations(name):
                 runner.phase = f"{name}:{operation}"

@@ -146,11 +146,12 @@ class SystemUnderTest(Protocol):
     def switch(self, number: int) -> CommandResult:
         """Make generation ``number`` the current one."""
 
-    def rollback(self) -> CommandResult:
-        """Go back to the generation before the current one."""
+    def rollback(self, state: SystemState | None = None) -> CommandResult:
+        """Go back to the generation before the current one (``state``: as for :meth:`gc`)."""
 
-    def gc(self, keep: int) -> CommandResult:
-        """Drop all but the newest ``keep`` generations (and the current one), then collect garbage."""
+    def gc(self, keep: int, state: SystemState | None = None) -> CommandResult:
+        """Drop all but the newest ``keep`` generations (and the current one), then collect garbage; the
+        generations are ``state``'s when given (a guest's, read in the guest), else read from the root."""
 
     def verify(self) -> CommandResult:
         """The system's own integrity check (exit 0: it found nothing wrong)."""

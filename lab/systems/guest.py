@@ -112,6 +112,15 @@ class GuestSystem:
     def invariants(self, state: SystemState) -> list[Violation]:
         return list(self._violations)  # read with the state, in the same guest command
 
+    def gc(self, keep: int) -> CommandResult:
+        """The inner adapter's gc over the generations read in the guest: the root exists only there, so the
+        adapter's own reading would find none and delete nothing."""
+        return self.inner.gc(keep, state=self.state())
+
+    def rollback(self) -> CommandResult:
+        """The inner adapter's rollback over the generations read in the guest (see :meth:`gc`)."""
+        return self.inner.rollback(state=self.state())
+
     def corrupt_store(self) -> str:
         raise StonelabError(f"corrupt_store runs on the host target only (system {self.name!r})")
 

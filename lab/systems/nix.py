@@ -103,11 +103,11 @@ class NixSystem(RootedSystem):
         return self._nix("nix-env", "--store", str(self.root), "-p", str(self.profile), "--switch-generation",
                          str(number))
 
-    def rollback(self) -> CommandResult:
+    def rollback(self, state: SystemState | None = None) -> CommandResult:
         return self._nix("nix-env", "--store", str(self.root), "-p", str(self.profile), "--rollback")
 
-    def gc(self, keep: int) -> CommandResult:
-        state = self.state()
+    def gc(self, keep: int, state: SystemState | None = None) -> CommandResult:
+        state = state or self.state()
         numbers = sorted(g.number for g in state.generations)
         doomed = [n for n in numbers[:max(len(numbers) - keep, 0)] if n != state.current]
         steps = []

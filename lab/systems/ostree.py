@@ -108,11 +108,11 @@ class OstreeSystem(RootedSystem):
         require(self, Operation.SWITCH)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def rollback(self) -> CommandResult:
+    def rollback(self, state: SystemState | None = None) -> CommandResult:
         return self.run(["ostree", "admin", f"--sysroot={self.root}", "undeploy", "0"])
 
-    def gc(self, keep: int) -> CommandResult:
-        count = len(self.state().generations)
+    def gc(self, keep: int, state: SystemState | None = None) -> CommandResult:
+        count = len((state or self.state()).generations)
         steps = [["ostree", "admin", f"--sysroot={self.root}", "undeploy", str(index)]
                  for index in range(count - 1, max(keep, 1) - 1, -1)]
         steps += [["ostree", "admin", f"--sysroot={self.root}", "cleanup"],

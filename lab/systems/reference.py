@@ -63,16 +63,16 @@ class ReferenceSystem:
     def switch(self, number: int) -> CommandResult:
         return self.stonelab("state", "activate", str(number))
 
-    def rollback(self) -> CommandResult:
-        state = self.state()
+    def rollback(self, state: SystemState | None = None) -> CommandResult:
+        state = state or self.state()
         older = [g.number for g in state.generations if state.current is not None and g.number < state.current]
         if not older:
             return CommandResult(["stonelab", "state", "activate"], 1, "",
                                  f"no state before the active one ({state.current})\n", 0.0)
         return self.switch(max(older))
 
-    def gc(self, keep: int) -> CommandResult:
-        return self.stonelab("state", "prune", "--keep", str(keep))
+    def gc(self, keep: int, state: SystemState | None = None) -> CommandResult:
+        return self.stonelab("state", "prune", "--keep", str(keep))  # the verb reads the states itself
 
     def verify(self) -> CommandResult:
         return self.stonelab("state", "verify")
