@@ -327,8 +327,9 @@ def test_encode_decode_roundtrip_and_malformed():
 
 @pytest.fixture
 def local_agent():
-    proc = subprocess.Popen([sys.executable, "-m", "vm.agent", "--stdio"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, cwd=REPO)
+    # started as the guest's init starts it: without site (-S), the project on PYTHONPATH
+    proc = subprocess.Popen([sys.executable, "-S", "-m", "vm.agent", "--stdio"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     transport = AgentTransport(LineChannel(proc.stdout.fileno(), proc.stdin.fileno()), lambda: ["(local)"],
                                request_margin=5)
     ready = transport.wait_ready(30, lambda: proc.poll() is None)

@@ -3,7 +3,8 @@
 Requests and answers are JSON lines (see ``vm.protocol``). Its start is on every fresh boot's path to
 agent-ready, and a TCG guest pays tenths of a second per module: it imports only ``os``, ``stat``, ``subprocess``,
 ``sys``, ``time`` and ``vm.protocol`` (no ``argparse``, ``pathlib``, ``typing`` or ``dataclasses``: bench/boot.py
-measures the difference); xxhash and fcntl are imported by the requests that need them.
+measures the difference); xxhash and fcntl are imported by the requests that need them. The init starts it
+with ``python -S``: ``site`` is loaded only by the request that needs site-packages (``hash_tree``).
 Run it locally over stdin/stdout with ``python -m vm.agent --stdio`` (the protocol tests do).
 """
 from __future__ import annotations
@@ -76,11 +77,21 @@ def _write_file(request: dict[str, object]) -> dict[str, object]:
     return {"size": len(data)}
 
 
+def _site_packages() -> None:
+    """Make the interpreter's site directories (the venv's site-packages: xxhash) importable. The guest's init
+    starts the agent with ``python -S`` to keep ``site`` off the path to agent-ready; without ``-S`` (tests over
+    stdio) ``site`` is loaded already and this does nothing."""
+    if "site" not in sys.modules:
+        import site
+        site.main()
+
+
 def hash_tree(root: str) -> dict[str, str]:
     """Every entry below ``root`` by relative path: files as ``file:<xxh3-128>:<mode>``, symlinks as
     ``link:<target>``, directories as ``dir:<mode>``. Paths are not followed through symlinks."""
     from pathlib import Path
 
+    _site_packages()
     import xxhash
 
     entries: dict[str, str] = {}
