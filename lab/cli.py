@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from lab.target import TargetKind
+from stonelab.errors import StonelabError
 
 DEFAULT_SUITE = Path(__file__).resolve().parents[1] / "scenarios"
 DEFAULT_TAG = "default"
@@ -66,6 +67,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.personality:
         from lab.kernel.profile import load_profile
         load_profile(args.personality)  # a bad name is a one-line error before anything boots
+        if args.target == TargetKind.HOST:
+            raise StonelabError("--personality emulates a kernel in a guest: it runs on --target vm only")
         args.target = TargetKind.VM
 
     cases = collect_cases(args.paths or [DEFAULT_SUITE], keyword=args.keyword,
@@ -89,6 +92,8 @@ def _rerun_base(args: argparse.Namespace) -> list[str]:
         words += ["--kernel", args.kernel]
     if args.accel != "auto":
         words += ["--accel", args.accel]
+    if args.personality:
+        words += ["--personality", args.personality]
     return words
 
 

@@ -157,6 +157,35 @@ def test_kernel_cli_errors_are_one_line(tmp_path: Path):
     assert result.returncode == 2 and "not a stonelab requirements file" in result.stderr
 
 
+def test_malformed_profiles_and_traces_are_one_line(tmp_path: Path):
+    """Found by trying the lab as a new user: these were UnicodeDecodeError/AttributeError tracebacks."""
+    binary = tmp_path / "binary.json"
+    binary.write_bytes(b"\x00\xff\xfe")
+    shapes = {"list.json": {"name": "x", "results": [1, 2]}, "str.json": {"name": "x", "results": {"chroot": "x"}}}
+    for name, data in shapes.items():
+        (tmp_path / name).write_text(json.dumps(data))
+    truncated = tmp_path / "truncated.json"
+    truncated.write_text((PROJECT / "compat/profiles/linux-6.1.0-57-amd64.json").read_text()[:3000])
+    cases = [(["kernel", "gaps", "--profile", str(path)], path.name)
+             for path in (binary, tmp_path / "list.json", tmp_path / "str.json", truncated)]
+    cases += [(["kernel", "gaps", "--profile", "asterinas-0.18.1", "--trace", str(binary)], binary.name),
+              (["run", "--personality", str(binary), str(PROJECT / "scenarios/install-upgrade-rollback.yaml")],
+               binary.name),
+              (["run", "--target", "host", "--personality", "asterinas-0.18.1",
+                str(PROJECT / "scenarios/install-upgrade-rollback.yaml")], "--target vm")]
+    for args, needle in cases:
+        result = _cli(*args)
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, (args, result.stderr)
+        assert needle in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)
+
+
+def test_a_rerun_line_repeats_the_personality():
+    import argparse
+    from lab.cli import _rerun_base
+    args = argparse.Namespace(target="vm", kernel=None, accel="auto", personality="asterinas-0.18.1")
+    assert _rerun_base(args)[-2:] == ["--personality", "asterinas-0.18.1"]
+
+
 def test_fs_values_are_checked():
     result = _cli("kernel", "probe", "--kernel", "/nonexistent", "--fs", "ext2,zfs")
     assert result.returncode == 2 and "zfs" in result.stderr and "tmpfs,ext2,ext4,vfat" in result.stderr

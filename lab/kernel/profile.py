@@ -183,10 +183,21 @@ def load_profile(name_or_path: str, profile_dir: Path = PROFILE_DIR, shared_data
             raise StonelabError(f"{name_or_path}: no kernel profile of that name or path (known: {', '.join(known)})")
     try:
         data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise StonelabError(f"{path}: cannot read the kernel profile ({err})") from None
+    except UnicodeDecodeError:
+        raise StonelabError(f"{path}: not a stonelab kernel profile (not UTF-8 text)") from None
+    except OSError as err:
+        raise StonelabError(f"{path}: cannot read the kernel profile ({err.strerror})") from None
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        raise StonelabError(f"{path}: not a stonelab kernel profile (malformed{at}: "
+                            f"{getattr(err, 'problem', None) or 'cannot parse'})") from None
     if not isinstance(data, dict) or "name" not in data or "results" not in data:
         raise StonelabError(f"{path}: not a stonelab kernel profile (needs name and results)")
+    results = data["results"]
+    if not isinstance(results, dict) or not all(isinstance(entry, dict) for entry in results.values()):
+        raise StonelabError(f"{path}: not a stonelab kernel profile (results must map each requirement to "
+                            "its results per filesystem)")
     if data.get("evidence") == "documented":
         return _documented(data, path, shared_data)
     results = {key: {fs: _result(v, f"{path}: {key} on {fs}") for fs, v in per_fs.items()}

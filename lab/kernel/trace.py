@@ -407,6 +407,8 @@ def load_requirements(paths: list[Path]) -> Trace:
             text = Path(path).read_text()
         except OSError as err:
             raise StonelabError(f"{path}: cannot read the requirements ({err.strerror})") from None
+        except UnicodeDecodeError:
+            raise StonelabError(f"{path}: not a stonelab requirements file (not UTF-8 text)") from None
         trace = Trace.from_json(text, str(path))
         merged = trace if merged is None else merged.merged(trace)
     if merged is None:
