@@ -24,9 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("-k", dest="keyword", metavar="EXPR",
                      help="only cases whose name matches EXPR (words as substrings; and, or, not, parentheses)")
     run.add_argument("--tag", action="append", default=[], help="only scenarios with this tag (repeatable)")
-    run.add_argument("--jobs", "-j", type=int, help="cases run in parallel (default: what cores and memory allow)")
+    run.add_argument("--jobs", "-j", type=_count(1), help="cases run in parallel (default: what cores and memory allow)")
     run.add_argument("--shard", metavar="I/N", help="run the I-th of N deterministic slices of the selection (CI)")
-    run.add_argument("--rerun-failures", type=int, default=0, metavar="N",
+    run.add_argument("--rerun-failures", type=_count(0), default=0, metavar="N",
                      help="run a failed case up to N more times (the report records the attempts)")
     run.add_argument("--shell-on-failure", action="store_true",
                      help="after a failed VM case, open a shell in a guest with that case's system disk (runs "
@@ -81,6 +81,19 @@ def cmd_run(args: argparse.Namespace) -> int:
                          rerun_base=_rerun_base(args))
     report = run_cases(cases, options)
     return 0 if report.passed else 1
+
+
+def _count(least: int):
+    """An argparse type: an integer of at least ``least`` (a bad value is argparse's one-line usage error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{text!r}: at least {least}")
+        return value
+    return parse
 
 
 def _rerun_base(args: argparse.Namespace) -> list[str]:

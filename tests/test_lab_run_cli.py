@@ -90,6 +90,15 @@ def test_selection_errors_are_one_line(suite, tmp_path):
         assert not (tmp_path / "x").exists()
 
 
+def test_counts_are_checked(suite, tmp_path):
+    """--jobs 0, a negative --jobs or --rerun-failures were accepted (found by a new-user trial)."""
+    for args, message in ((["--jobs", "0"], "at least 1"), (["--jobs", "-3"], "at least 1"),
+                          (["--rerun-failures", "-1"], "at least 0"), (["--jobs", "x"], "not a whole number")):
+        proc = stonelab("run", str(suite), *args, "--report-dir", "x", cwd=tmp_path)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert not (tmp_path / "x").exists()
+
+
 def test_pytest_collects_scenarios_and_runs_them_under_xdist(suite, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pytest", str(suite), "-p", "no:cacheprovider", "-n", "2",
                            "-k", "tiny", "--stonelab-report-dir", str(tmp_path / "rep"), "-rA"],
