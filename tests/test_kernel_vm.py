@@ -73,8 +73,8 @@ def test_the_power_cut_scenario_under_the_asterinas_personality_is_judged_and_re
                            "--report-dir", str(tmp_path), str(PROJECT / "scenarios" / "reference-survives-power-cut.yaml")],
                           cwd=PROJECT, capture_output=True, text=True)
     (case,) = json.loads((tmp_path / "latest" / "report.json").read_text())["cases"]
-    # What the lab sees (two runs here): the power cut at blit.mid leaves the ext2 root (no journal; Linux's ext2
-    # syncfs sends the disk no cache flush) damaged — a finding about the profile, never a lab error
+    # What the lab sees (two runs here): the power cut at blit.mid leaves the ext2 root (no journal: an fsync
+    # flushes an inode but not the allocation bitmaps) damaged — a finding about the profile, never a lab error
     assert case["verdict"] == "fail" and "the root filesystem (ext2) is damaged" in case["reason"], \
         (case["verdict"], case["reason"], proc.stderr[-1500:])
     assert "EXT4-fs error" in case["reason"]  # the kernel's own words are the evidence
