@@ -125,7 +125,8 @@ def replay(path: Path, *, kernel=None, accel: str = "auto") -> list[str]:
         machine.succeed(["mkdir", "-p", GUEST_JOB_DIR])
         for name, content in job_files(job, data).items():
             machine.write_file(f"{GUEST_JOB_DIR}/{name}", content)
-        run = machine.execute(f"cd {PROJECT_DIR} && {sys.executable} -m lab.crash.materialize {GUEST_JOB_DIR}", 600)
+        run = machine.execute([sys.executable, "-m", "lab.crash.materialize", GUEST_JOB_DIR], 600,
+                              cwd=str(PROJECT_DIR))
     lines = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     if run.exit_code != 0 or len(lines) != 1:
         raise StonelabError(f"{path}: checking the state in the guest failed (exit {run.exit_code}): "

@@ -457,9 +457,10 @@ def trace_in_guest(kernel_path: str | None = None, accel: str = "auto", workdir:
             for run in range(repeat):
                 # each run's work directory has another name and depth, as another TMPDIR would give
                 work = f"{GUEST_SUT}/work{run}" + "/deeper" * run
-                result = guest.execute(f"cd {PROJECT_DIR} && {sys.executable} -m lab.kernel.trace --run {work} "
-                                       f"--esp {GUEST_ESP} --jobs {jobs} --timings /tmp/timings.json"
-                                       + "".join(f" --only {o}" for o in only), timeout=3600)
+                result = guest.execute([sys.executable, "-m", "lab.kernel.trace", "--run", work, "--esp", GUEST_ESP,
+                                        "--jobs", str(jobs), "--timings", "/tmp/timings.json",
+                                        *(word for o in only for word in ("--only", o))],
+                                       timeout=3600, cwd=str(PROJECT_DIR))
                 if result.exit_code != 0:
                     raise StonelabError(f"the traced workload failed in the guest: {result.stderr.strip()[-400:]}")
                 traces.append(Trace.from_json(result.stdout, "guest trace output"))

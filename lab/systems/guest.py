@@ -32,7 +32,8 @@ GUEST_SCRATCH = Path("/tmp/stonelab-sut-scratch")
 
 
 class GuestRunner:
-    """Runs argv in the guest of ``machine`` (anything with ``execute(command, timeout)``)."""
+    """Runs argv in the guest of ``machine`` (a :class:`vm.machine.Machine`: its ``execute`` adds the environment
+    and sets the working directory)."""
 
     def __init__(self, machine, timeout: float = COMMAND_TIMEOUT):
         self.machine = machine
@@ -40,11 +41,9 @@ class GuestRunner:
 
     def __call__(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
                  cwd: Path | None = None) -> CommandResult:
-        prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in (env or {}).items())
-        command = (f"cd {shlex.quote(str(cwd))} && " if cwd else "") + \
-            (f"env {prefix} " if prefix else "") + shlex.join(list(argv))
         started = time.monotonic()
-        result = self.machine.execute(command, self.timeout)
+        result = self.machine.execute(list(argv), self.timeout, env=dict(env or {}),
+                                      cwd=str(cwd) if cwd else None)
         return CommandResult(list(argv), result.exit_code, result.stdout, result.stderr,
                              time.monotonic() - started)
 
