@@ -84,7 +84,8 @@ def test_the_power_cut_scenario_under_the_asterinas_personality_is_judged_and_re
 
 
 def test_nix_and_ostree_traced_in_the_guest_reproduce_the_committed_requirements(tmp_path: Path):
-    from lab.kernel.trace_systems import SYSTEMS_REQUIREMENTS, trace_systems_in_guest
+    from lab.kernel.trace import SYSTEMS_REQUIREMENTS
+    from lab.kernel.trace_systems import trace_systems_in_guest
     from tests.systems_helpers import require_nix_ostree_and_kernel
     require_nix_ostree_and_kernel()
     trace = trace_systems_in_guest()

@@ -83,7 +83,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         raise StonelabError(f"--jobs {args.jobs}: must be at least 1")
     if args.systems:
-        from lab.kernel.trace_systems import SYSTEMS_REQUIREMENTS, trace_systems_in_guest
+        from lab.kernel.trace import SYSTEMS_REQUIREMENTS
+        from lab.kernel.trace_systems import trace_systems_in_guest
         trace = trace_systems_in_guest(accel=args.accel)
         args.output = args.output or SYSTEMS_REQUIREMENTS
     elif args.host:

@@ -42,6 +42,7 @@ from stonelab.errors import StonelabError
 
 FORMAT = 2
 REQUIREMENTS = Path(__file__).resolve().parents[2] / "compat" / "requirements.json"
+SYSTEMS_REQUIREMENTS = REQUIREMENTS.with_name("requirements-systems.json")  # Nix and OSTree (trace_systems)
 # Calls whose outcome decides whether a transaction, the store or a boot sync can work; the rest is what the
 # interpreter needs to run at all ("runtime").
 TRANSACTION_CALLS = {
@@ -418,8 +419,7 @@ def load_requirements(paths: list[Path]) -> Trace:
 
 def default_requirements() -> list[Path]:
     """``compat/requirements.json`` and, when it exists, the real systems' ``compat/requirements-systems.json``."""
-    systems = REQUIREMENTS.with_name("requirements-systems.json")
-    return [REQUIREMENTS, *([systems] if systems.is_file() else [])]
+    return [REQUIREMENTS, *([SYSTEMS_REQUIREMENTS] if SYSTEMS_REQUIREMENTS.is_file() else [])]
 
 
 GUEST_SUT = "/mnt/sut"

@@ -16,12 +16,11 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from lab.kernel.trace import REQUIREMENTS, TRACED_CALLS, Feature, Trace, parse_strace
+from lab.kernel.trace import TRACED_CALLS, Feature, Trace, parse_strace
 from lab.packages import PackageDecl
 from lab.target import CommandResult
 from stonelab.errors import StonelabError
 
-SYSTEMS_REQUIREMENTS = REQUIREMENTS.with_name("requirements-systems.json")  # default_requirements()
 SYSTEMS_TRACED_ON = "Linux guest (QEMU), root ext4; Nix 2.8 (nix-bin) and OSTree 2022.7 (ostree) from Debian"
 GUEST_LOGS = "/tmp/stonelab-systems-trace"
 BASE = PackageDecl(key="base", name="base", version="1", files={"lib/libbase.so.1": "ELF base\n"})

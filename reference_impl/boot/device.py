@@ -161,7 +161,8 @@ def volume_of_mount(mount: Mount, sysfs: Path = Path("/sys")) -> Volume:
     dev = sysfs / "dev" / "block" / mount.major_minor
     if not dev.exists() and mount.source.startswith("/dev/"):
         try:
-            rdev = os.stat(mount.source).st_rdev if stat.S_ISBLK(os.stat(mount.source).st_mode) else None
+            source = os.stat(mount.source)
+            rdev = source.st_rdev if stat.S_ISBLK(source.st_mode) else None
         except OSError:
             rdev = None
         if rdev is not None:
